@@ -1,0 +1,17 @@
+"""attnkit: every attention mechanism, exact, tested against an oracle, weights always visible.
+
+Conventions (SPEC §1): functional tensors are ``(B, H, T, D)``; boolean masks use ``True`` =
+may attend; causal masks with ``Tq != Tk`` align bottom-right. ``attnkit.nn`` modules take
+``(B, T, E)`` and mirror ``torch.nn.MultiheadAttention`` (whose ``key_padding_mask`` uses
+``True`` = padding).
+"""
+
+from . import backends, masks, normalizers, positions, scores
+from .backends import use_backend
+from .functional import attention, explain
+from .spec import AttentionSpec, canonicalize
+
+__version__ = "0.1.0"
+
+__all__ = ["attention", "explain", "use_backend", "AttentionSpec", "canonicalize", "scores", "normalizers",
+           "masks", "positions", "backends", "__version__"]

@@ -1,0 +1,77 @@
+"""Input checks shared by the public API.
+
+Every public function validates its inputs here so that errors read the same everywhere:
+they name the argument, say what was received, and say what was expected (SPEC §7).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def shape_str(x: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in x.shape) + ")"
+
+
+def check_tensor(name: str, x: object, ndim: int | None = None, layout: str = "") -> Tensor:
+    """Raise ``TypeError`` unless ``x`` is a tensor, ``ValueError`` unless it has ``ndim`` dims."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor{' ' + layout if layout else ''}; got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(
+            f"{name} must be a {ndim}-D tensor{' ' + layout if layout else ''}; got shape {shape_str(x)}"
+        )
+    return x
+
+
+def check_floating(name: str, x: Tensor) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float64, bfloat16, ...); got {x.dtype}")
+
+
+def check_same(names: Iterable[str], values: Iterable[object], what: str) -> None:
+    names, values = list(names), list(values)
+    if any(v != values[0] for v in values[1:]):
+        got = ", ".join(f"{n}: {v}" for n, v in zip(names, values))
+        raise ValueError(f"{' and '.join(names)} must have the same {what}; got {got}")
+
+
+def check_probability(name: str, p: object, *, upper_inclusive: bool = False) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1); got {type(p).__name__}")
+    ok = 0.0 <= p <= 1.0 if upper_inclusive else 0.0 <= p < 1.0
+    if not ok:
+        raise ValueError(f"{name} must be in [0, 1{']' if upper_inclusive else ')'}; got {p}")
+    return float(p)
+
+
+def check_positive(name: str, x: object, *, integer: bool = False, allow_zero: bool = False) -> float | int:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(x, bool) or not isinstance(x, kinds):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}; got {type(x).__name__}")
+    if x < 0 or (x == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {x}")
+    return x
+
+
+def lookup(kind: str, name: object, table: Mapping[str, object]) -> object:
+    """Resolve a string option, listing the valid names when it is unknown."""
+    if not isinstance(name, str):
+        raise TypeError(f"{kind} must be a string or an object; got {type(name).__name__}")
+    if name not in table:
+        valid = ", ".join(repr(k) for k in sorted(table))
+        raise ValueError(f"unknown {kind} {name!r}; valid names: {valid}")
+    return table[name]
+
+
+def broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    if len(shape) > len(target):
+        return False
+    for s, t in zip(reversed(shape), reversed(target)):
+        if s != 1 and s != t:
+            return False
+    return True

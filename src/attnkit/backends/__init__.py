@@ -1,0 +1,14 @@
+"""Backends that compute attention: ``reference`` (the oracle), ``sdpa`` (torch's fused kernel).
+
+See :mod:`attnkit.backends.registry` for how ``auto`` chooses and how to add one.
+"""
+
+from .reference import ReferenceBackend, expand_kv, reference_attention
+from .registry import PRIORITY, REGISTRY, Backend, Choice, choose, names, register, use_backend
+from .sdpa import SDPABackend
+
+register(ReferenceBackend())
+register(SDPABackend(), priority=0)
+
+__all__ = ["Backend", "Choice", "REGISTRY", "PRIORITY", "register", "choose", "names", "use_backend",
+           "reference_attention", "expand_kv"]

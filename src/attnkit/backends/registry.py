@@ -1,0 +1,103 @@
+"""Backend registry: each backend declares what it supports and says why it refuses.
+
+A backend is an object with a ``name``, ``not_supported_reasons(spec) -> list[str]`` and
+``__call__(q, k, v, spec) -> (out, weights | None)``. ``auto`` walks :data:`PRIORITY` and takes
+the first backend with no reasons; a forced backend that cannot serve a request raises an
+error listing its reasons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+
+from ..spec import AttentionSpec
+
+Tensor = torch.Tensor
+log = logging.getLogger("attnkit.backends")
+
+
+class Backend(Protocol):
+    name: str
+
+    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]: ...
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor | None]: ...
+
+
+REGISTRY: dict[str, Backend] = {}
+#: the order in which ``auto`` tries backends; ``reference`` serves everything and comes last
+PRIORITY: list[str] = []
+_forced: list[str] = []
+
+
+def register(backend: Backend, *, priority: int | None = None) -> Backend:
+    """Add a backend (replacing one of the same name). ``priority`` is its index in the ``auto``
+    order (default: just before ``reference``)."""
+    REGISTRY[backend.name] = backend
+    if backend.name in PRIORITY:
+        PRIORITY.remove(backend.name)
+    if priority is None:
+        priority = PRIORITY.index("reference") if "reference" in PRIORITY else len(PRIORITY)
+    PRIORITY.insert(priority, backend.name)
+    return backend
+
+
+def names() -> list[str]:
+    return list(PRIORITY)
+
+
+@dataclass
+class Choice:
+    """Which backend serves a request, and why the ones before it refused."""
+
+    backend: str
+    reasons: dict[str, list[str]]
+
+    def __str__(self) -> str:
+        lines = [f"backend: {self.backend}"]
+        for name, why in self.reasons.items():
+            lines.append(f"  {name}: " + ("selected" if name == self.backend else
+                                          ("ok" if not why else "; ".join(why))))
+        return "\n".join(lines)
+
+
+def choose(spec: AttentionSpec, backend: str = "auto") -> Choice:
+    """Pick the backend for ``spec``; raise ``ValueError`` if a forced one cannot serve it."""
+    if backend == "auto" and _forced:
+        backend = _forced[-1]
+    if backend == "auto":
+        reasons: dict[str, list[str]] = {}
+        for name in PRIORITY:
+            why = REGISTRY[name].not_supported_reasons(spec)
+            reasons[name] = why
+            if not why:
+                log.debug("attnkit: auto picked %s", name)
+                return Choice(name, reasons)
+        raise RuntimeError("no backend can serve this request:\n" + "\n".join(
+            f"  {n}: {'; '.join(w)}" for n, w in reasons.items()))
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string; got {type(backend).__name__}")
+    if backend not in REGISTRY:
+        raise ValueError(f"unknown backend {backend!r}; valid names: 'auto', "
+                         + ", ".join(repr(n) for n in PRIORITY))
+    why = REGISTRY[backend].not_supported_reasons(spec)
+    if why:
+        raise ValueError(f"backend {backend!r} cannot serve this request: " + "; ".join(why))
+    return Choice(backend, {backend: []})
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force ``backend="auto"`` calls inside the block to use ``name``; restores on exit."""
+    if name != "auto" and name not in REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; valid names: 'auto', " + ", ".join(repr(n) for n in PRIORITY))
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()

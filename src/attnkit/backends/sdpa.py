@@ -1,0 +1,71 @@
+"""torch's ``scaled_dot_product_attention``: fused and fast for plain softmax attention.
+
+Serves ``dot``/``scaled_dot`` scores with softmax (any temperature folds into the scale),
+boolean masks and additive biases (materialized into SDPA's ``attn_mask``), GQA and dropout.
+It never returns weights. Fully masked rows, where SDPA may give NaN, are handled here: their
+mask is opened and their output set to 0, matching the reference.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+
+from ..masks.basic import Causal
+from ..normalizers.base import Softmax
+from ..scores import Dot
+from ..spec import AttentionSpec
+from .reference import expand_kv
+
+Tensor = torch.Tensor
+_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # added in torch 2.5
+
+
+class SDPABackend:
+    name = "sdpa"
+
+    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
+        why = []
+        if not isinstance(spec.score, Dot):
+            why.append(f"score {spec.score.name!r} is not a dot product")
+        if type(spec.normalizer) is not Softmax:
+            why.append(f"normalizer {spec.normalizer.name!r} is not softmax")
+        if spec.return_weights:
+            why.append("weights were requested and SDPA does not return them")
+        if spec.mask is not None and spec.mask.has_weight_factor:
+            why.append("the mask reweights normalized weights (local-p)")
+        if any(not m.additive for m in spec.score_mods):
+            why.append("a score mod is not an additive bias")
+        if spec.dropout_p > 0 and spec.generator is not None:
+            why.append("dropout with an explicit generator (SDPA uses the global RNG)")
+        return why
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
+        scale = spec.scale / spec.normalizer.temperature
+        mask, is_causal, dead = None, False, None
+        m = spec.mask
+        if isinstance(m, Causal) and (spec.Tq == spec.Tk or m.align == "top_left") and not spec.score_mods:
+            is_causal = True
+        elif m is not None:
+            mask = m.materialize(spec.Tq, spec.Tk, spec.B, spec.H, device=q.device)
+            dead = ~mask.any(-1, keepdim=True)
+            if dead.any():
+                mask = mask | dead
+            else:
+                dead = None
+        if spec.score_mods:
+            bias = sum(mod.materialize_bias(spec.Tq, spec.Tk, spec.B, spec.H, device=q.device, dtype=q.dtype)
+                       for mod in spec.score_mods)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        kw = {}
+        if spec.groups > 1:
+            if _HAS_GQA:
+                kw["enable_gqa"] = True
+            else:
+                k, v = expand_kv(k, spec.groups), expand_kv(v, spec.groups)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=spec.dropout_p,
+                                             is_causal=is_causal, scale=scale, **kw)
+        if dead is not None:
+            out = out.masked_fill(dead, 0.0)
+        return out, None

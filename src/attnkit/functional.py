@@ -1,0 +1,80 @@
+"""The functional entry point: ``attnkit.attention``."""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import registry
+from .spec import canonicalize
+
+Tensor = torch.Tensor
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normalizer="softmax", mask=None,
+              bias=None, scale: float | None = None, dropout_p: float = 0.0, return_weights: bool = False,
+              backend: str = "auto", generator: torch.Generator | None = None):
+    r"""Attention = score → (bias, mask) → normalize → aggregate.
+
+    .. math::
+        s_{ij} = \mathrm{mod}(\mathrm{scale}\cdot\mathrm{score}(q_i, k_j)),\quad
+        w_{i\cdot} = \mathrm{normalizer}(s_{i\cdot}\ \text{over keys } j \text{ the mask allows}),\quad
+        \mathrm{out}_i = \textstyle\sum_j w_{ij} v_j
+
+    Args:
+        q: queries ``(B, H, Tq, D)``.
+        k: keys ``(B, Hkv, Tk, D)``; ``H % Hkv == 0`` (grouped-/multi-query attention: query head
+            ``h`` reads key head ``h // (H // Hkv)``).
+        v: values ``(B, Hkv, Tk, Dv)``.
+        score: ``"dot"``, ``"scaled_dot"`` (default), ``"cosine"``, or a
+            :class:`attnkit.scores.Score` object (``General``, ``Additive``, ``Location``, ``Cosine(tau)``).
+        normalizer: ``"softmax"`` (default), ``"sparsemax"``, ``"entmax15"``, ``"sigmoid"``,
+            ``"hardmax"``, ``"topk"``, ``"gumbel"``, ... or a :class:`attnkit.normalizers.Normalizer`.
+        mask: which pairs may attend (``True`` = may attend): an :mod:`attnkit.masks` object, a bool
+            tensor broadcastable to ``(B, H, Tq, Tk)``, or a ``mask_mod(b, h, q_idx, kv_idx)`` callable.
+        bias: added to / rewriting the scores: a float tensor broadcastable to ``(B, H, Tq, Tk)``, an
+            :mod:`attnkit.positions` score mod (ALiBi, T5 buckets, softcap), a
+            ``score_mod(score, b, h, q_idx, kv_idx)`` callable, or a list of these applied in order.
+        scale: multiplies the raw score; default ``1/sqrt(D)`` for ``scaled_dot`` and 1 otherwise.
+        dropout_p: dropout on the weights, in ``[0, 1)``. Applied whenever > 0 (pass 0 at eval time).
+        return_weights: also return the (pre-dropout) weights ``(B, H, Tq, Tk)``.
+        backend: ``"auto"`` (default), ``"reference"``, ``"sdpa"``, ... (see :func:`explain`).
+        generator: a ``torch.Generator`` making dropout reproducible.
+
+    Returns:
+        ``out (B, H, Tq, Dv)``, or ``(out, weights)`` when ``return_weights``. Query rows whose keys
+        are all masked give zero output and zero weights.
+
+    Equivalent PyTorch (plain softmax)::
+
+        w = torch.softmax(q @ k.transpose(-2, -1) * scale + bias, dim=-1)  # masked -> -inf
+        out = w @ v
+
+    Example::
+
+        >>> import torch, attnkit
+        >>> q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 3)
+        >>> out, w = attnkit.attention(q, k, v, mask=attnkit.masks.causal(), return_weights=True)
+        >>> out.shape, w.shape
+        (torch.Size([2, 4, 5, 3]), torch.Size([2, 4, 5, 7]))
+    """
+    spec = canonicalize(q, k, v, score=score, normalizer=normalizer, mask=mask, bias=bias, scale=scale,
+                        dropout_p=dropout_p, return_weights=return_weights, generator=generator)
+    choice = registry.choose(spec, backend)
+    out, weights = registry.REGISTRY[choice.backend](q, k, v, spec)
+    return (out, weights) if return_weights else out
+
+
+def explain(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto", **kwargs) -> registry.Choice:
+    """Which backend ``attention(q, k, v, **kwargs)`` would use, and why the others refused.
+
+    Example::
+
+        >>> import torch, attnkit
+        >>> x = torch.randn(1, 2, 4, 8)
+        >>> attnkit.explain(x, x, x).backend
+        'sdpa'
+        >>> attnkit.explain(x, x, x, return_weights=True).backend
+        'reference'
+    """
+    spec = canonicalize(q, k, v, **kwargs)
+    return registry.choose(spec, backend)

@@ -1,0 +1,141 @@
+"""Causal, sliding-window and key-padding masks."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_positive, shape_str
+from .base import Mask, check_align, query_offset
+
+Tensor = torch.Tensor
+
+
+class Causal(Mask):
+    """Query at absolute position ``p`` sees keys ``<= p``.
+
+    ``align="bottom_right"`` (default) places query ``i`` at ``i + Tk - Tq``, so the last
+    query sees every key (KV-cache decoding); ``"top_left"`` places it at ``i`` (SDPA's
+    ``is_causal``)::
+
+        Tq = Tk = 4      Tq=2, Tk=4 bottom_right   top_left
+        x . . .          x x x .                   x . . .
+        x x . .          x x x x                   x x . .
+        x x x .
+        x x x x
+    """
+
+    is_causal = True
+
+    def __init__(self, align: str = "bottom_right"):
+        self.align = check_align(align)
+
+    def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
+        return q_idx + query_offset(self.align, num_queries, num_keys) >= kv_idx
+
+
+class SlidingWindow(Mask):
+    """Query at position ``p`` sees keys ``p - left ... p + right`` (bounds included).
+
+    Alignment as for :class:`Causal`. ``sliding_window(2)`` on 5 tokens::
+
+        x . . . .
+        x x . . .
+        x x x . .
+        . x x x .
+        . . x x x
+    """
+
+    def __init__(self, left: int, right: int = 0, align: str = "bottom_right"):
+        self.left = int(check_positive("left", left, integer=True, allow_zero=True))
+        self.right = int(check_positive("right", right, integer=True, allow_zero=True))
+        self.align = check_align(align)
+
+    @property
+    def is_causal(self) -> bool:
+        return self.right == 0
+
+    @property
+    def window(self) -> tuple[int, int]:
+        return self.left, self.right
+
+    def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
+        pos = q_idx + query_offset(self.align, num_queries, num_keys)
+        return (kv_idx >= pos - self.left) & (kv_idx <= pos + self.right)
+
+
+class KeyPadding(Mask):
+    """Keys past each sequence's length (or flagged ``False``) are hidden.
+
+    Built from ``lengths (B,)`` integers, or from a boolean ``keep (B, Tk)`` tensor where
+    ``True`` = a real token that may be attended (attnkit's functional convention; note that
+    ``torch.nn.MultiheadAttention``'s ``key_padding_mask`` uses the opposite, ``True`` = pad).
+    """
+
+    def __init__(self, lengths_or_keep: Tensor):
+        x = lengths_or_keep
+        if not isinstance(x, torch.Tensor):
+            x = torch.as_tensor(x)
+        if x.dtype == torch.bool:
+            if x.dim() != 2:
+                raise ValueError(f"key_padding(keep) needs a bool tensor of shape (B, Tk); got shape {shape_str(x)}")
+            self.keep, self.lengths = x, None
+        elif not x.is_floating_point() and not x.is_complex():
+            if x.dim() != 1:
+                raise ValueError(f"key_padding(lengths) needs an integer tensor of shape (B,); got shape {shape_str(x)}")
+            if (x < 0).any():
+                raise ValueError(f"key_padding lengths must be >= 0; got {x.tolist()}")
+            self.keep, self.lengths = None, x
+        else:
+            raise TypeError(
+                f"key_padding takes integer lengths (B,) or a bool keep-mask (B, Tk); got dtype {x.dtype}"
+            )
+
+    def check(self, batch, heads, num_queries, num_keys):
+        t = self.lengths if self.lengths is not None else self.keep
+        if t.shape[0] != batch:
+            raise ValueError(f"key_padding was built for batch {t.shape[0]} but the inputs have batch {batch}")
+        if self.keep is not None and self.keep.shape[1] != num_keys:
+            raise ValueError(
+                f"key_padding keep-mask has {self.keep.shape[1]} keys but the inputs have Tk = {num_keys}"
+            )
+        if self.lengths is not None and int(self.lengths.max()) > num_keys:
+            raise ValueError(f"key_padding lengths must be <= Tk = {num_keys}; got max {int(self.lengths.max())}")
+
+    def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
+        if self.lengths is not None:
+            return kv_idx < self.lengths.to(kv_idx.device)[b]
+        return self.keep.to(kv_idx.device)[b, kv_idx]
+
+    def __repr__(self):
+        t = self.lengths if self.lengths is not None else self.keep
+        return f"key_padding({'lengths' if self.lengths is not None else 'keep'}, shape={shape_str(t)})"
+
+
+def causal(align: str = "bottom_right") -> Causal:
+    """Causal mask (see :class:`Causal`). Example::
+
+        >>> import attnkit
+        >>> attnkit.masks.causal().materialize(2, 3)[0, 0].int().tolist()
+        [[1, 1, 0], [1, 1, 1]]
+    """
+    return Causal(align)
+
+
+def sliding_window(left: int, right: int = 0, align: str = "bottom_right") -> SlidingWindow:
+    """Query ``i`` sees keys ``i-left ... i+right`` (see :class:`SlidingWindow`). Example::
+
+        >>> import attnkit
+        >>> attnkit.masks.sliding_window(1).materialize(3, 3)[0, 0].int().tolist()
+        [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    """
+    return SlidingWindow(left, right, align)
+
+
+def key_padding(lengths_or_keep) -> KeyPadding:
+    """Hide padded keys, from lengths ``(B,)`` or a keep-mask ``(B, Tk)`` (True = real token). Example::
+
+        >>> import attnkit, torch
+        >>> attnkit.masks.key_padding(torch.tensor([2, 3])).materialize(1, 3, batch=2)[:, 0, 0].int().tolist()
+        [[1, 1, 0], [1, 1, 1]]
+    """
+    return KeyPadding(lengths_or_keep)

@@ -1,0 +1,101 @@
+"""Normalizers turn a row of scores into attention weights.
+
+Every normalizer is called as ``normalizer(scores, mask=None) -> weights`` where ``scores`` has
+shape ``(..., Tk)`` and ``mask`` (bool, broadcastable, ``True`` = may attend) hides keys.
+The base class guarantees SPEC §7: masked keys get exactly 0 weight, and a row whose keys
+are all masked gets all-zero weights (never NaN), with zero gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._checks import check_positive
+
+Tensor = torch.Tensor
+
+
+class Normalizer:
+    """Base class. Subclasses implement :meth:`normalize` on rows that have at least one
+    allowed key; masked scores arrive as ``-inf``."""
+
+    name: str = "normalizer"
+    #: each row of weights sums to 1 (over the allowed keys)
+    sums_to_one: bool = True
+    #: output rows are a deterministic function of the scores (False for sampling normalizers)
+    deterministic: bool = True
+
+    def normalize(self, scores: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, scores: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is None:
+            return self.normalize(scores)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = may attend); got {mask.dtype}")
+        hidden = ~mask
+        dead = ~mask.any(dim=-1, keepdim=True)  # rows with no key to attend to
+        s = scores.masked_fill(hidden, float("-inf")).masked_fill(dead, 0.0)
+        return self.normalize(s).masked_fill(hidden | dead, 0.0)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class Softmax(Normalizer):
+    """``w_ij = exp(s_ij / T) / Σ_j' exp(s_ij' / T)`` with temperature ``T`` (default 1).
+
+    Example::
+
+        >>> import torch, attnkit
+        >>> attnkit.normalizers.Softmax()(torch.tensor([0.0, 0.0]), torch.tensor([True, False])).tolist()
+        [1.0, 0.0]
+    """
+
+    name = "softmax"
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = float(check_positive("temperature", temperature))
+
+    def normalize(self, scores: Tensor) -> Tensor:
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        return torch.softmax(scores, dim=-1)
+
+
+class Sigmoid(Normalizer):
+    """Elementwise ``w_ij = σ(s_ij + b)``: no normalization across keys (Ramapuram et al. 2024,
+    "Theory, Analysis, and Best Practices for Sigmoid Self-Attention").
+
+    ``bias`` is a number, or ``"log_n"`` for ``b = -log(Tk)``, which keeps the total weight of a
+    row O(1) as the sequence grows. Rows do not sum to 1.
+
+    Example::
+
+        >>> import torch, attnkit
+        >>> attnkit.normalizers.Sigmoid()(torch.zeros(2)).tolist()
+        [0.5, 0.5]
+    """
+
+    name = "sigmoid"
+    sums_to_one = False
+
+    def __init__(self, bias: float | str | None = None):
+        if isinstance(bias, str) and bias != "log_n":
+            raise ValueError(f"Sigmoid bias must be a number, None or 'log_n'; got {bias!r}")
+        if bias is not None and not isinstance(bias, (str, int, float)):
+            raise TypeError(f"Sigmoid bias must be a number, None or 'log_n'; got {type(bias).__name__}")
+        self.bias = bias
+
+    def offset(self, num_keys: int) -> float:
+        if self.bias is None:
+            return 0.0
+        if self.bias == "log_n":
+            return -math.log(num_keys)
+        return float(self.bias)
+
+    def normalize(self, scores: Tensor) -> Tensor:
+        return torch.sigmoid(scores + self.offset(scores.shape[-1]))

@@ -1,0 +1,155 @@
+"""Score modifiers: ``score_mod(score, b, h, q_idx, kv_idx) -> score``.
+
+A score mod rewrites each raw score given its position, after scaling and before masking and
+normalization. ALiBi, T5 relative buckets and soft-capping are score mods; so is a plain bias
+tensor. Like masks, a score mod is evaluated on broadcastable index tensors, so backends can
+apply it to the whole score matrix or to one tile of it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .._checks import broadcastable, check_positive, shape_str
+from ..masks.base import index_grid
+
+Tensor = torch.Tensor
+
+
+class ScoreMod:
+    """Base class. Subclasses implement :meth:`score_mod`.
+
+    ``additive = True`` declares that ``score_mod(s, ...) == s + bias(b, h, q, kv)``; such mods
+    can be handed to kernels that only take an additive float mask (SDPA).
+    """
+
+    additive: bool = False
+
+    def score_mod(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor,
+                  num_queries: int, num_keys: int) -> Tensor:
+        raise NotImplementedError
+
+    def check(self, batch: int, heads: int, num_queries: int, num_keys: int) -> None:
+        """Raise ``ValueError`` when the mod cannot apply to inputs of these sizes."""
+
+    def bind(self, num_queries: int, num_keys: int) -> Callable:
+        """A FlexAttention-style ``score_mod(score, b, h, q_idx, kv_idx)``."""
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return self.score_mod(score, b, h, q_idx, kv_idx, num_queries, num_keys)
+
+        return score_mod
+
+    def apply(self, scores: Tensor) -> Tensor:
+        """Apply to a full score tensor ``(B, H, Tq, Tk)``."""
+        B, H, Tq, Tk = scores.shape
+        self.check(B, H, Tq, Tk)
+        return self.score_mod(scores, *index_grid(B, H, Tq, Tk, scores.device), Tq, Tk)
+
+    def materialize_bias(self, num_queries: int, num_keys: int, batch: int = 1, heads: int = 1,
+                         device=None, dtype=torch.float32) -> Tensor:
+        """The additive bias ``(B', H', Tq, Tk)`` of an ``additive`` mod."""
+        if not self.additive:
+            raise TypeError(f"{type(self).__name__} is not an additive score mod")
+        self.check(batch, heads, num_queries, num_keys)
+        zero = torch.zeros((), device=device, dtype=dtype)
+        grid = index_grid(batch, heads, num_queries, num_keys, device)
+        out = self.score_mod(zero, *grid, num_queries, num_keys)
+        while out.dim() < 4:
+            out = out.unsqueeze(0)
+        return out.expand(out.shape[0], out.shape[1], num_queries, num_keys)
+
+
+class TensorBias(ScoreMod):
+    """A float tensor broadcastable to ``(B, H, Tq, Tk)`` added to the scores."""
+
+    additive = True
+
+    def __init__(self, tensor: Tensor):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"bias must be a float tensor; got {type(tensor).__name__}")
+        if not tensor.is_floating_point():
+            raise TypeError(f"bias tensor must be floating point (an additive bias); got dtype {tensor.dtype}. "
+                            "Pass boolean masks as mask=...")
+        if not 2 <= tensor.dim() <= 4:
+            raise ValueError(f"bias tensor must have 2 to 4 dims broadcastable to (B, H, Tq, Tk); "
+                             f"got shape {shape_str(tensor)}")
+        t = tensor
+        while t.dim() < 4:
+            t = t.unsqueeze(0)
+        self.tensor = t
+
+    def check(self, batch, heads, num_queries, num_keys):
+        if not broadcastable(tuple(self.tensor.shape), (batch, heads, num_queries, num_keys)):
+            raise ValueError(f"bias of shape {shape_str(self.tensor)} is not broadcastable to (B, H, Tq, Tk) = "
+                             f"({batch}, {heads}, {num_queries}, {num_keys})")
+
+    def score_mod(self, score, b, h, q_idx, kv_idx, num_queries, num_keys):
+        t = self.tensor.to(q_idx.device)
+        idx = [i if s != 1 else torch.zeros_like(i) for i, s in zip((b, h, q_idx, kv_idx), t.shape)]
+        return score + t[idx[0], idx[1], idx[2], idx[3]]
+
+    def apply(self, scores):
+        self.check(*scores.shape)
+        return scores + self.tensor.to(scores.dtype)
+
+    def materialize_bias(self, num_queries, num_keys, batch=1, heads=1, device=None, dtype=torch.float32):
+        self.check(batch, heads, num_queries, num_keys)
+        return self.tensor.to(device=device, dtype=dtype).expand(
+            self.tensor.shape[0], self.tensor.shape[1], num_queries, num_keys)
+
+    def __repr__(self):
+        return f"TensorBias(shape={shape_str(self.tensor)})"
+
+
+class FromScoreMod(ScoreMod):
+    """Wrap a user ``fn(score, b, h, q_idx, kv_idx) -> score`` (FlexAttention style)."""
+
+    def __init__(self, fn: Callable):
+        if not callable(fn):
+            raise TypeError(f"score_mod must be callable; got {type(fn).__name__}")
+        self.fn = fn
+
+    def score_mod(self, score, b, h, q_idx, kv_idx, num_queries, num_keys):
+        return self.fn(score, b, h, q_idx, kv_idx)
+
+    def __repr__(self):
+        return f"from_score_mod({getattr(self.fn, '__name__', self.fn)!r})"
+
+
+class SoftCap(ScoreMod):
+    """tanh soft-capping ``cap * tanh(score / cap)`` (Gemma 2, Grok): scores stay in ``(-cap, cap)``.
+
+    Example::
+
+        >>> import attnkit, torch
+        >>> attnkit.positions.softcap(2.0).apply(torch.full((1, 1, 1, 1), 100.0)).item()
+        2.0
+    """
+
+    def __init__(self, cap: float):
+        self.cap = float(check_positive("cap", cap))
+
+    def score_mod(self, score, b, h, q_idx, kv_idx, num_queries, num_keys):
+        return self.cap * torch.tanh(score / self.cap)
+
+
+def softcap(cap: float) -> SoftCap:
+    """tanh soft-capping score mod (see :class:`SoftCap`)."""
+    return SoftCap(cap)
+
+
+def as_score_mod(bias) -> ScoreMod:
+    """Coerce a ScoreMod, a float tensor or a 5-argument callable into a :class:`ScoreMod`."""
+    if isinstance(bias, ScoreMod):
+        return bias
+    if isinstance(bias, torch.Tensor):
+        return TensorBias(bias)
+    if callable(bias):
+        return FromScoreMod(bias)
+    raise TypeError(
+        "bias must be a float tensor broadcastable to (B, H, Tq, Tk), an attnkit.positions.ScoreMod "
+        f"or a score_mod(score, b, h, q_idx, kv_idx) callable (or a list of these); got {type(bias).__name__}"
+    )

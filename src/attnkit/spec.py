@@ -1,0 +1,115 @@
+"""The canonical form of an attention request.
+
+``attnkit.attention(...)`` validates its arguments once and turns every named option into
+objects (a :class:`~attnkit.scores.Score`, a :class:`~attnkit.normalizers.Normalizer`, a
+:class:`~attnkit.masks.Mask`, a tuple of :class:`~attnkit.positions.ScoreMod`). The frozen
+:class:`AttentionSpec` is all that backends ever see.
+
+Shape legend: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads (``H % Hkv == 0``),
+``Tq`` queries, ``Tk`` keys, ``D`` query/key features, ``Dv`` value features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import normalizers as _normalizers
+from . import scores as _scores
+from ._checks import check_probability, check_same, check_tensor, shape_str
+from .masks.base import Mask, as_mask
+from .positions.base import ScoreMod, as_score_mod
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    score: _scores.Score
+    normalizer: _normalizers.Normalizer
+    mask: Optional[Mask]
+    score_mods: tuple[ScoreMod, ...]
+    scale: float
+    dropout_p: float
+    return_weights: bool
+    generator: Optional[torch.Generator]
+    B: int
+    H: int
+    Hkv: int
+    Tq: int
+    Tk: int
+    D: int
+    Dv: int
+    dtype: torch.dtype
+    device: torch.device
+    requires_grad: bool
+
+    @property
+    def groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.H // self.Hkv
+
+
+def canonicalize(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normalizer="softmax", mask=None,
+                 bias=None, scale: float | None = None, dropout_p: float = 0.0, return_weights: bool = False,
+                 generator: torch.Generator | None = None) -> AttentionSpec:
+    """Validate an attention request and return its :class:`AttentionSpec` (see ``attnkit.attention``)."""
+    check_tensor("q", q, 4, "(B, H, Tq, D)")
+    check_tensor("k", k, 4, "(B, Hkv, Tk, D)")
+    check_tensor("v", v, 4, "(B, Hkv, Tk, Dv)")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
+    check_same(("q", "k", "v"), (q.dtype, k.dtype, v.dtype), "dtype")
+    check_same(("q", "k", "v"), (q.device, k.device, v.device), "device")
+    B, H, Tq, D = q.shape
+    _, Hkv, Tk, _ = k.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"q, k and v must have the same batch size (dim 0); got q {shape_str(q)}, "
+                         f"k {shape_str(k)}, v {shape_str(v)}")
+    if v.shape[1] != Hkv:
+        raise ValueError(f"k and v must have the same number of heads (dim 1); got k {shape_str(k)}, v {shape_str(v)}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"the number of query heads must be a multiple of the key/value heads "
+                         f"(H % Hkv == 0); got H = {H} (q {shape_str(q)}) and Hkv = {Hkv} (k {shape_str(k)})")
+    if v.shape[2] != Tk:
+        raise ValueError(f"k and v must have the same sequence length (dim 2); got k {shape_str(k)}, v {shape_str(v)}")
+
+    score_obj = _scores.get(score)
+    score_obj.check(q, k)
+    norm_obj = _normalizers.get(normalizer)
+
+    if scale is None:
+        scale = score_obj.default_scale(D)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None; got {type(scale).__name__}")
+    elif not (scale > 0 and scale == scale and scale != float("inf")):
+        raise ValueError(f"scale must be a finite number > 0; got {scale}")
+
+    dropout_p = check_probability("dropout_p", dropout_p)
+    if not isinstance(return_weights, bool):
+        raise TypeError(f"return_weights must be a bool; got {type(return_weights).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+
+    mask_obj = None if mask is None else as_mask(mask)
+    if mask_obj is not None:
+        mask_obj.check(B, H, Tq, Tk)
+
+    if bias is None:
+        mods: tuple[ScoreMod, ...] = ()
+    elif isinstance(bias, (list, tuple)):
+        mods = tuple(as_score_mod(b) for b in bias)
+    else:
+        mods = (as_score_mod(bias),)
+    for m in mods:
+        m.check(B, H, Tq, Tk)
+
+    return AttentionSpec(
+        score=score_obj, normalizer=norm_obj, mask=mask_obj, score_mods=mods, scale=float(scale),
+        dropout_p=dropout_p, return_weights=return_weights, generator=generator,
+        B=B, H=H, Hkv=Hkv, Tq=Tq, Tk=Tk, D=D, Dv=v.shape[-1], dtype=q.dtype, device=q.device,
+        requires_grad=torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)),
+    )

@@ -1,0 +1,66 @@
+"""Helpers for testing attention implementations against the reference.
+
+Tolerances follow FlashAttention's practice: a fast path in a low precision is compared with
+a float64 "gold" run, and may err by at most ``k`` times what the reference itself errs in
+that same low precision (plus a small floor), instead of a fixed atol.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+#: (atol, rtol) floors per dtype
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-7),
+    torch.float32: (1e-5, 1e-4),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    return TOLERANCES.get(dtype, (1e-5, 1e-4))
+
+
+def make_qkv(B: int = 2, H: int = 4, Tq: int = 5, Tk: int | None = None, D: int = 8, Dv: int | None = None,
+             Hkv: int | None = None, dtype=torch.float32, device=None, requires_grad: bool = False,
+             generator: torch.Generator | None = None, noncontiguous: bool = False):
+    """Random ``q (B,H,Tq,D)``, ``k (B,Hkv,Tk,D)``, ``v (B,Hkv,Tk,Dv)``. With ``noncontiguous``
+    they are built as ``(B, T, H, D)`` and transposed, as modules produce them."""
+    Tk = Tq if Tk is None else Tk
+    Dv = D if Dv is None else Dv
+    Hkv = H if Hkv is None else Hkv
+
+    def rnd(h, t, d):
+        if noncontiguous:
+            x = torch.randn(B, t, h, d, generator=generator, dtype=torch.float64).to(dtype).transpose(1, 2)
+        else:
+            x = torch.randn(B, h, t, d, generator=generator, dtype=torch.float64).to(dtype)
+        x = x.to(device) if device is not None else x
+        return x.requires_grad_(requires_grad) if requires_grad else x
+
+    return rnd(H, Tq, D), rnd(Hkv, Tk, D), rnd(Hkv, Tk, Dv)
+
+
+def max_err(a: Tensor, b: Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_to_gold(fast: Tensor, ref: Tensor, gold: Tensor, *, k: float = 2.0, name: str = "output") -> None:
+    """``|fast - gold| <= k * |ref - gold| + atol``: ``ref`` is the reference run in ``fast``'s dtype,
+    ``gold`` the reference in float64."""
+    atol, _ = tolerance(fast.dtype)
+    e_fast, e_ref = max_err(fast, gold), max_err(ref, gold)
+    if not e_fast <= k * e_ref + atol:
+        raise AssertionError(f"{name}: fast path error {e_fast:.3e} exceeds {k} x reference error "
+                             f"{e_ref:.3e} + {atol:.1e} ({fast.dtype})")
+
+
+def assert_close(actual: Tensor, expected: Tensor, *, dtype: torch.dtype | None = None, scale: float = 1.0,
+                 name: str = "tensor") -> None:
+    """``torch.testing.assert_close`` with the dtype's tolerance floor (times ``scale``)."""
+    atol, rtol = tolerance(dtype or actual.dtype)
+    torch.testing.assert_close(actual, expected.to(actual.dtype), atol=atol * scale, rtol=rtol * scale,
+                               msg=lambda m: f"{name}: {m}")
