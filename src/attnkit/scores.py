@@ -40,6 +40,22 @@ class Score(nn.Module):
     name: str = "score"
     #: True when q and k must share their last dim
     same_dim: bool = True
+    #: True when :meth:`tile` is a plain dot product of the prepared tensors (fast kernels)
+    tile_is_dot: bool = True
+    #: False when the score cannot be evaluated tile by tile
+    tileable: bool = True
+
+    def prepare(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token work done once before tiling; ``tile(*prepare(q, k)) == forward(q, k)``."""
+        return q, k
+
+    def tile(self, qp: Tensor, kp: Tensor) -> Tensor:
+        """Scores of one tile from prepared queries ``(.., tq, ·)`` and keys ``(.., tk, ·)``."""
+        return qp @ kp.transpose(-2, -1)
+
+    def tile_parameters(self) -> list[Tensor]:
+        """Parameters that :meth:`tile` reads (those of :meth:`prepare` get gradients outside)."""
+        return []
 
     def default_scale(self, head_dim: int) -> float:
         return 1.0
@@ -92,10 +108,13 @@ class Cosine(Score):
         self.tau = float(check_positive("tau", tau))
         self.eps = eps
 
-    def forward(self, q: Tensor, k: Tensor) -> Tensor:
+    def prepare(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         qn = q / q.norm(dim=-1, keepdim=True).clamp_min(self.eps)
         kn = k / k.norm(dim=-1, keepdim=True).clamp_min(self.eps)
-        return (qn @ kn.transpose(-2, -1)) / self.tau
+        return qn / self.tau, kn
+
+    def forward(self, q: Tensor, k: Tensor) -> Tensor:
+        return self.tile(*self.prepare(q, k))
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}"
@@ -146,10 +165,12 @@ class General(Score):
         if w.dim() == 3 and w.shape[0] != q.shape[1]:
             raise ValueError(f"General weight has {w.shape[0]} heads but q has H = {q.shape[1]}")
 
-    def forward(self, q: Tensor, k: Tensor) -> Tensor:
+    def prepare(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         w = self.weight.to(q.dtype)
-        qw = q @ w if w.dim() == 2 else torch.einsum("bhqd,hde->bhqe", q, w)
-        return qw @ k.transpose(-2, -1)
+        return (q @ w if w.dim() == 2 else torch.einsum("bhqd,hde->bhqe", q, w)), k
+
+    def forward(self, q: Tensor, k: Tensor) -> Tensor:
+        return self.tile(*self.prepare(q, k))
 
 
 class Additive(Score):
@@ -169,6 +190,7 @@ class Additive(Score):
 
     name = "additive"
     same_dim = False
+    tile_is_dot = False
 
     def __init__(self, query_dim: int, key_dim: int, hidden_dim: int, bias: bool = True):
         super().__init__()
@@ -195,6 +217,15 @@ class Additive(Score):
         hidden = torch.tanh(a.unsqueeze(-2) + b.unsqueeze(-3))  # (B, H, tq, tk, hidden)
         return (hidden @ self.v.weight.to(a.dtype).t()).squeeze(-1)
 
+    def prepare(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return self.project(q, k)
+
+    def tile(self, qp: Tensor, kp: Tensor) -> Tensor:
+        return self.combine(qp, kp)
+
+    def tile_parameters(self) -> list[Tensor]:
+        return [self.v.weight]
+
     def forward(self, q: Tensor, k: Tensor) -> Tensor:
         return self.combine(*self.project(q, k))
 
@@ -212,6 +243,7 @@ class Location(Score):
 
     name = "location"
     same_dim = False
+    tileable = False  # the score of key j is column j of W_a q: it needs absolute key positions
 
     def __init__(self, query_dim: int, max_keys: int):
         super().__init__()

@@ -1,7 +1,8 @@
 """Backend registry: each backend declares what it supports and says why it refuses.
 
 A backend is an object with a ``name``, ``not_supported_reasons(spec) -> list[str]`` and
-``__call__(q, k, v, spec) -> (out, weights | None)``. ``auto`` walks :data:`PRIORITY` and takes
+``__call__(q, k, v, spec) -> (out, weights | None)``; optionally ``auto_reasons(spec)``, reasons
+that only ``auto`` heeds (a request the backend serves correctly but slower than the next one). ``auto`` walks :data:`PRIORITY` and takes
 the first backend with no reasons; a forced backend that cannot serve a request raises an
 error listing its reasons.
 """
@@ -73,7 +74,10 @@ def choose(spec: AttentionSpec, backend: str = "auto") -> Choice:
     if backend == "auto":
         reasons: dict[str, list[str]] = {}
         for name in PRIORITY:
-            why = REGISTRY[name].not_supported_reasons(spec)
+            b = REGISTRY[name]
+            why = b.not_supported_reasons(spec)
+            if not why and hasattr(b, "auto_reasons"):
+                why = b.auto_reasons(spec)  # preferences that apply to auto only (e.g. size)
             reasons[name] = why
             if not why:
                 log.debug("attnkit: auto picked %s", name)

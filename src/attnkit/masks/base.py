@@ -113,11 +113,19 @@ class Mask:
         """Per-tile class ``(B', H', ceil(Tq/block_q), ceil(Tk/block_k))`` int8 tensor with values
         :data:`EMPTY` (no pair may attend), :data:`PARTIAL` or :data:`FULL` (every pair may).
 
-        The default materializes the mask; subclasses override it with closed forms.
-        Out-of-range positions of the last, ragged tiles are ignored.
+        The default evaluates the predicate one stripe of ``block_q`` queries at a time, so memory
+        stays ``O(block_q * Tk)`` whatever the sequence length; subclasses may override it with
+        closed forms. Out-of-range positions of the last, ragged tiles are ignored.
         """
-        m = self.materialize(num_queries, num_keys, batch, heads, device)
-        return classify_dense(m, block_q, block_k)
+        self.check(batch, heads, num_queries, num_keys)
+        b, h, _, kv = index_grid(batch, heads, num_queries, num_keys, device)
+        stripes = []
+        for start in range(0, num_queries, block_q):
+            q = torch.arange(start, min(start + block_q, num_queries), device=device).view(1, 1, -1, 1)
+            m = torch.as_tensor(self.mask_mod(b, h, q, kv, num_queries, num_keys), device=device)
+            stripes.append(classify_dense(_to_4d(m, q.shape[2], num_keys), block_q, block_k))
+        lead = (max(s.shape[0] for s in stripes), max(s.shape[1] for s in stripes))
+        return torch.cat([s.expand(*lead, *s.shape[2:]) for s in stripes], dim=2)
 
     # -- combinators -------------------------------------------------------------------------
     def __and__(self, other) -> "Mask":

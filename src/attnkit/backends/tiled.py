@@ -1,0 +1,82 @@
+"""The ``tiled`` backend: exact, memory-efficient attention (see :mod:`attnkit.kernels.tiled`).
+
+Serves softmax (any temperature) and sigmoid over every tileable score (dot, scaled dot,
+cosine, bilinear, additive), any mask (empty tiles skipped) and any score mod, with GQA, in
+``O(block · chunk)`` memory. Weights, when requested, are recomputed exactly per tile from
+the saved log-sum-exp; the output still comes from the tiled kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.tiled import TiledAttentionFn, make_plan, tiled_weights
+from ..normalizers.base import Sigmoid, Softmax
+from ..positions.base import FromScoreMod, TensorBias
+from ..spec import AttentionSpec
+
+Tensor = torch.Tensor
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def tile_parameters(spec: AttentionSpec) -> list[Tensor]:
+    """Tensors read inside tiles that may need gradients."""
+    params = [p for p in spec.score.tile_parameters() if p.requires_grad]
+    for mod in spec.score_mods:
+        if isinstance(mod, nn.Module):
+            params += [p for p in mod.parameters() if p.requires_grad]
+        elif isinstance(mod, TensorBias) and mod.tensor.requires_grad:
+            params.append(mod.tensor)
+    return params
+
+
+class TiledBackend:
+    name = "tiled"
+
+    def __init__(self, block_q: int = 128, block_k: int = 128, kv_chunk: int = 1024):
+        self.block_q, self.block_k, self.kv_chunk = block_q, block_k, kv_chunk
+
+    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
+        why = []
+        if type(spec.normalizer) not in (Softmax, Sigmoid):
+            why.append(f"normalizer {spec.normalizer.name!r} is not softmax or sigmoid")
+        if not spec.score.tileable:
+            why.append(f"score {spec.score.name!r} cannot be evaluated tile by tile")
+        if spec.mask is not None and spec.mask.has_weight_factor:
+            why.append("the mask reweights normalized weights (local-p)")
+        if spec.dropout_p > 0:
+            why.append("dropout is not implemented in the tiled kernel yet")
+        if spec.requires_grad and any(isinstance(m, FromScoreMod) for m in spec.score_mods):
+            why.append("a user score_mod callable may close over tensors that need gradients")
+        return why
+
+    #: below this many score entries (B·H·Tq·Tk) auto prefers the reference: fewer Python steps
+    auto_min_scores: int = 1 << 20
+
+    def auto_reasons(self, spec: AttentionSpec) -> list[str]:
+        n = spec.B * spec.H * spec.Tq * spec.Tk
+        if n < self.auto_min_scores:
+            return [f"small problem ({n} scores < {self.auto_min_scores}): the reference is faster"]
+        return []
+
+    def chunk_for(self, spec: AttentionSpec, kp: Tensor) -> int:
+        if spec.score.tile_is_dot:
+            return self.kv_chunk
+        # additive scores build a (B, H, block_q, chunk, hidden) tile: keep it near 64 MiB
+        per_key = spec.B * spec.H * self.block_q * kp.shape[-1] * 4
+        return max(self.block_k, min(self.kv_chunk, (64 << 20) // per_key // self.block_k * self.block_k))
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
+        qp, kp = spec.score.prepare(q, k)
+        dtype = v.dtype
+        if dtype in _LOW_PRECISION:  # accumulate in float32
+            qp, kp, v = qp.float(), kp.float(), v.float()
+        plan = make_plan(spec, self.block_q, self.block_k, self.chunk_for(spec, kp), device=q.device)
+        out, lse = TiledAttentionFn.apply(qp, kp, v, spec, plan, *tile_parameters(spec))
+        weights = None
+        if spec.return_weights:
+            with torch.no_grad():
+                weights = tiled_weights(qp.detach(), kp.detach(), spec, plan,
+                                        None if isinstance(spec.normalizer, Sigmoid) else lse).to(dtype)
+        return out.to(dtype), weights

@@ -1,0 +1,260 @@
+"""Exact tiled attention in plain PyTorch: FlashAttention's online softmax, forward and backward.
+
+Dao et al. 2022, "FlashAttention" (https://arxiv.org/abs/2205.14135). Queries are processed
+in blocks of ``block_q``; for each query block the key blocks that the mask leaves alive are
+grouped into *runs* of consecutive blocks (at most ``kv_chunk`` keys) so that one matmul covers
+a run. The softmax is accumulated online across runs::
+
+    m_new = max(m, rowmax(s));  l = l·e^(m - m_new) + rowsum(e^(s - m_new));  acc = acc·e^(m - m_new) + e^(s - m_new) v
+
+and the log-sum-exp ``lse = m + log l`` is saved; the backward recomputes each run's
+probabilities from it (``p = e^(s - lse)``) instead of storing the ``(Tq, Tk)`` matrix, so memory
+is ``O(block_q · kv_chunk)`` per (batch, head) whatever the sequence length.
+
+Masks are classified per tile (EMPTY / PARTIAL / FULL): empty tiles are never computed, full
+ones skip the predicate. Score mods and mask mods are evaluated per run on index tensors.
+
+Scores are split as ``tile(prepare(q, k))``: ``prepare`` (per token: the cosine normalization,
+``q W`` of the bilinear score, the ``W_q q``/``W_k k`` projections of additive attention) runs
+once outside the kernel under ordinary autograd; the kernel sees the prepared tensors. When
+``tile`` is a plain dot product and every score mod is a parameter-free additive bias, the
+backward uses closed-form matmuls; otherwise it re-runs the tile under autograd, which covers
+any score, any score mod and learnable bias parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..masks.base import EMPTY, FULL, index_grid
+from ..normalizers.base import Sigmoid, Softmax
+from ..spec import AttentionSpec
+
+Tensor = torch.Tensor
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive live key blocks ``[start, stop)`` of one query block."""
+
+    start: int
+    stop: int
+    partial: bool  # the mask predicate must be evaluated on this run
+
+
+@dataclass(frozen=True)
+class Plan:
+    block_q: int
+    block_k: int
+    q_blocks: tuple[tuple[int, int], ...]
+    runs: tuple[tuple[Run, ...], ...]  # one tuple of runs per query block
+    live_tiles: int
+    total_tiles: int
+
+
+def make_plan(spec: AttentionSpec, block_q: int, block_k: int, kv_chunk: int, device=None) -> Plan:
+    """Classify tiles and group the live ones into runs."""
+    Tq, Tk = spec.Tq, spec.Tk
+    nq, nk = -(-Tq // block_q), -(-Tk // block_k)
+    if spec.mask is None:
+        live = torch.ones(nq, nk, dtype=torch.bool)
+        full = live
+    else:
+        cls = spec.mask.classify_blocks(Tq, Tk, block_q, block_k, spec.B, spec.H, device=device).flatten(0, 1)
+        live = (cls != EMPTY).any(0).cpu()
+        full = (cls == FULL).all(0).cpu()
+    per_run = max(1, kv_chunk // block_k)
+    runs = []
+    for i in range(nq):
+        row, cur = [], None
+        for j in torch.nonzero(live[i]).flatten().tolist():
+            partial = not bool(full[i, j])
+            # a run is consecutive tiles of one class: full runs never evaluate the predicate
+            if cur is not None and cur[1] == j and cur[1] - cur[0] < per_run and cur[2] == partial:
+                cur = (cur[0], j + 1, partial)
+            else:
+                if cur is not None:
+                    row.append(cur)
+                cur = (j, j + 1, partial)
+        if cur is not None:
+            row.append(cur)
+        runs.append(tuple(Run(a * block_k, min(b * block_k, Tk), p) for a, b, p in row))
+    q_blocks = tuple((i * block_q, min((i + 1) * block_q, Tq)) for i in range(nq))
+    return Plan(block_q, block_k, q_blocks, tuple(runs), int(live.sum()), nq * nk)
+
+
+def _expand(x: Tensor, groups: int) -> Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _reduce_groups(x: Tensor, groups: int) -> Tensor:
+    """Sum the gradient of head-expanded keys/values back onto the Hkv heads."""
+    if groups == 1:
+        return x
+    B, H, T, D = x.shape
+    return x.view(B, H // groups, groups, T, D).sum(2)
+
+
+class _Tile:
+    """Evaluates scores and the mask on one (query block, run) tile."""
+
+    def __init__(self, spec: AttentionSpec, device):
+        self.spec = spec
+        self.device = device
+        self.inv_temp = 1.0 / spec.normalizer.temperature if isinstance(spec.normalizer, Softmax) else 1.0
+
+    def grid(self, qs, qe, ks, ke):
+        b, h, q, kv = index_grid(self.spec.B, self.spec.H, qe - qs, ke - ks, self.device)
+        return b, h, q + qs, kv + ks
+
+    def scores(self, qp: Tensor, kp: Tensor, qs: int, ks: int, grid) -> Tensor:
+        spec = self.spec
+        s = spec.score.tile(qp, kp)
+        c = spec.scale
+        if c != 1.0:
+            s = s * c
+        for mod in spec.score_mods:
+            s = mod.score_mod(s, *grid, spec.Tq, spec.Tk)
+        if self.inv_temp != 1.0:
+            s = s * self.inv_temp
+        return s
+
+    def allowed(self, grid) -> Tensor:
+        return self.spec.mask.mask_mod(*grid, self.spec.Tq, self.spec.Tk)
+
+
+def tiled_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: Plan) -> tuple[Tensor, Tensor]:
+    """Returns ``out (B, H, Tq, Dv)`` and ``lse (B, H, Tq)`` (softmax) or ``(out, None)`` (sigmoid)."""
+    B, H, G = spec.B, spec.H, spec.groups
+    tile = _Tile(spec, qp.device)
+    sigmoid = isinstance(spec.normalizer, Sigmoid)
+    offset = spec.normalizer.offset(spec.Tk) if sigmoid else 0.0
+    out = torch.zeros(B, H, spec.Tq, v.shape[-1], dtype=qp.dtype, device=qp.device)
+    lse = None if sigmoid else torch.full((B, H, spec.Tq), _NEG_INF, dtype=qp.dtype, device=qp.device)
+    for (qs, qe), runs in zip(plan.q_blocks, plan.runs):
+        if not runs:
+            continue  # every key is masked for this block: output 0, lse -inf
+        qi = qp[:, :, qs:qe]
+        m = torch.full((B, H, qe - qs, 1), _NEG_INF, dtype=qp.dtype, device=qp.device)
+        l = torch.zeros_like(m)
+        acc = torch.zeros(B, H, qe - qs, v.shape[-1], dtype=qp.dtype, device=qp.device)
+        for r in runs:
+            grid = tile.grid(qs, qe, r.start, r.stop)
+            s = tile.scores(qi, _expand(kp[:, :, r.start:r.stop], G), qs, r.start, grid)
+            vj = _expand(v[:, :, r.start:r.stop], G)
+            if sigmoid:
+                p = torch.sigmoid(s + offset)
+                if r.partial:
+                    p = p.masked_fill(~tile.allowed(grid), 0.0)
+                acc = acc + p @ vj
+                continue
+            if r.partial:
+                s = s.masked_fill(~tile.allowed(grid), _NEG_INF)
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0)  # rows with nothing alive yet
+            p = torch.exp(s - m_safe)
+            corr = torch.exp(m - m_safe)
+            l = l * corr + p.sum(-1, keepdim=True)
+            acc = acc * corr + p @ vj
+            m = m_new
+        if sigmoid:
+            out[:, :, qs:qe] = acc
+        else:
+            out[:, :, qs:qe] = acc / l.masked_fill(l == 0, 1.0)
+            lse[:, :, qs:qe] = (m + torch.log(l)).squeeze(-1)  # -inf where nothing was alive
+    return out, lse
+
+
+def _weights(s: Tensor, lse_i: Tensor | None, spec: AttentionSpec, allowed: Tensor | None) -> Tensor:
+    if isinstance(spec.normalizer, Sigmoid):
+        p = torch.sigmoid(s + spec.normalizer.offset(spec.Tk))
+    else:
+        # dead rows have lse = -inf: make their probabilities 0 instead of e^(+inf)
+        p = torch.exp(s - lse_i.masked_fill(lse_i == _NEG_INF, float("inf")).unsqueeze(-1))
+    if allowed is not None:
+        p = p.masked_fill(~allowed, 0.0)
+    return p
+
+
+def tiled_weights(qp: Tensor, kp: Tensor, spec: AttentionSpec, plan: Plan, lse: Tensor | None,
+                  heads: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
+    """Exact weights ``(B, H, Tq, Tk)`` recomputed from the saved log-sum-exp, tile by tile."""
+    w = torch.zeros(spec.B, spec.H, spec.Tq, spec.Tk, dtype=qp.dtype, device=qp.device)
+    tile = _Tile(spec, qp.device)
+    for (qs, qe), runs in zip(plan.q_blocks, plan.runs):
+        for r in runs:
+            grid = tile.grid(qs, qe, r.start, r.stop)
+            s = tile.scores(qp[:, :, qs:qe], _expand(kp[:, :, r.start:r.stop], spec.groups), qs, r.start, grid)
+            allowed = tile.allowed(grid) if r.partial else None
+            w[:, :, qs:qe, r.start:r.stop] = _weights(s, None if lse is None else lse[:, :, qs:qe], spec, allowed)
+    return w
+
+
+def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, params: tuple[Tensor, ...]):
+    """Gradients of ``(qp, kp, v, *params)`` given ``dout``."""
+    G = spec.groups
+    tile = _Tile(spec, qp.device)
+    sigmoid = isinstance(spec.normalizer, Sigmoid)
+    fast = spec.score.tile_is_dot and not params and all(m.additive for m in spec.score_mods)
+    c = spec.scale * tile.inv_temp  # d s / d (qp·kp) on the fast path
+    dq, dk, dv = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(v)
+    dparams = [torch.zeros_like(p) for p in params]
+    delta = None if sigmoid else (dout * out).sum(-1, keepdim=True)  # (B, H, Tq, 1)
+    for (qs, qe), runs in zip(plan.q_blocks, plan.runs):
+        qi, doi = qp[:, :, qs:qe], dout[:, :, qs:qe]
+        lse_i = None if sigmoid else lse[:, :, qs:qe]
+        for r in runs:
+            grid = tile.grid(qs, qe, r.start, r.stop)
+            vj = _expand(v[:, :, r.start:r.stop], G)
+            allowed = tile.allowed(grid) if r.partial else None
+            if fast:
+                kj = _expand(kp[:, :, r.start:r.stop], G)
+                s = tile.scores(qi, kj, qs, r.start, grid)
+            else:
+                with torch.enable_grad():
+                    qi_ = qi.detach().requires_grad_()
+                    kj_ = kp[:, :, r.start:r.stop].detach().requires_grad_()
+                    s = tile.scores(qi_, _expand(kj_, G), qs, r.start, grid)
+            p = _weights(s.detach(), lse_i, spec, allowed)
+            dv[:, :, r.start:r.stop] += _reduce_groups(p.transpose(-2, -1) @ doi, G)
+            dp = doi @ vj.transpose(-2, -1)
+            ds = p * (1.0 - p) * dp if sigmoid else p * (dp - delta[:, :, qs:qe])
+            if fast:
+                dq[:, :, qs:qe] += (ds @ kj) * c
+                dk[:, :, r.start:r.stop] += _reduce_groups((ds.transpose(-2, -1) @ qi) * c, G)
+            else:
+                grads = torch.autograd.grad(s, (qi_, kj_, *params), ds, allow_unused=True)
+                dq[:, :, qs:qe] += grads[0]
+                dk[:, :, r.start:r.stop] += grads[1]
+                for acc, g in zip(dparams, grads[2:]):
+                    if g is not None:
+                        acc += g
+    return dq, dk, dv, dparams
+
+
+class TiledAttentionFn(torch.autograd.Function):
+    """``out = attention(prepared q, prepared k, v)`` with the tiled forward and backward.
+
+    ``params`` are the tensors the tile computation reads that may need gradients (score
+    parameters used inside ``tile``, learnable bias tables); they are passed as inputs so
+    autograd routes their gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, qp, kp, v, spec, plan, *params):
+        out, lse = tiled_forward(qp, kp, v, spec, plan)
+        ctx.save_for_backward(qp, kp, v, out, *(() if lse is None else (lse,)))
+        ctx.spec, ctx.plan, ctx.params, ctx.has_lse = spec, plan, params, lse is not None
+        ctx.mark_non_differentiable(*(() if lse is None else (lse,)))
+        return out, (lse if lse is not None else out.new_zeros(()))
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        saved = ctx.saved_tensors
+        qp, kp, v, out = saved[:4]
+        lse = saved[4] if ctx.has_lse else None
+        dq, dk, dv, dparams = tiled_backward(qp, kp, v, out, lse, dout.contiguous(), ctx.spec, ctx.plan, ctx.params)
+        return (dq, dk, dv, None, None, *dparams)

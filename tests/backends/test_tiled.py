@@ -1,0 +1,260 @@
+"""The tiled backend against the reference: outputs, log-sum-exp, weights and gradients."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import attnkit
+from attnkit import masks, scores
+from attnkit.backends.tiled import TiledBackend
+from attnkit.kernels.tiled import make_plan, tiled_forward
+from attnkit.masks.base import EMPTY, FULL, Mask
+from attnkit.spec import canonicalize
+from attnkit.testing import assert_close, assert_close_to_gold, make_qkv
+
+small = TiledBackend(block_q=16, block_k=8, kv_chunk=24)  # many ragged tiles and multi-tile runs
+
+
+@pytest.fixture(autouse=True)
+def _small_tiles(monkeypatch):
+    monkeypatch.setitem(attnkit.backends.REGISTRY, "tiled", small)
+
+
+def both(q, k, v, **kw):
+    """(tiled out, reference out) and their gradients w.r.t. q, k, v."""
+    res = []
+    for backend in ("tiled", "reference"):
+        out, w = attnkit.attention(q, k, v, backend=backend, return_weights=True, **kw)
+        g = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum(), (q, k, v),
+                                allow_unused=True)
+        res.append((out, w, g))
+    return res
+
+
+MASKS = {
+    "none": lambda Tq, Tk, B: None,
+    "causal": lambda Tq, Tk, B: masks.causal(),
+    "causal_top_left": lambda Tq, Tk, B: masks.causal(align="top_left"),
+    "window": lambda Tq, Tk, B: masks.sliding_window(9, 2),
+    "padding": lambda Tq, Tk, B: masks.key_padding(torch.arange(B) % max(Tk, 1) + 1),
+    "causal&padding": lambda Tq, Tk, B: masks.causal() & masks.key_padding(torch.tensor([Tk, max(Tk // 2, 1)])[:B]),
+    "mask_mod": lambda Tq, Tk, B: (lambda b, h, i, j: (i + j) % 3 != 0),
+    "bool_tensor": lambda Tq, Tk, B: torch.rand(B, 1, Tq, Tk, generator=torch.Generator().manual_seed(0)) > 0.4,
+    "window|global": lambda Tq, Tk, B: masks.sliding_window(3) | masks.from_mod(lambda b, h, i, j: j == 0),
+}
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 37), (37, 37), (29, 53), (53, 29)])
+def test_masks_float64(mask_name, Tq, Tk):
+    B = 2
+    q, k, v = make_qkv(B, 4, Tq, Tk, D=5, Dv=3, Hkv=2, dtype=torch.float64, requires_grad=True)
+    m = MASKS[mask_name](Tq, Tk, B)
+    (o1, w1, g1), (o2, w2, g2) = both(q, k, v, mask=m)
+    assert_close(o1, o2, name="out")
+    assert_close(w1, w2, name="weights")
+    for name, a, b in zip("qkv", g1, g2):
+        assert_close(a, b, name=f"d{name}")
+
+
+@pytest.mark.parametrize("T", [1, 97, 1025])
+@pytest.mark.parametrize("D", [40, 64, 111])
+def test_odd_sizes_default_tiles_float32_against_gold(T, D, monkeypatch):
+    monkeypatch.setitem(attnkit.backends.REGISTRY, "tiled", TiledBackend())
+    if T == 1025 and D != 64:
+        pytest.skip("one large case is enough")
+    q64, k64, v64 = make_qkv(1, 2, T, D=D, dtype=torch.float64, requires_grad=True)
+    q, k, v = (x.detach().float().requires_grad_() for x in (q64, k64, v64))
+    m = masks.causal()
+    dout = torch.randn(1, 2, T, D, dtype=torch.float64)
+
+    def run(q, k, v, backend):
+        out = attnkit.attention(q, k, v, mask=m, backend=backend)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout.to(out.dtype)))
+
+    gold = run(q64, k64, v64, "reference")
+    ref = run(q, k, v, "reference")
+    fast = run(q, k, v, "tiled")
+    for name, f, r, g in zip(["out", "dq", "dk", "dv"], fast, ref, gold):
+        assert_close_to_gold(f, r, g, name=name)
+
+
+def test_log_sum_exp_matches_reference():
+    q, k, v = make_qkv(2, 2, 41, 33, D=8, dtype=torch.float64)
+    m = masks.sliding_window(5) & masks.key_padding(torch.tensor([33, 20]))
+    spec = canonicalize(q, k, v, mask=m)
+    _, lse = tiled_forward(q, k, v, spec, make_plan(spec, 16, 8, 24))
+    s = (q @ k.transpose(-1, -2)) * spec.scale
+    dense = m.materialize(41, 33, 2, 2)
+    expect = torch.logsumexp(s.masked_fill(~dense, float("-inf")), -1)
+    assert torch.equal(torch.isinf(lse), torch.isinf(expect))
+    assert_close(lse[~torch.isinf(lse)], expect[~torch.isinf(expect)])
+
+
+@pytest.mark.parametrize("score", [
+    "dot", "cosine", lambda: scores.General(6, 6, heads=4), lambda: scores.General(6, 6), lambda: scores.Additive(6, 6, 5)])
+def test_scores_and_their_parameters(score):
+    s = score() if callable(score) else score
+    if isinstance(s, torch.nn.Module):
+        s = s.double()
+    q, k, v = make_qkv(2, 4, 23, 31, D=6, Dv=3, Hkv=2, dtype=torch.float64, requires_grad=True)
+    m = masks.causal()
+    outs = []
+    for backend in ("tiled", "reference"):
+        if isinstance(s, torch.nn.Module):
+            s.zero_grad()
+        out = attnkit.attention(q, k, v, score=s, mask=m, backend=backend)
+        grads = torch.autograd.grad(out.sum(), (q, k, v, *(s.parameters() if isinstance(s, torch.nn.Module) else ())))
+        outs.append((out, grads))
+    assert_close(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1], outs[1][1]):
+        assert_close(a, b)
+
+
+def test_bias_tensor_with_grad_softcap_and_callable():
+    q, k, v = make_qkv(1, 2, 19, 27, D=4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, 2, 19, 27, dtype=torch.float64, requires_grad=True)
+    mods = [bias, attnkit.positions.softcap(0.7)]
+    outs = [attnkit.attention(q, k, v, bias=mods, mask=masks.causal(), backend=b) for b in ("tiled", "reference")]
+    grads = [torch.autograd.grad(o.sum(), (q, k, v, bias)) for o in outs]
+    assert_close(outs[0], outs[1])
+    for a, b in zip(*grads):
+        assert_close(a, b)
+    # a user score_mod callable without gradients is served; with gradients tiled declines
+    fn = lambda s, b, h, i, j: s - 0.1 * (i - j).abs()  # noqa: E731
+    with torch.no_grad():
+        assert_close(attnkit.attention(q, k, v, bias=fn, backend="tiled"),
+                     attnkit.attention(q, k, v, bias=fn, backend="reference"))
+    with pytest.raises(ValueError, match="user score_mod callable"):
+        attnkit.attention(q, k, v, bias=fn, backend="tiled")
+
+
+@pytest.mark.parametrize("norm", [attnkit.normalizers.Softmax(temperature=0.3), attnkit.normalizers.Sigmoid(),
+                                  attnkit.normalizers.Sigmoid(bias="log_n")])
+def test_softmax_temperature_and_sigmoid(norm):
+    q, k, v = make_qkv(2, 2, 33, 40, D=4, dtype=torch.float64, requires_grad=True)
+    m = masks.causal() & masks.key_padding(torch.tensor([40, 3]))
+    (o1, w1, g1), (o2, w2, g2) = both(q, k, v, mask=m, normalizer=norm)
+    assert_close(o1, o2)
+    assert_close(w1, w2)
+    for a, b in zip(g1, g2):
+        assert_close(a, b)
+
+
+def test_fully_masked_rows_give_zeros_and_finite_grads():
+    q, k, v = make_qkv(2, 2, 30, 30, D=4, dtype=torch.float64, requires_grad=True)
+    keep = torch.ones(2, 2, 30, 30, dtype=torch.bool)
+    keep[0, :, 3:20] = False  # whole query blocks with no live key
+    keep[1, 1, 7] = False
+    (o1, w1, g1), (o2, w2, g2) = both(q, k, v, mask=keep)
+    assert (o1[0, :, 3:20] == 0).all() and (w1[0, :, 3:20] == 0).all() and (o1[1, 1, 7] == 0).all()
+    for a, b in zip(g1, g2):
+        assert torch.isfinite(a).all()
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_within_reference_error(dtype):
+    q64, k64, v64 = make_qkv(2, 4, 70, 50, D=16, Hkv=1, dtype=torch.float64)
+    gold = attnkit.attention(q64, k64, v64, mask=masks.causal(), backend="reference")
+    q, k, v = (x.to(dtype) for x in (q64, k64, v64))
+    fast = attnkit.attention(q, k, v, mask=masks.causal(), backend="tiled")
+    ref = attnkit.attention(q, k, v, mask=masks.causal(), backend="reference")
+    assert fast.dtype == dtype
+    assert_close_to_gold(fast, ref, gold)
+
+
+def test_noncontiguous_inputs():
+    q, k, v = make_qkv(2, 4, 21, 21, D=8, noncontiguous=True, dtype=torch.float64, requires_grad=True)
+    (o1, _, g1), (o2, _, g2) = both(q, k, v, mask=masks.causal())
+    assert_close(o1, o2)
+    for a, b in zip(g1, g2):
+        assert_close(a, b)
+
+
+def test_plan_skips_empty_tiles_and_marks_full_ones():
+    q, k, v = make_qkv(1, 1, 64, 64, D=4)
+    spec = canonicalize(q, k, v, mask=masks.sliding_window(8))
+    plan = make_plan(spec, 8, 8, 8)
+    # a window of 8 keys behind each query touches the diagonal tile and the one before it
+    assert plan.live_tiles == 8 + 7 and plan.total_tiles == 64
+    for i, runs in enumerate(plan.runs):
+        assert [r.start for r in runs] == ([0] if i == 0 else [8 * (i - 1), 8 * i])
+        assert all(r.partial for r in runs)  # window edges cut every live tile
+    spec = canonicalize(q, k, v, mask=masks.causal())
+    plan = make_plan(spec, 8, 8, 64)
+    assert plan.live_tiles == 36
+    assert all(len(runs) == (1 if i == 0 else 2) for i, runs in enumerate(plan.runs))  # full run + diagonal
+
+
+class CountingCausal(Mask):
+    """Causal, with an analytic tile classification, counting predicate evaluations."""
+
+    def __init__(self):
+        self.evaluated = 0
+
+    def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
+        self.evaluated += torch.broadcast_tensors(q_idx, kv_idx)[0].numel()
+        return q_idx >= kv_idx
+
+    def classify_blocks(self, Tq, Tk, bq, bk, batch=1, heads=1, device=None):
+        i = torch.arange(-(-Tq // bq)).view(-1, 1)
+        j = torch.arange(-(-Tk // bk)).view(1, -1)
+        out = torch.full((1, 1, i.shape[0], j.shape[1]), 1, dtype=torch.int8)
+        out[0, 0][(j * bk) > (i * bq + bq - 1)] = EMPTY
+        out[0, 0][(j * bk + bk - 1) <= (i * bq)] = FULL
+        return out
+
+
+def test_full_tiles_skip_the_mask_predicate():
+    m = CountingCausal()
+    q, k, v = make_qkv(1, 1, 64, 64, D=4, dtype=torch.float64)
+    out = attnkit.attention(q, k, v, mask=m, backend="tiled")
+    assert_close(out, attnkit.attention(q, k, v, mask=masks.causal(), backend="reference"))
+    # only the 4 diagonal 16x(8..16) tiles of the 16x8 tiling are evaluated, never the full ones
+    assert m.evaluated <= 4 * 16 * 16
+
+
+def test_weights_do_not_change_which_kernel_computed_the_output():
+    q, k, v = make_qkv(1, 2, 40, 40, D=4, dtype=torch.float64)
+    out = attnkit.attention(q, k, v, mask=masks.causal(), backend="tiled")
+    out_w, w = attnkit.attention(q, k, v, mask=masks.causal(), backend="tiled", return_weights=True)
+    assert torch.equal(out, out_w)
+    assert_close(w @ v, out)
+
+
+def test_tiled_refuses_what_it_cannot_do_and_says_why():
+    q, k, v = make_qkv()
+    for kw, why in [(dict(normalizer=attnkit.normalizers.Softmax()), None),
+                    (dict(dropout_p=0.1), "dropout"),
+                    (dict(score=scores.Location(8, 5)), "tile by tile"),
+                    (dict(mask=masks.local_p(torch.zeros(2, 5), 2)), "local-p")]:
+        reasons = attnkit.backends.REGISTRY["tiled"].not_supported_reasons(canonicalize(q, k, v, **kw))
+        assert (not reasons) if why is None else why in " ".join(reasons)
+
+
+@given(Tq=st.integers(1, 40), Tk=st.integers(1, 40), H=st.sampled_from([1, 2, 4]), mask=st.sampled_from(list(MASKS)),
+       norm=st.sampled_from(["softmax", "sigmoid"]), weights=st.booleans(), seed=st.integers(0, 1000))
+def test_auto_is_never_wrong(Tq, Tk, H, mask, norm, weights, seed):
+    torch.manual_seed(seed)
+    q, k, v = make_qkv(2, H, Tq, Tk, D=4, Hkv=1, dtype=torch.float64)
+    kw = dict(mask=MASKS[mask](Tq, Tk, 2), normalizer=norm, return_weights=weights)
+    with attnkit.use_backend("auto"):
+        a = attnkit.attention(q, k, v, **kw)
+    b = attnkit.attention(q, k, v, backend="reference", **kw)
+    for x, y in zip(a if weights else [a], b if weights else [b]):
+        assert_close(x, y)
+    # the tiled backend also agrees on every one of these requests
+    c = attnkit.attention(q, k, v, backend="tiled", **kw)
+    for x, y in zip(c if weights else [c], b if weights else [b]):
+        assert_close(x, y)
+
+
+def test_auto_picks_tiled_for_large_requests_sdpa_cannot_serve():
+    q, k, v = make_qkv(1, 4, 600, 600, D=8)
+    assert attnkit.explain(q, k, v, normalizer="sigmoid").backend == "tiled"
+    assert attnkit.explain(q, k, v).backend == "sdpa"
+    small_q = make_qkv(1, 1, 8, 8, D=8)
+    choice = attnkit.explain(*small_q, normalizer="sigmoid")
+    assert choice.backend == "reference" and "reference is faster" in " ".join(choice.reasons["tiled"])
