@@ -1,16 +1,44 @@
-"""Normalizers: softmax (temperature), sigmoid, and (see submodules) sparse and hard ones.
+"""Normalizers turn a row of scores into attention weights.
 
-Strings name parameter-free defaults (``"softmax"``, ``"sigmoid"``, ...); objects carry
-parameters (``Softmax(temperature=0.5)``, ``Sigmoid(bias="log_n")``, ...).
+Strings name parameter-free defaults; objects carry parameters:
+
+==================  =====================================  ==========================================
+name                object                                 weights
+==================  =====================================  ==========================================
+``softmax``         ``Softmax(temperature=1.0)``           dense, ``exp(s/T) / Σ exp(s/T)``
+``sigmoid``         ``Sigmoid(bias=None | "log_n")``       elementwise ``σ(s + b)``, rows need not sum to 1
+``sparsemax``       ``Sparsemax()``                        sparse, Euclidean projection on the simplex
+``entmax15``        ``Entmax15()``                         sparse, exact 1.5-entmax
+``entmax``          ``Entmax(alpha=1.5, n_iter=None)``     sparse, α-entmax by bisection (any α > 1)
+``hardmax``         ``Hardmax(temperature=1.0)``           one-hot argmax, straight-through softmax grad
+``topk``            ``TopK(k=8, temperature=1.0)``         softmax over the k best, straight-through grad
+``gumbel``          ``Gumbel(tau=1.0, hard=False, ...)``   Gumbel-softmax sample (one-hot with ``hard``)
+``stochastic_hard`` ``StochasticHard(generator=None)``     one sampled key; train with ``reinforce_loss``
+==================  =====================================  ==========================================
+
+Every normalizer is called as ``normalizer(scores, mask=None)``: masked keys get exactly 0 and
+rows with no allowed key get all zeros, never NaN.
 """
 
 from __future__ import annotations
 
 from .._checks import lookup
 from .base import Normalizer, Sigmoid, Softmax
+from .hard import Gumbel, Hardmax, HardSample, StochasticHard, TopK, reinforce_loss, straight_through
+from .sparse import Entmax, Entmax15, Sparsemax, entmax15, entmax_bisect, sparsemax
 
 #: parameter-free normalizers by name
-NAMED = {"softmax": Softmax, "sigmoid": Sigmoid}
+NAMED = {
+    "softmax": Softmax,
+    "sigmoid": Sigmoid,
+    "sparsemax": Sparsemax,
+    "entmax15": Entmax15,
+    "entmax": Entmax,
+    "hardmax": Hardmax,
+    "topk": TopK,
+    "gumbel": Gumbel,
+    "stochastic_hard": StochasticHard,
+}
 
 
 def get(normalizer) -> Normalizer:
@@ -20,4 +48,6 @@ def get(normalizer) -> Normalizer:
     return lookup("normalizer", normalizer, NAMED)()
 
 
-__all__ = ["Normalizer", "Softmax", "Sigmoid", "get", "NAMED"]
+__all__ = ["Normalizer", "Softmax", "Sigmoid", "Sparsemax", "Entmax15", "Entmax", "Hardmax", "TopK", "Gumbel",
+           "StochasticHard", "HardSample", "reinforce_loss", "straight_through", "sparsemax", "entmax15",
+           "entmax_bisect", "get", "NAMED"]
