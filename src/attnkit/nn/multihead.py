@@ -1,0 +1,477 @@
+"""Multi-head attention with torch's interface and attnkit's mechanisms.
+
+:class:`MultiheadAttention` is a drop-in look-alike of ``torch.nn.MultiheadAttention``
+(Vaswani et al. 2017, "Attention Is All You Need", https://arxiv.org/abs/1706.03762) that adds
+grouped-/multi-query attention (Ainslie et al. 2023, https://arxiv.org/abs/2305.13245; Shazeer
+2019, https://arxiv.org/abs/1911.02150), a KV cache, any attnkit score / normalizer / score mod /
+mask, and fast backends that still return exact weights on request.
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .. import normalizers as _normalizers
+from .. import scores as _scores
+from .._checks import check_positive, check_probability, shape_str
+from ..backends import registry
+from ..functional import attention
+from ..masks.base import FromTensor, Mask, as_mask
+from ..masks.basic import Causal, KeyPadding
+from ..positions.base import ScoreMod, as_score_mod
+from ..spec import canonicalize
+from .cache import KVCache
+
+Tensor = torch.Tensor
+
+__all__ = ["MultiheadAttention"]
+
+
+class MultiheadAttention(nn.Module):
+    r"""Multi-head attention mirroring ``torch.nn.MultiheadAttention``, with GQA/MQA and a KV cache.
+
+    .. math::
+        \mathrm{head}_h = \mathrm{attention}(Q W^Q_h,\ K W^K_{g(h)},\ V W^V_{g(h)}),\qquad
+        \mathrm{out} = [\mathrm{head}_1; \dots; \mathrm{head}_H]\, W^O
+
+    where ``g(h) = h // (num_heads // num_kv_heads)`` is the key/value head that query head ``h``
+    reads, and ``attention`` is :func:`attnkit.attention` with this module's ``score``,
+    ``normalizer``, ``score_mod`` and masks (default: ``softmax(q·k/√d)``, as torch).
+
+    **Two mask conventions -- read this.** The arguments that torch also has keep *torch's*
+    meaning, so this module can replace ``torch.nn.MultiheadAttention`` unchanged:
+
+    * ``key_padding_mask`` ``(B, Tk)``: bool ``True`` = *padding, may NOT be attended*; or a
+      float tensor *added* to the scores.
+    * ``attn_mask`` as a tensor ``(Tq, Tk)`` or ``(B*num_heads, Tq, Tk)``: bool ``True`` = *NOT
+      allowed*; or a float tensor *added* to the scores.
+
+    Everything that is attnkit's own uses attnkit's convention, ``True`` = *may attend*: an
+    :mod:`attnkit.masks` object passed as ``attn_mask`` (e.g. ``attnkit.masks.sliding_window(4)``)
+    and the constructor's default ``mask``. All masks given are combined with AND.
+
+    Args:
+        embed_dim: ``E``, features of the query and of the output.
+        num_heads: ``H`` query heads; ``E % H == 0`` and ``head_dim = E // H``.
+        dropout: dropout probability on the attention weights, applied in training mode only.
+        bias: add biases to the four projections.
+        kdim: features of ``key`` (default ``E``). Keyword-only from here on (torch's positional
+            ``add_bias_kv``/``add_zero_attn`` are not supported).
+        vdim: features of ``value`` (default ``E``).
+        batch_first: inputs are ``(B, T, E)`` (default ``True``, attnkit's convention; torch's
+            default is ``False``: ``(T, B, E)``). Unbatched ``(T, E)`` inputs work either way.
+        num_kv_heads: ``Hkv`` key/value heads (default ``H``); ``H % Hkv == 0``. ``Hkv < H`` is
+            grouped-query attention, ``Hkv = 1`` multi-query attention: ``k_proj``/``v_proj``
+            then have ``Hkv * head_dim`` outputs.
+        score: a name (``"scaled_dot"``, ``"dot"``, ``"cosine"``) or an :mod:`attnkit.scores`
+            object working on ``head_dim`` features (its parameters train with this module).
+        normalizer: a name (``"softmax"``, ``"sigmoid"``, ...) or an :mod:`attnkit.normalizers` object.
+        score_mod: position-dependent score modifier(s) applied on every call -- ALiBi, T5
+            buckets, soft-capping (:mod:`attnkit.positions`), a ``score_mod(score, b, h, q_idx,
+            kv_idx)`` callable, or a list of these. (Named ``score_mod`` because ``bias`` is
+            torch's flag for the projection biases.)
+        mask: an :mod:`attnkit.masks` object (``True`` = may attend) applied on every call, e.g.
+            ``attnkit.masks.sliding_window(128)``.
+        rope: rotary position embedding (Su et al. 2021, https://arxiv.org/abs/2104.09864) of the
+            per-head queries and keys, for self-attention: ``True`` for
+            ``attnkit.positions.RotaryEmbedding(head_dim)``, or a module called as
+            ``rope(x (B, H, T, D), offset=int)``. Queries and new keys are rotated at positions
+            ``offset ..`` with ``offset`` = the cache length (0 without a cache); cached keys are
+            stored rotated.
+        backend: ``"auto"`` (default) or a backend name, passed to :func:`attnkit.attention`.
+        device, dtype: of the parameters, as for ``torch.nn.Linear``.
+
+    Forward:
+        ``forward(query, key=None, value=None, key_padding_mask=None, need_weights=True,
+        attn_mask=None, average_attn_weights=True, is_causal=False, cache=None)``
+
+        * ``query (B, Tq, E)``, ``key (B, Tk, kdim)``, ``value (B, Tk, vdim)``; ``key`` defaults to
+          ``query`` and ``value`` to ``key`` (self-attention).
+        * ``key_padding_mask (B, Tk)``, ``attn_mask``: see the conventions above. With a cache,
+          ``Tk`` counts the cached keys plus the new ones.
+        * ``need_weights``: also return the weights -- exact for every backend, but they are
+          computed by the materializing reference path; pass ``False`` for the fast kernels.
+          ``average_attn_weights``: weights ``(B, Tq, Tk)`` averaged over heads, else
+          ``(B, H, Tq, Tk)``. Weights are taken before dropout (torch returns them after).
+        * ``is_causal``: apply a causal mask, aligned bottom-right (the last query sees the last
+          key). Unlike torch it needs no ``attn_mask``; one given too is ANDed with it.
+        * ``cache``: a :class:`~attnkit.nn.KVCache`; the new keys/values are appended to it and
+          the queries attend over everything cached. With ``is_causal=True`` the new queries see
+          every cached key (incremental decoding).
+
+        Returns ``(attn_output (B, Tq, E), attn_weights or None)``; ``(Tq, B, E)`` when
+        ``batch_first=False``; weights are batch first in either case, as in torch.
+
+    Fully masked query rows give a zero output and zero weights (torch gives NaN).
+
+    Example::
+
+        >>> import torch, attnkit
+        >>> mha = attnkit.nn.MultiheadAttention(32, num_heads=8, num_kv_heads=2)
+        >>> x = torch.randn(2, 5, 32)
+        >>> out, w = mha(x, is_causal=True)
+        >>> out.shape, w.shape
+        (torch.Size([2, 5, 32]), torch.Size([2, 5, 5]))
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True, *,
+                 kdim: Optional[int] = None, vdim: Optional[int] = None, batch_first: bool = True,
+                 num_kv_heads: Optional[int] = None, score: Union[str, _scores.Score] = "scaled_dot",
+                 normalizer: Union[str, _normalizers.Normalizer] = "softmax",
+                 score_mod: Union[None, ScoreMod, Sequence] = None, mask: Optional[Mask] = None,
+                 rope: Union[bool, nn.Module] = False, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        embed_dim = int(check_positive("embed_dim", embed_dim, integer=True))
+        num_heads = int(check_positive("num_heads", num_heads, integer=True))
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim must be divisible by num_heads; got embed_dim = {embed_dim} and "
+                             f"num_heads = {num_heads}")
+        num_kv_heads = num_heads if num_kv_heads is None else int(
+            check_positive("num_kv_heads", num_kv_heads, integer=True))
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads must be a multiple of num_kv_heads (grouped-query attention); got "
+                             f"num_heads = {num_heads} and num_kv_heads = {num_kv_heads}")
+        kdim = embed_dim if kdim is None else int(check_positive("kdim", kdim, integer=True))
+        vdim = embed_dim if vdim is None else int(check_positive("vdim", vdim, integer=True))
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool (projection biases); got {type(bias).__name__}. "
+                            "Position biases such as ALiBi go in score_mod=")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first must be a bool; got {type(batch_first).__name__}")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string; got {type(backend).__name__}")
+
+        self.embed_dim, self.kdim, self.vdim = embed_dim, kdim, vdim
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = check_probability("dropout", dropout)
+        self.batch_first = batch_first
+        self.backend = backend
+        # Resolve named options once, so bad names fail here rather than on the first call.
+        self.score = _scores.get(score)  # an nn.Module: General/Additive parameters train with us
+        self.normalizer = _normalizers.get(normalizer)
+        if score_mod is None:
+            self.score_mods: tuple[ScoreMod, ...] = ()
+        elif isinstance(score_mod, (list, tuple)):
+            self.score_mods = tuple(as_score_mod(m) for m in score_mod)
+        else:
+            self.score_mods = (as_score_mod(score_mod),)
+        self.mask = None if mask is None else as_mask(mask)
+        if rope is True:
+            from ..positions.rope import RotaryEmbedding
+
+            rope = RotaryEmbedding(self.head_dim)
+        elif rope is False or rope is None:
+            rope = None
+        elif not callable(rope):
+            raise TypeError(f"rope must be a bool or a module called as rope(x, offset=...); got {type(rope).__name__}")
+        self.rope = rope
+
+        kw = {"device": device, "dtype": dtype}
+        kv_out = num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        self.k_proj = nn.Linear(kdim, kv_out, bias=bias, **kw)
+        self.v_proj = nn.Linear(vdim, kv_out, bias=bias, **kw)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # As torch.nn.MultiheadAttention with separate q/k/v weights: Xavier-uniform input
+        # projections, zero biases; out_proj keeps nn.Linear's default weight init.
+        for lin in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(lin.weight)
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
+                attn_mask: Union[None, Tensor, Mask] = None, average_attn_weights: bool = True,
+                is_causal: bool = False, cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """See the class docstring."""
+        if not isinstance(need_weights, bool):
+            raise TypeError(f"need_weights must be a bool; got {type(need_weights).__name__}")
+        if not isinstance(average_attn_weights, bool):
+            raise TypeError(f"average_attn_weights must be a bool; got {type(average_attn_weights).__name__}")
+        q, k, v, kw, layout = self._prepare(query, key, value, key_padding_mask, attn_mask, is_causal, cache,
+                                            commit=True)
+        B, Tq, unbatched = layout
+        if need_weights:
+            out, w = attention(q, k, v, return_weights=True, backend=self.backend, **kw)
+            w = w.mean(dim=1) if average_attn_weights else w  # (B, Tq, Tk) or (B, H, Tq, Tk)
+        else:
+            out, w = attention(q, k, v, backend=self.backend, **kw), None
+        out = out.transpose(1, 2).reshape(B, Tq, self.embed_dim)  # (B, H, Tq, D) -> (B, Tq, E)
+        out = self.out_proj(out)
+        if unbatched:
+            out = out.squeeze(0)
+            w = None if w is None else w.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)  # (B, Tq, E) -> (Tq, B, E)
+        return out, w
+
+    def explain(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
+                attn_mask: Union[None, Tensor, Mask] = None, is_causal: bool = False,
+                cache: Optional[KVCache] = None) -> registry.Choice:
+        """Which backend ``forward`` with these arguments would use, and why the others refused.
+        The cache is left unchanged.
+
+        Example::
+
+            >>> import torch, attnkit
+            >>> mha = attnkit.nn.MultiheadAttention(16, 4)
+            >>> x = torch.randn(1, 3, 16)
+            >>> mha.explain(x, need_weights=False).backend, mha.explain(x).backend
+            ('sdpa', 'reference')
+        """
+        q, k, v, kw, _ = self._prepare(query, key, value, key_padding_mask, attn_mask, is_causal, cache,
+                                       commit=False)
+        spec = canonicalize(q, k, v, return_weights=need_weights, **kw)
+        return registry.choose(spec, self.backend)
+
+    def _prepare(self, query, key, value, key_padding_mask, attn_mask, is_causal, cache, commit):
+        """Check the inputs, project them to heads and turn every mask into attnkit's form."""
+        if not isinstance(is_causal, bool):
+            raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be an attnkit.nn.KVCache or None; got {type(cache).__name__}")
+        layout = "(B, T, E)" if self.batch_first else "(T, B, E)"
+        if not isinstance(query, torch.Tensor):
+            raise TypeError(f"query must be a torch.Tensor {layout}; got {type(query).__name__}")
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query must be a 3-D tensor {layout} or an unbatched 2-D tensor (T, E); "
+                             f"got shape {shape_str(query)}")
+        if key is None:
+            if value is not None:
+                raise ValueError("value was given without key; pass key too (or neither, for self-attention)")
+            key = query
+        if value is None:
+            value = key
+        unbatched = query.dim() == 2
+        for name, x in (("key", key), ("value", value)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+            if x.dim() != query.dim():
+                lay = "(T, E)" if unbatched else layout
+                raise ValueError(f"{name} must have as many dims as query ({query.dim()}-D, {lay}); "
+                                 f"got query {shape_str(query)} and {name} {shape_str(x)}")
+        # Normalize every input to batch-first (B, T, features).
+        if unbatched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        for name, x, want in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if x.shape[-1] != want:
+                what = "embed_dim" if name == "query" else ("kdim" if name == "key" else "vdim")
+                raise ValueError(f"{name} must have {want} features ({what}) in its last dim; got shape {shape_str(x)}")
+        B, Tq, _ = query.shape
+        if key.shape[0] != B or value.shape[0] != B:
+            raise ValueError(f"query, key and value must have the same batch size; got query {shape_str(query)}, "
+                             f"key {shape_str(key)} and value {shape_str(value)} (batch first)")
+        if key.shape[1] != value.shape[1]:
+            raise ValueError(f"key and value must have the same sequence length; got key {shape_str(key)} and "
+                             f"value {shape_str(value)} (batch first)")
+        pdtype = self.q_proj.weight.dtype
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if x.dtype != pdtype:
+                raise TypeError(f"{name} has dtype {x.dtype} but the module's parameters are {pdtype}; "
+                                f"convert one of them (e.g. module.to({x.dtype}))")
+        if cache is not None and cache.batch_size is not None and cache.batch_size != B:
+            raise ValueError(f"cache holds a batch of {cache.batch_size} sequences but query has batch {B}; "
+                             "use a fresh KVCache (or cache.reset()) for a new batch")
+        Tk = key.shape[1] + (cache.length if cache is not None else 0)
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+
+        masks: list[Mask] = [] if self.mask is None else [self.mask]
+        biases: list = list(self.score_mods)
+        if is_causal:
+            masks.append(Causal("bottom_right"))
+        if isinstance(attn_mask, Mask):
+            masks.append(attn_mask)
+        elif attn_mask is not None:
+            keep, add = _torch_attn_mask(attn_mask, B, H, Tq, Tk, unbatched, cache is not None)
+            masks += [] if keep is None else [FromTensor(keep)]
+            biases += [] if add is None else [add.to(query.dtype)]
+        if key_padding_mask is not None:
+            keep, add = _torch_key_padding_mask(key_padding_mask, B, Tk, unbatched, cache is not None)
+            masks += [] if keep is None else [KeyPadding(keep)]
+            biases += [] if add is None else [add.to(query.dtype)]
+
+        q = self.q_proj(query).view(B, Tq, H, D).transpose(1, 2)  # (B, Tq, E) -> (B, H, Tq, D)
+        k = self.k_proj(key).view(B, key.shape[1], Hkv, D).transpose(1, 2)  # (B, Tk', Hkv*D) -> (B, Hkv, Tk', D)
+        v = self.v_proj(value).view(B, value.shape[1], Hkv, D).transpose(1, 2)  # (B, Hkv, Tk', D)
+        if self.rope is not None:  # rotate at absolute positions: the new tokens follow the cached ones
+            offset = cache.length if cache is not None else 0
+            q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.append(k, v) if commit else cache.concat(k, v)  # (B, Hkv, Tk, D)
+
+        kw = dict(score=self.score, normalizer=self.normalizer,
+                  mask=reduce(lambda a, b: a & b, masks) if masks else None,
+                  bias=biases or None, dropout_p=self.dropout if self.training else 0.0)
+        return q, k, v, kw, (B, Tq, unbatched)
+
+    # -- conversion from / to torch ------------------------------------------------------------
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention, **kwargs) -> "MultiheadAttention":
+        """Copy a ``torch.nn.MultiheadAttention`` (its ``in_proj_weight`` is split into
+        ``q_proj``/``k_proj``/``v_proj``; separate ``kdim``/``vdim`` weights are copied as they
+        are). ``batch_first``, ``dropout``, dtype, device and train/eval mode are copied too;
+        ``kwargs`` (``score_mod``, ``mask``, ``backend``, ...) go to the constructor.
+
+        Example::
+
+            >>> import torch, attnkit
+            >>> t = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+            >>> m = attnkit.nn.MultiheadAttention.from_torch(t)
+            >>> x = torch.randn(1, 3, 8)
+            >>> torch.allclose(m(x, x, x)[0], t(x, x, x)[0], atol=1e-6)
+            True
+        """
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha must be a torch.nn.MultiheadAttention; got {type(mha).__name__}")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("mha uses add_bias_kv or add_zero_attn, which attnkit's MultiheadAttention does not "
+                             "support; got add_bias_kv="
+                             f"{mha.bias_k is not None}, add_zero_attn={mha.add_zero_attn}")
+        for name in ("embed_dim", "num_heads", "kdim", "vdim", "dropout", "bias", "batch_first", "num_kv_heads"):
+            if name in kwargs:
+                raise TypeError(f"from_torch takes {name} from mha; do not pass it")
+        w = mha.out_proj.weight
+        m = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
+                kdim=mha.kdim, vdim=mha.vdim, batch_first=mha.batch_first, device=w.device, dtype=w.dtype, **kwargs)
+        with torch.no_grad():
+            if mha._qkv_same_embed_dim:
+                wq, wk, wv = mha.in_proj_weight.chunk(3, dim=0)
+            else:
+                wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+            for lin, wt in ((m.q_proj, wq), (m.k_proj, wk), (m.v_proj, wv), (m.out_proj, mha.out_proj.weight)):
+                lin.weight.copy_(wt)
+            if mha.in_proj_bias is not None:
+                for lin, b in zip((m.q_proj, m.k_proj, m.v_proj), mha.in_proj_bias.chunk(3, dim=0)):
+                    lin.bias.copy_(b)
+                m.out_proj.bias.copy_(mha.out_proj.bias)
+        return m.train(mha.training)
+
+    def to_torch(self) -> nn.MultiheadAttention:
+        """An equivalent ``torch.nn.MultiheadAttention`` (same weights, ``batch_first``, dropout and
+        mode). Grouped-query key/value weights are repeated per head group, which is exact.
+        Raises ``ValueError`` when the module uses something torch cannot express (another score
+        or normalizer, a score mod, a default mask).
+
+        Example::
+
+            >>> import torch, attnkit
+            >>> m = attnkit.nn.MultiheadAttention(8, 4, num_kv_heads=2).eval()
+            >>> x = torch.randn(1, 3, 8)
+            >>> torch.allclose(m(x)[0], m.to_torch()(x, x, x)[0], atol=1e-6)
+            True
+        """
+        why = []
+        if type(self.score) is not _scores.ScaledDot:
+            why.append(f"score is {self.score.name!r}, not 'scaled_dot'")
+        if type(self.normalizer) is not _normalizers.Softmax or self.normalizer.temperature != 1.0:
+            why.append(f"normalizer is {self.normalizer!r}, not a plain softmax")
+        if self.score_mods:
+            why.append("score_mod is set")
+        if self.mask is not None:
+            why.append("a default mask is set (pass it to torch's forward as attn_mask instead)")
+        if self.rope is not None:
+            why.append("rope is set")
+        if why:
+            raise ValueError("torch.nn.MultiheadAttention cannot express this module: " + "; ".join(why))
+        w = self.q_proj.weight
+        bias = self.q_proj.bias is not None
+        t = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout, bias=bias,
+                                  kdim=self.kdim, vdim=self.vdim, batch_first=self.batch_first,
+                                  device=w.device, dtype=w.dtype)
+        g, D = self.num_heads // self.num_kv_heads, self.head_dim
+
+        def expand(x: Tensor) -> Tensor:  # (Hkv*D, ...) -> (H*D, ...): kv head h//g serves query head h
+            return x.reshape(self.num_kv_heads, D, *x.shape[1:]).repeat_interleave(g, dim=0).reshape(
+                self.num_heads * D, *x.shape[1:])
+
+        with torch.no_grad():
+            wq, wk, wv = self.q_proj.weight, expand(self.k_proj.weight), expand(self.v_proj.weight)
+            if t._qkv_same_embed_dim:
+                t.in_proj_weight.copy_(torch.cat([wq, wk, wv], dim=0))
+            else:
+                t.q_proj_weight.copy_(wq)
+                t.k_proj_weight.copy_(wk)
+                t.v_proj_weight.copy_(wv)
+            t.out_proj.weight.copy_(self.out_proj.weight)
+            if bias:
+                t.in_proj_bias.copy_(torch.cat([self.q_proj.bias, expand(self.k_proj.bias),
+                                                expand(self.v_proj.bias)]))
+                t.out_proj.bias.copy_(self.out_proj.bias)
+        return t.train(self.training)
+
+    def extra_repr(self) -> str:
+        s = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
+        if self.num_kv_heads != self.num_heads:
+            s += f", num_kv_heads={self.num_kv_heads}"
+        if self.kdim != self.embed_dim or self.vdim != self.embed_dim:
+            s += f", kdim={self.kdim}, vdim={self.vdim}"
+        s += f", dropout={self.dropout}, batch_first={self.batch_first}, normalizer={self.normalizer!r}"
+        if self.score_mods:
+            s += f", score_mod={self.score_mods!r}"
+        if self.mask is not None:
+            s += f", mask={self.mask!r}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+
+# -- torch-convention masks -> attnkit (keep: True = may attend; add: float bias) ---------------
+def _split_float(m: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """A float mask becomes a bias; its ``-inf`` entries become a boolean mask instead, so that
+    fully masked rows give zeros (not NaN) and fast backends see a plain mask."""
+    hidden = torch.isneginf(m)
+    if not bool(hidden.any()):
+        return None, m
+    add = m.masked_fill(hidden, 0.0)
+    return ~hidden, (add if bool(add.any()) else None)
+
+
+def _torch_attn_mask(m, B, H, Tq, Tk, unbatched, cached):
+    if not isinstance(m, torch.Tensor):
+        raise TypeError("attn_mask must be a tensor (torch convention: bool True = NOT allowed, or float added) "
+                        f"or an attnkit.masks.Mask (True = may attend); got {type(m).__name__}")
+    note = " (Tk counts the cached keys plus the new ones)" if cached else ""
+    lead = H if unbatched else B * H
+    if m.dim() == 2 and tuple(m.shape) == (Tq, Tk):
+        m = m.view(1, 1, Tq, Tk)
+    elif m.dim() == 3 and tuple(m.shape) == (lead, Tq, Tk):
+        m = m.view(B, H, Tq, Tk)  # torch's (B*H, ...) layout is batch-major
+    else:
+        want = f"({'num_heads' if unbatched else 'B*num_heads'}, Tq, Tk) = ({lead}, {Tq}, {Tk})"
+        raise ValueError(f"attn_mask must have shape (Tq, Tk) = ({Tq}, {Tk}) or {want}{note}; "
+                         f"got {shape_str(m)}")
+    if m.dtype == torch.bool:
+        return ~m, None
+    if m.is_floating_point():
+        return _split_float(m)
+    raise TypeError(f"attn_mask must be bool (True = NOT allowed) or floating point (added); got dtype {m.dtype}")
+
+
+def _torch_key_padding_mask(m, B, Tk, unbatched, cached):
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a tensor (B, Tk); got {type(m).__name__}")
+    note = " (Tk counts the cached keys plus the new ones)" if cached else ""
+    want = (Tk,) if unbatched else (B, Tk)
+    if tuple(m.shape) != want:
+        raise ValueError(f"key_padding_mask must have shape {'(Tk,)' if unbatched else '(B, Tk)'} = "
+                         f"{want}{note}; got {shape_str(m)}")
+    m = m.reshape(B, Tk)
+    if m.dtype == torch.bool:
+        return ~m, None  # torch: True = padding
+    if m.is_floating_point():
+        keep, add = _split_float(m)
+        return keep, None if add is None else add.view(B, 1, 1, Tk)
+    raise TypeError(f"key_padding_mask must be bool (True = padding) or floating point (added); got dtype {m.dtype}")
