@@ -11,6 +11,16 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # The suite is thousands of tiny ops: one thread avoids OpenMP start-up and spinning,
+    # which dominate them (and collapse under load on a 2-core machine).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

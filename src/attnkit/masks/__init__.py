@@ -8,6 +8,8 @@ from .base import (EMPTY, FULL, PARTIAL, And, FromMod, FromTensor, Mask, Not, Or
                    classify_dense, index_grid)
 from .basic import Causal, KeyPadding, SlidingWindow, causal, key_padding, sliding_window
 from .local import LocalP, local_m, local_p
+from .sparse import (BigBird, BlockSparse, DilatedWindow, Fixed, Longformer, Strided, bigbird, block_sparse,
+                     dilated_window, fixed, longformer, strided)
 
 
 def from_mod(fn) -> Mask:
@@ -24,4 +26,6 @@ __all__ = [
     "EMPTY", "PARTIAL", "FULL", "Mask", "And", "Or", "Not", "FromMod", "FromTensor", "as_mask",
     "classify_dense", "index_grid", "Causal", "SlidingWindow", "KeyPadding", "causal",
     "sliding_window", "key_padding", "from_mod", "from_tensor", "LocalP", "local_m", "local_p",
+    "BlockSparse", "Strided", "Fixed", "Longformer", "BigBird", "DilatedWindow", "block_sparse", "strided",
+    "fixed", "longformer", "bigbird", "dilated_window",
 ]

@@ -51,7 +51,8 @@ class SlidingWindow(Mask):
         self.align = check_align(align)
 
     @property
-    def is_causal(self) -> bool:
+    def no_future(self) -> bool:
+        """No key after the query's own position (a band, not the full causal mask)."""
         return self.right == 0
 
     @property

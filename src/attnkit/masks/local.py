@@ -67,7 +67,7 @@ class LocalP(Mask):
         return (kv_idx >= p - self.D) & (kv_idx <= p + self.D)
 
     def weight_factor(self, b, h, q_idx, kv_idx, num_queries, num_keys):
-        p = self._center(b, h, q_idx)
+        p = self._center(b, h, q_idx).double()  # positions need more than float32's 24 bits
         return torch.exp(-((kv_idx - p) ** 2) / (2 * self.sigma ** 2))
 
     def __repr__(self):
