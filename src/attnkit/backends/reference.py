@@ -38,7 +38,7 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) ->
     if spec.scale != 1.0:
         s = s * spec.scale
     for mod in spec.score_mods:
-        s = mod.apply(s)
+        s = mod.apply_to_scores(s)
     allowed = None
     if spec.mask is not None:
         allowed = spec.mask.materialize(spec.Tq, spec.Tk, spec.B, spec.H, device=q.device)

@@ -1,5 +1,8 @@
 """Score modifiers: ``score_mod(score, b, h, q_idx, kv_idx) -> score``.
 
+(The full-tensor method is ``apply_to_scores``, not ``apply``: score mods that are also
+``nn.Module`` s keep ``nn.Module.apply``.)
+
 A score mod rewrites each raw score given its position, after scaling and before masking and
 normalization. ALiBi, T5 relative buckets and soft-capping are score mods; so is a plain bias
 tensor. Like masks, a score mod is evaluated on broadcastable index tensors, so backends can
@@ -42,15 +45,18 @@ class ScoreMod:
 
         return score_mod
 
-    def apply(self, scores: Tensor) -> Tensor:
+    def apply_to_scores(self, scores: Tensor) -> Tensor:
         """Apply to a full score tensor ``(B, H, Tq, Tk)``."""
         B, H, Tq, Tk = scores.shape
         self.check(B, H, Tq, Tk)
         return self.score_mod(scores, *index_grid(B, H, Tq, Tk, scores.device), Tq, Tk)
 
-    def materialize_bias(self, num_queries: int, num_keys: int, batch: int = 1, heads: int = 1,
+    def materialize_bias(self, num_queries: int, num_keys: int, batch: int = 1, heads: int | None = None,
                          device=None, dtype=torch.float32) -> Tensor:
-        """The additive bias ``(B', H', Tq, Tk)`` of an ``additive`` mod."""
+        """The additive bias ``(B', H', Tq, Tk)`` of an ``additive`` mod (``heads`` defaults to the
+        mod's own ``num_heads`` when it has one, else 1)."""
+        if heads is None:
+            heads = getattr(self, "num_heads", 1)
         if not self.additive:
             raise TypeError(f"{type(self).__name__} is not an additive score mod")
         self.check(batch, heads, num_queries, num_keys)
@@ -91,11 +97,12 @@ class TensorBias(ScoreMod):
         idx = [i if s != 1 else torch.zeros_like(i) for i, s in zip((b, h, q_idx, kv_idx), t.shape)]
         return score + t[idx[0], idx[1], idx[2], idx[3]]
 
-    def apply(self, scores):
+    def apply_to_scores(self, scores):
         self.check(*scores.shape)
         return scores + self.tensor.to(scores.dtype)
 
-    def materialize_bias(self, num_queries, num_keys, batch=1, heads=1, device=None, dtype=torch.float32):
+    def materialize_bias(self, num_queries, num_keys, batch=1, heads=None, device=None, dtype=torch.float32):
+        heads = self.tensor.shape[1] if heads is None else heads
         self.check(batch, heads, num_queries, num_keys)
         return self.tensor.to(device=device, dtype=dtype).expand(
             self.tensor.shape[0], self.tensor.shape[1], num_queries, num_keys)
@@ -125,7 +132,7 @@ class SoftCap(ScoreMod):
     Example::
 
         >>> import attnkit, torch
-        >>> attnkit.positions.softcap(2.0).apply(torch.full((1, 1, 1, 1), 100.0)).item()
+        >>> attnkit.positions.softcap(2.0).apply_to_scores(torch.full((1, 1, 1, 1), 100.0)).item()
         2.0
     """
 
