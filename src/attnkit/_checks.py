@@ -75,3 +75,30 @@ def broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
         if s != 1 and s != t:
             return False
     return True
+
+
+def check_qkv(q: object, k: object, v: object, *, same_qk_dim: bool = False) -> None:
+    """Validate ``q (B, H, Tq, D)``, ``k (B, Hkv, Tk, D)``, ``v (B, Hkv, Tk, Dv)``: ranks, float dtypes,
+    one dtype and device, batch and key/value agreement, ``H % Hkv == 0``."""
+    check_tensor("q", q, 4, "(B, H, Tq, D)")
+    check_tensor("k", k, 4, "(B, Hkv, Tk, D)")
+    check_tensor("v", v, 4, "(B, Hkv, Tk, Dv)")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
+    check_same(("q", "k", "v"), (q.dtype, k.dtype, v.dtype), "dtype")
+    check_same(("q", "k", "v"), (q.device, k.device, v.device), "device")
+    B, H = q.shape[:2]
+    Hkv, Tk = k.shape[1:3]
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"q, k and v must have the same batch size (dim 0); got q {shape_str(q)}, "
+                         f"k {shape_str(k)}, v {shape_str(v)}")
+    if v.shape[1] != Hkv:
+        raise ValueError(f"k and v must have the same number of heads (dim 1); got k {shape_str(k)}, v {shape_str(v)}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"the number of query heads must be a multiple of the key/value heads "
+                         f"(H % Hkv == 0); got H = {H} (q {shape_str(q)}) and Hkv = {Hkv} (k {shape_str(k)})")
+    if v.shape[2] != Tk:
+        raise ValueError(f"k and v must have the same sequence length (dim 2); got k {shape_str(k)}, v {shape_str(v)}")
+    if same_qk_dim and k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q and k must have the same last dim D; got q {shape_str(q)} and k {shape_str(k)}")

@@ -29,7 +29,7 @@ from typing import Callable, Union
 import torch
 import torch.nn.functional as nnf
 
-from ._checks import check_positive, check_same, check_tensor, lookup, shape_str
+from ._checks import check_positive, check_qkv, check_tensor, lookup, shape_str
 from .masks.basic import KeyPadding, causal as _causal_mask
 
 Tensor = torch.Tensor
@@ -54,26 +54,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
-    check_tensor("q", q, 4, "(B, H, Tq, D)")
-    check_tensor("k", k, 4, "(B, Hkv, Tk, D)")
-    check_tensor("v", v, 4, "(B, Hkv, Tk, Dv)")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
-    check_same(("q", "k", "v"), (q.dtype, k.dtype, v.dtype), "dtype")
-    check_same(("q", "k", "v"), (q.device, k.device, v.device), "device")
-    B, H, _, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"q, k and v must have the same batch size (dim 0); got q {shape_str(q)}, "
-                         f"k {shape_str(k)}, v {shape_str(v)}")
-    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
-        raise ValueError(f"k and v must have the same heads and length (dims 1, 2); got k {shape_str(k)}, "
-                         f"v {shape_str(v)}")
-    if k.shape[1] == 0 or H % k.shape[1] != 0:
-        raise ValueError(f"the number of query heads must be a multiple of the key/value heads (H % Hkv == 0); "
-                         f"got q {shape_str(q)} and k {shape_str(k)}")
-    if k.shape[-1] != D:
-        raise ValueError(f"q and k must have the same last dim D; got q {shape_str(q)} and k {shape_str(k)}")
+    check_qkv(q, k, v, same_qk_dim=True)
 
 
 def _keep_mask(key_padding, batch: int, num_keys: int, device) -> Tensor | None:

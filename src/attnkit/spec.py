@@ -18,7 +18,7 @@ import torch
 
 from . import normalizers as _normalizers
 from . import scores as _scores
-from ._checks import check_probability, check_same, check_tensor, shape_str
+from ._checks import check_probability, check_qkv
 from .masks.base import Mask, as_mask
 from .positions.base import ScoreMod, as_score_mod
 
@@ -56,26 +56,9 @@ def canonicalize(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normali
                  bias=None, scale: float | None = None, dropout_p: float = 0.0, return_weights: bool = False,
                  generator: torch.Generator | None = None) -> AttentionSpec:
     """Validate an attention request and return its :class:`AttentionSpec` (see ``attnkit.attention``)."""
-    check_tensor("q", q, 4, "(B, H, Tq, D)")
-    check_tensor("k", k, 4, "(B, Hkv, Tk, D)")
-    check_tensor("v", v, 4, "(B, Hkv, Tk, Dv)")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
-    check_same(("q", "k", "v"), (q.dtype, k.dtype, v.dtype), "dtype")
-    check_same(("q", "k", "v"), (q.device, k.device, v.device), "device")
+    check_qkv(q, k, v)
     B, H, Tq, D = q.shape
-    _, Hkv, Tk, _ = k.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"q, k and v must have the same batch size (dim 0); got q {shape_str(q)}, "
-                         f"k {shape_str(k)}, v {shape_str(v)}")
-    if v.shape[1] != Hkv:
-        raise ValueError(f"k and v must have the same number of heads (dim 1); got k {shape_str(k)}, v {shape_str(v)}")
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"the number of query heads must be a multiple of the key/value heads "
-                         f"(H % Hkv == 0); got H = {H} (q {shape_str(q)}) and Hkv = {Hkv} (k {shape_str(k)})")
-    if v.shape[2] != Tk:
-        raise ValueError(f"k and v must have the same sequence length (dim 2); got k {shape_str(k)}, v {shape_str(v)}")
+    Hkv, Tk = k.shape[1:3]
 
     score_obj = _scores.get(score)
     score_obj.check(q, k)

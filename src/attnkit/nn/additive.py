@@ -74,6 +74,34 @@ def _check_dims(**dims: int) -> None:
         check_positive(name, value, integer=True)
 
 
+def attend_one_head(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                    key_padding_mask: Tensor | None, need_weights: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Shared body of the single-head classic modules (Bahdanau, Luong): check the inputs, run
+    ``attnkit.attention`` with ``module.score`` on one head, and drop the head (and, for a 2-D
+    one-step query, the time) dimension again.
+
+    Returns ``context (B, Tq, dv)`` or ``(B, dv)``, ``weights (B, Tq, Tk)`` or ``(B, Tk)`` (or None),
+    and the 3-D query ``(B, Tq, dq)`` (Luong's output layer reads it).
+    """
+    _check_input("query", query, (2, 3), module.query_dim, "(B, Tq, dq) or (B, dq)")
+    _check_input("key", key, (3,), module.key_dim, "(B, Tk, dk)")
+    _check_input("value", value, (3,), module.value_dim, "(B, Tk, dv)")
+    step = query.dim() == 2
+    q = query.unsqueeze(1) if step else query  # (B, Tq, dq)
+    if key.shape[0] != q.shape[0] or value.shape[:2] != key.shape[:2]:
+        raise ValueError(f"query (B, Tq, dq), key (B, Tk, dk) and value (B, Tk, dv) must agree on B and Tk; "
+                         f"got query {shape_str(query)}, key {shape_str(key)}, value {shape_str(value)}")
+    mask = _padding_mask("key_padding_mask", key_padding_mask, key.shape[0], key.shape[1])
+    res = attention(q.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), score=module.score, scale=1.0, mask=mask,
+                    dropout_p=module.dropout if module.training else 0.0, return_weights=need_weights)
+    ctx, w = res if need_weights else (res, None)
+    ctx = ctx.squeeze(1)  # (B, 1, Tq, dv) -> (B, Tq, dv)
+    w = None if w is None else w.squeeze(1)
+    if step:  # one decoder step: (B, 1, .) -> (B, .)
+        ctx, w = ctx.squeeze(1), (None if w is None else w.squeeze(1))
+    return ctx, w, q
+
+
 # -- the module ---------------------------------------------------------------------------
 class AdditiveAttention(nn.Module):
     r"""Additive ("concat") attention of Bahdanau, Cho and Bengio 2015,
@@ -130,21 +158,8 @@ class AdditiveAttention(nn.Module):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True) -> tuple[Tensor, Tensor | None]:
-        _check_input("query", query, (2, 3), self.query_dim, "(B, Tq, dq) or (B, dq)")
-        _check_input("key", key, (3,), self.key_dim, "(B, Tk, dk)")
-        _check_input("value", value, (3,), self.value_dim, "(B, Tk, dv)")
-        step = query.dim() == 2
-        q = query.unsqueeze(1) if step else query  # (B, Tq, dq)
-        if key.shape[0] != q.shape[0] or value.shape[:2] != key.shape[:2]:
-            raise ValueError(f"query (B, Tq, dq), key (B, Tk, dk) and value (B, Tk, dv) must agree on B and Tk; "
-                             f"got query {shape_str(query)}, key {shape_str(key)}, value {shape_str(value)}")
-        mask = _padding_mask("key_padding_mask", key_padding_mask, key.shape[0], key.shape[1])
-        res = attention(q.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), score=self.score, scale=1.0,
-                        mask=mask, dropout_p=self.dropout if self.training else 0.0, return_weights=need_weights)
-        out, w = res if need_weights else (res, None)
-        out = out.squeeze(2) if step else out  # (B, 1, Tq, dv) -> (B, 1, dv) for one decoder step
-        w = None if w is None else (w.squeeze(2) if step else w)
-        return out.squeeze(1), (None if w is None else w.squeeze(1))
+        ctx, w, _ = attend_one_head(self, query, key, value, key_padding_mask, need_weights)
+        return ctx, w
 
     def extra_repr(self) -> str:
         return (f"query_dim={self.query_dim}, key_dim={self.key_dim}, hidden_dim={self.hidden_dim}, "

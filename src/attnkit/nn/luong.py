@@ -6,9 +6,8 @@ import torch
 from torch import nn
 
 from .. import scores as _scores
-from .._checks import check_probability, shape_str
-from ..functional import attention
-from .additive import _check_dims, _check_input, _choice, _linear, _padding_mask
+from .._checks import check_probability
+from .additive import _check_dims, _choice, _linear, attend_one_head
 
 Tensor = torch.Tensor
 
@@ -91,27 +90,14 @@ class LuongAttention(nn.Module):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor | None = None,
                 key_padding_mask: Tensor | None = None, need_weights: bool = True) -> tuple[Tensor, Tensor | None]:
-        _check_input("query", query, (2, 3), self.query_dim, "(B, Tq, dq) or (B, dq)")
-        _check_input("key", key, (3,), self.key_dim, "(B, Tk, dk)")
         value = key if value is None else value
-        _check_input("value", value, (3,), self.value_dim, "(B, Tk, dv)")
+        ctx, w, q = attend_one_head(self, query, key, value, key_padding_mask, need_weights)
+        if not self.attentional:
+            return ctx, w
         step = query.dim() == 2
-        q = query.unsqueeze(1) if step else query  # (B, Tq, dq)
-        if key.shape[0] != q.shape[0] or value.shape[:2] != key.shape[:2]:
-            raise ValueError(f"query (B, Tq, dq), key (B, Tk, dk) and value (B, Tk, dv) must agree on B and Tk; "
-                             f"got query {shape_str(query)}, key {shape_str(key)}, value {shape_str(value)}")
-        mask = _padding_mask("key_padding_mask", key_padding_mask, key.shape[0], key.shape[1])
-        res = attention(q.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), score=self.score, scale=1.0,
-                        mask=mask, dropout_p=self.dropout if self.training else 0.0, return_weights=need_weights)
-        ctx, w = res if need_weights else (res, None)
-        ctx = ctx.squeeze(1)  # (B, Tq, dv)
-        out = torch.tanh(_linear(torch.cat([ctx, q], dim=-1), self.out_proj)) if self.attentional else ctx
-        if step:
-            out = out.squeeze(1)
-        if w is not None:
-            w = w.squeeze(1)
-            w = w.squeeze(1) if step else w
-        return out, w
+        ctx3 = ctx.unsqueeze(1) if step else ctx  # (B, Tq, dv)
+        out = torch.tanh(_linear(torch.cat([ctx3, q], dim=-1), self.out_proj))  # h~ = tanh(W_c [c; h])
+        return (out.squeeze(1) if step else out), w
 
     def extra_repr(self) -> str:
         return (f"query_dim={self.query_dim}, key_dim={self.key_dim}, score={self.score_name!r}, "
