@@ -6,7 +6,7 @@ may attend; causal masks with ``Tq != Tk`` align bottom-right. ``attnkit.nn`` mo
 ``True`` = padding).
 """
 
-from . import backends, linear, masks, nn, normalizers, positions, scores
+from . import backends, linear, masks, models, nn, normalizers, positions, scores, tasks
 from .backends import use_backend
 from .functional import attention, explain
 from .spec import AttentionSpec, canonicalize
@@ -14,4 +14,4 @@ from .spec import AttentionSpec, canonicalize
 __version__ = "0.1.0"
 
 __all__ = ["attention", "explain", "use_backend", "AttentionSpec", "canonicalize", "scores", "normalizers",
-           "masks", "positions", "linear", "backends", "nn", "__version__"]
+           "masks", "positions", "linear", "backends", "nn", "models", "tasks", "__version__"]
