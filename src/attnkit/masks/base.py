@@ -172,6 +172,52 @@ def classify_dense(m: Tensor, block_q: int, block_k: int) -> Tensor:
     return out
 
 
+def tile_bounds(num: int, block: int, device=None) -> tuple[Tensor, Tensor]:
+    """First and last (inclusive, clipped to ``num``) index of each tile: ``(n,)``, ``(n,)``."""
+    start = torch.arange(0, num, block, device=device)
+    return start, torch.clamp(start + block, max=num) - 1
+
+
+def classes_from(full: Tensor, empty: Tensor) -> Tensor:
+    """Tile classes from boolean FULL / EMPTY tensors of one shape."""
+    out = torch.full(full.shape, PARTIAL, dtype=torch.int8, device=full.device)
+    out[empty] = EMPTY
+    out[full] = FULL
+    return _lead4(out)
+
+
+def _lead4(t: Tensor) -> Tensor:
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t
+
+
+def refine_tiles(mask: "Mask", cls: Tensor, ambiguous: Tensor, num_queries: int, num_keys: int, block_q: int,
+                 block_k: int, batch: int, heads: int, device=None) -> Tensor:
+    """Evaluate ``mask`` exactly on the tiles flagged ``ambiguous`` (same shape as ``cls``) and write
+    their true class into ``cls``. Cost follows the number of ambiguous tiles, not ``Tq * Tk``."""
+    B_, H_ = cls.shape[:2]
+    for i, j in torch.nonzero(ambiguous.any(1).any(0)).tolist():
+        qs, ks = i * block_q, j * block_k
+        b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+        h = torch.arange(heads, device=device).view(1, -1, 1, 1)
+        q = torch.arange(qs, min(qs + block_q, num_queries), device=device).view(1, 1, -1, 1)
+        kv = torch.arange(ks, min(ks + block_k, num_keys), device=device).view(1, 1, 1, -1)
+        m = torch.as_tensor(mask.mask_mod(b, h, q, kv, num_queries, num_keys), device=device)
+        m = _lead4(m).expand(-1, -1, q.shape[2], kv.shape[3])
+        anyp, allp = m.any(-1).any(-1), m.all(-1).all(-1)  # (B'', H'')
+        true = torch.where(allp, FULL, torch.where(anyp, PARTIAL, EMPTY)).to(torch.int8)
+        true = true.expand(B_, H_) if true.shape != (B_, H_) else true
+        sel = ambiguous[:, :, i, j]
+        cls[:, :, i, j] = torch.where(sel, true, cls[:, :, i, j])
+    return cls
+
+
+def _broadcast_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    shape = (max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1]), *a.shape[2:])
+    return a.expand(shape).clone(), b.expand(shape)
+
+
 class And(Mask):
     """Both masks allow the pair. Weight factors (local-p) multiply."""
 
@@ -194,6 +240,14 @@ class And(Mask):
         self.left.check(batch, heads, num_queries, num_keys)
         self.right.check(batch, heads, num_queries, num_keys)
 
+    def classify_blocks(self, num_queries, num_keys, block_q, block_k, batch=1, heads=1, device=None):
+        args = (num_queries, num_keys, block_q, block_k, batch, heads, device)
+        a, b = _broadcast_pair(self.left.classify_blocks(*args), self.right.classify_blocks(*args))
+        cls = torch.where((a == EMPTY) | (b == EMPTY), EMPTY, torch.where((a == FULL) & (b == FULL), FULL, PARTIAL))
+        cls = cls.to(torch.int8)
+        # FULL & PARTIAL is the PARTIAL side, exactly; PARTIAL & PARTIAL may be anything
+        return refine_tiles(self, cls, (a == PARTIAL) & (b == PARTIAL), *args)
+
     def __repr__(self):
         return f"({self.left!r} & {self.right!r})"
 
@@ -214,6 +268,12 @@ class Or(Mask):
         self.left.check(batch, heads, num_queries, num_keys)
         self.right.check(batch, heads, num_queries, num_keys)
 
+    def classify_blocks(self, num_queries, num_keys, block_q, block_k, batch=1, heads=1, device=None):
+        args = (num_queries, num_keys, block_q, block_k, batch, heads, device)
+        a, b = _broadcast_pair(self.left.classify_blocks(*args), self.right.classify_blocks(*args))
+        cls = torch.where((a == FULL) | (b == FULL), FULL, torch.where((a == EMPTY) & (b == EMPTY), EMPTY, PARTIAL))
+        return refine_tiles(self, cls.to(torch.int8), (a == PARTIAL) & (b == PARTIAL), *args)
+
     def __repr__(self):
         return f"({self.left!r} | {self.right!r})"
 
@@ -231,6 +291,10 @@ class Not(Mask):
 
     def check(self, batch, heads, num_queries, num_keys):
         self.inner.check(batch, heads, num_queries, num_keys)
+
+    def classify_blocks(self, num_queries, num_keys, block_q, block_k, batch=1, heads=1, device=None):
+        c = self.inner.classify_blocks(num_queries, num_keys, block_q, block_k, batch, heads, device)
+        return torch.where(c == FULL, EMPTY, torch.where(c == EMPTY, FULL, PARTIAL)).to(torch.int8)
 
     def __repr__(self):
         return f"~{self.inner!r}"

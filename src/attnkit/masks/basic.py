@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_positive, shape_str
-from .base import Mask, check_align, query_offset
+from .base import Mask, check_align, classes_from, query_offset, tile_bounds
 
 Tensor = torch.Tensor
 
@@ -31,6 +31,14 @@ class Causal(Mask):
 
     def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
         return q_idx + query_offset(self.align, num_queries, num_keys) >= kv_idx
+
+    def classify_blocks(self, num_queries, num_keys, block_q, block_k, batch=1, heads=1, device=None):
+        o = query_offset(self.align, num_queries, num_keys)
+        qs, qe = tile_bounds(num_queries, block_q, device)
+        ks, ke = tile_bounds(num_keys, block_k, device)
+        full = ke.view(1, -1) <= qs.view(-1, 1) + o   # every row already sees the tile's last key
+        empty = ks.view(1, -1) > qe.view(-1, 1) + o   # not even the last row reaches its first key
+        return classes_from(full, empty)
 
 
 class SlidingWindow(Mask):
@@ -62,6 +70,15 @@ class SlidingWindow(Mask):
     def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
         pos = q_idx + query_offset(self.align, num_queries, num_keys)
         return (kv_idx >= pos - self.left) & (kv_idx <= pos + self.right)
+
+    def classify_blocks(self, num_queries, num_keys, block_q, block_k, batch=1, heads=1, device=None):
+        o = query_offset(self.align, num_queries, num_keys)
+        qs, qe = (t.view(-1, 1) + o for t in tile_bounds(num_queries, block_q, device))
+        ks, ke = (t.view(1, -1) for t in tile_bounds(num_keys, block_k, device))
+        # rows' windows [p - left, p + right] slide by one per row: their union is contiguous
+        full = (ks >= qe - self.left) & (ke <= qs + self.right)
+        empty = (ke < qs - self.left) | (ks > qe + self.right)
+        return classes_from(full, empty)
 
 
 class KeyPadding(Mask):
@@ -106,6 +123,22 @@ class KeyPadding(Mask):
         if self.lengths is not None:
             return kv_idx < self.lengths.to(kv_idx.device)[b]
         return self.keep.to(kv_idx.device)[b, kv_idx]
+
+    def classify_blocks(self, num_queries, num_keys, block_q, block_k, batch=1, heads=1, device=None):
+        self.check(batch, heads, num_queries, num_keys)
+        nq = -(-num_queries // block_q)
+        ks, ke = tile_bounds(num_keys, block_k, device)
+        if self.lengths is not None:
+            L = self.lengths.to(device).view(-1, 1)           # (B, 1)
+            full, empty = ke.view(1, -1) < L, ks.view(1, -1) >= L  # (B, nk)
+        else:
+            keep = self.keep.to(device)
+            pad = -(-num_keys // block_k) * block_k - num_keys
+            anyp = torch.nn.functional.pad(keep, (0, pad), value=False).view(keep.shape[0], -1, block_k).any(-1)
+            allp = torch.nn.functional.pad(keep, (0, pad), value=True).view(keep.shape[0], -1, block_k).all(-1)
+            full, empty = allp, ~anyp
+        cls = classes_from(full, empty)[0]                     # (1, B, nk) -> (B, nk)
+        return cls[0].view(-1, 1, 1, cls.shape[-1]).expand(-1, 1, nq, -1).contiguous()
 
     def __repr__(self):
         t = self.lengths if self.lengths is not None else self.keep
