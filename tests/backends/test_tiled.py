@@ -227,7 +227,6 @@ def test_weights_do_not_change_which_kernel_computed_the_output():
 def test_tiled_refuses_what_it_cannot_do_and_says_why():
     q, k, v = make_qkv()
     for kw, why in [(dict(normalizer=attnkit.normalizers.Softmax()), None),
-                    (dict(dropout_p=0.1), "dropout"),
                     (dict(score=scores.Location(8, 5)), "tile by tile"),
                     (dict(mask=masks.local_p(torch.zeros(2, 5), 2)), "local-p")]:
         reasons = attnkit.backends.REGISTRY["tiled"].not_supported_reasons(canonicalize(q, k, v, **kw))
@@ -258,3 +257,36 @@ def test_auto_picks_tiled_for_large_requests_sdpa_cannot_serve():
     small_q = make_qkv(1, 1, 8, 8, D=8)
     choice = attnkit.explain(*small_q, normalizer="sigmoid")
     assert choice.backend == "reference" and "reference is faster" in " ".join(choice.reasons["tiled"])
+
+
+@pytest.mark.parametrize("norm", ["softmax", "sigmoid"])
+def test_dropout_is_reproducible_and_matches_the_reference_mask(norm):
+    q, k, v = make_qkv(2, 4, 45, 38, D=6, Hkv=2, dtype=torch.float64, requires_grad=True)
+    kw = dict(dropout_p=0.4, normalizer=norm, mask=masks.causal())
+
+    def run(backend, seed):
+        out = attnkit.attention(q, k, v, backend=backend, generator=torch.Generator().manual_seed(seed), **kw)
+        return (out, *torch.autograd.grad(out.sum(), (q, k, v)))
+
+    tiled, ref = run("tiled", 7), run("reference", 7)
+    for a, b in zip(tiled, ref):
+        assert_close(a, b)
+    again = run("tiled", 7)
+    assert all(torch.equal(a, b) for a, b in zip(tiled, again))
+    assert not torch.equal(run("tiled", 8)[0], tiled[0])
+    # the dropped weights are exactly the reference's: zero where dropped, w/(1-p) where kept
+    _, w = attnkit.attention(q, k, v, backend="reference", return_weights=True, **{**kw, "dropout_p": 0.0})
+    ones = torch.eye(38, dtype=torch.float64).expand(2, 2, 38, 38)
+    dropped = attnkit.attention(q, k, ones, backend="tiled", generator=torch.Generator().manual_seed(7), **kw)
+    kept = dropped != 0
+    assert 0.5 < kept[w.expand_as(dropped) > 0].float().mean() < 0.7
+    assert_close(dropped[kept], (w.expand_as(dropped) / 0.6)[kept])
+
+
+def test_dropout_gradcheck():
+    q, k, v = make_qkv(1, 2, 5, 6, D=3, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v):
+        return attnkit.attention(q, k, v, backend="tiled", dropout_p=0.3, generator=torch.Generator().manual_seed(3))
+
+    assert torch.autograd.gradcheck(f, (q, k, v))

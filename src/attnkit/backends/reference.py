@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.dropout import draw_seed, keep_mask, row_hash
+from ..masks.base import index_grid
 from ..spec import AttentionSpec
 
 Tensor = torch.Tensor
@@ -24,10 +26,13 @@ def expand_kv(x: Tensor, groups: int) -> Tensor:
 
 
 def dropout_weights(w: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
-    """Inverted dropout on the weights; reproducible when a generator is given."""
+    """Inverted dropout on the weights ``(B, H, Tq, Tk)``, from a counter-based hash of the
+    positions and a seed drawn from ``generator`` (see :mod:`attnkit.kernels.dropout`), so the
+    tiled backend drops exactly the same weights for the same generator state."""
     if p == 0.0:
         return w
-    keep = torch.rand(w.shape, generator=generator, device=w.device, dtype=torch.float32) >= p
+    b, h, q, kv = index_grid(*w.shape, device=w.device)
+    keep = keep_mask(row_hash(draw_seed(generator), b, h, q), kv, p)
     return w * keep.to(w.dtype) / (1.0 - p)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.dropout import draw_seed
 from ..kernels.tiled import TiledAttentionFn, make_plan, tiled_weights
 from ..normalizers.base import Sigmoid, Softmax
 from ..positions.base import FromScoreMod, TensorBias
@@ -45,8 +46,6 @@ class TiledBackend:
             why.append(f"score {spec.score.name!r} cannot be evaluated tile by tile")
         if spec.mask is not None and spec.mask.has_weight_factor:
             why.append("the mask reweights normalized weights (local-p)")
-        if spec.dropout_p > 0:
-            why.append("dropout is not implemented in the tiled kernel yet")
         if spec.requires_grad and any(isinstance(m, FromScoreMod) for m in spec.score_mods):
             why.append("a user score_mod callable may close over tensors that need gradients")
         return why
@@ -73,7 +72,8 @@ class TiledBackend:
         if dtype in _LOW_PRECISION:  # accumulate in float32
             qp, kp, v = qp.float(), kp.float(), v.float()
         plan = make_plan(spec, self.block_q, self.block_k, self.chunk_for(spec, kp), device=q.device)
-        out, lse = TiledAttentionFn.apply(qp, kp, v, spec, plan, *tile_parameters(spec))
+        seed = draw_seed(spec.generator) if spec.dropout_p > 0 else None
+        out, lse = TiledAttentionFn.apply(qp, kp, v, spec, plan, seed, *tile_parameters(spec))
         weights = None
         if spec.return_weights:
             with torch.no_grad():

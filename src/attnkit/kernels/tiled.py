@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..masks.base import EMPTY, FULL, index_grid
+from .dropout import keep_mask, row_hash
 from ..normalizers.base import Sigmoid, Softmax
 from ..spec import AttentionSpec
 
@@ -126,8 +127,19 @@ class _Tile:
         return self.spec.mask.mask_mod(*grid, self.spec.Tq, self.spec.Tk)
 
 
-def tiled_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: Plan) -> tuple[Tensor, Tensor]:
-    """Returns ``out (B, H, Tq, Dv)`` and ``lse (B, H, Tq)`` (softmax) or ``(out, None)`` (sigmoid)."""
+def _dropout_rows(seed: int | None, spec: AttentionSpec, qs: int, qe: int, device) -> Tensor | None:
+    if seed is None:
+        return None
+    b, h, q, _ = index_grid(spec.B, spec.H, qe - qs, 1, device)
+    return row_hash(seed, b, h, q + qs)  # (B, H, bq, 1)
+
+
+def tiled_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: Plan,
+                  seed: int | None = None) -> tuple[Tensor, Tensor]:
+    """Returns ``out (B, H, Tq, Dv)`` and ``lse (B, H, Tq)`` (softmax) or ``(out, None)`` (sigmoid).
+    With a dropout ``seed``, weights are dropped by :mod:`attnkit.kernels.dropout`'s hash (the
+    log-sum-exp is that of the undropped weights, as in FlashAttention)."""
+    keep_scale = 1.0 / (1.0 - spec.dropout_p) if seed is not None else 1.0
     B, H, G = spec.B, spec.H, spec.groups
     tile = _Tile(spec, qp.device)
     sigmoid = isinstance(spec.normalizer, Sigmoid)
@@ -138,6 +150,7 @@ def tiled_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: 
         if not runs:
             continue  # every key is masked for this block: output 0, lse -inf
         qi = qp[:, :, qs:qe]
+        rows = _dropout_rows(seed, spec, qs, qe, qp.device)
         m = torch.full((B, H, qe - qs, 1), _NEG_INF, dtype=qp.dtype, device=qp.device)
         l = torch.zeros_like(m)
         acc = torch.zeros(B, H, qe - qs, v.shape[-1], dtype=qp.dtype, device=qp.device)
@@ -149,7 +162,7 @@ def tiled_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: 
                 p = torch.sigmoid(s + offset)
                 if r.partial:
                     p = p.masked_fill(~tile.allowed(grid), 0.0)
-                acc = acc + p @ vj
+                acc = acc + _drop(p, rows, grid, spec.dropout_p, keep_scale) @ vj
                 continue
             if r.partial:
                 s = s.masked_fill(~tile.allowed(grid), _NEG_INF)
@@ -158,7 +171,7 @@ def tiled_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: 
             p = torch.exp(s - m_safe)
             corr = torch.exp(m - m_safe)
             l = l * corr + p.sum(-1, keepdim=True)
-            acc = acc * corr + p @ vj
+            acc = acc * corr + _drop(p, rows, grid, spec.dropout_p, keep_scale) @ vj
             m = m_new
         if sigmoid:
             out[:, :, qs:qe] = acc
@@ -166,6 +179,12 @@ def tiled_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: 
             out[:, :, qs:qe] = acc / l.masked_fill(l == 0, 1.0)
             lse[:, :, qs:qe] = (m + torch.log(l)).squeeze(-1)  # -inf where nothing was alive
     return out, lse
+
+
+def _drop(p: Tensor, rows: Tensor | None, grid, dropout_p: float, keep_scale: float) -> Tensor:
+    if rows is None:
+        return p
+    return p * (keep_mask(rows, grid[3], dropout_p).to(p.dtype) * keep_scale)
 
 
 def _weights(s: Tensor, lse_i: Tensor | None, spec: AttentionSpec, allowed: Tensor | None) -> Tensor:
@@ -193,8 +212,11 @@ def tiled_weights(qp: Tensor, kp: Tensor, spec: AttentionSpec, plan: Plan, lse: 
     return w
 
 
-def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, params: tuple[Tensor, ...]):
-    """Gradients of ``(qp, kp, v, *params)`` given ``dout``."""
+def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, params: tuple[Tensor, ...],
+                   seed: int | None = None):
+    """Gradients of ``(qp, kp, v, *params)`` given ``dout``. With dropout (mask ``Z``, scale
+    ``1/(1-p)``): ``dV = (P∘Z)ᵀ dO``, ``dP = (dO Vᵀ)∘Z``, ``dS = P∘(dP − rowsum(dO∘O))``."""
+    keep_scale = 1.0 / (1.0 - spec.dropout_p) if seed is not None else 1.0
     G = spec.groups
     tile = _Tile(spec, qp.device)
     sigmoid = isinstance(spec.normalizer, Sigmoid)
@@ -206,6 +228,7 @@ def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, p
     for (qs, qe), runs in zip(plan.q_blocks, plan.runs):
         qi, doi = qp[:, :, qs:qe], dout[:, :, qs:qe]
         lse_i = None if sigmoid else lse[:, :, qs:qe]
+        rows = _dropout_rows(seed, spec, qs, qe, qp.device)
         for r in runs:
             grid = tile.grid(qs, qe, r.start, r.stop)
             vj = _expand(v[:, :, r.start:r.stop], G)
@@ -219,8 +242,9 @@ def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, p
                     kj_ = kp[:, :, r.start:r.stop].detach().requires_grad_()
                     s = tile.scores(qi_, _expand(kj_, G), qs, r.start, grid)
             p = _weights(s.detach(), lse_i, spec, allowed)
-            dv[:, :, r.start:r.stop] += _reduce_groups(p.transpose(-2, -1) @ doi, G)
-            dp = doi @ vj.transpose(-2, -1)
+            dv[:, :, r.start:r.stop] += _reduce_groups(_drop(p, rows, grid, spec.dropout_p, keep_scale).transpose(-2, -1)
+                                                       @ doi, G)
+            dp = _drop(doi @ vj.transpose(-2, -1), rows, grid, spec.dropout_p, keep_scale)
             ds = p * (1.0 - p) * dp if sigmoid else p * (dp - delta[:, :, qs:qe])
             if fast:
                 dq[:, :, qs:qe] += (ds @ kj) * c
@@ -244,10 +268,10 @@ class TiledAttentionFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qp, kp, v, spec, plan, *params):
-        out, lse = tiled_forward(qp, kp, v, spec, plan)
+    def forward(ctx, qp, kp, v, spec, plan, seed, *params):
+        out, lse = tiled_forward(qp, kp, v, spec, plan, seed)
         ctx.save_for_backward(qp, kp, v, out, *(() if lse is None else (lse,)))
-        ctx.spec, ctx.plan, ctx.params, ctx.has_lse = spec, plan, params, lse is not None
+        ctx.spec, ctx.plan, ctx.seed, ctx.params, ctx.has_lse = spec, plan, seed, params, lse is not None
         ctx.mark_non_differentiable(*(() if lse is None else (lse,)))
         return out, (lse if lse is not None else out.new_zeros(()))
 
@@ -256,5 +280,6 @@ class TiledAttentionFn(torch.autograd.Function):
         saved = ctx.saved_tensors
         qp, kp, v, out = saved[:4]
         lse = saved[4] if ctx.has_lse else None
-        dq, dk, dv, dparams = tiled_backward(qp, kp, v, out, lse, dout.contiguous(), ctx.spec, ctx.plan, ctx.params)
-        return (dq, dk, dv, None, None, *dparams)
+        dq, dk, dv, dparams = tiled_backward(qp, kp, v, out, lse, dout.contiguous(), ctx.spec, ctx.plan, ctx.params,
+                                             ctx.seed)
+        return (dq, dk, dv, None, None, None, *dparams)
