@@ -8,10 +8,12 @@ from .reference import ReferenceBackend, expand_kv, reference_attention
 from .registry import PRIORITY, REGISTRY, Backend, Choice, choose, names, register, use_backend
 from .sdpa import SDPABackend
 from .tiled import TiledBackend
+from .flex import FlexBackend
 
 register(ReferenceBackend())
 register(SDPABackend(), priority=0)
 register(TiledBackend(), priority=1)
+register(FlexBackend(), priority=2)
 
 __all__ = ["Backend", "Choice", "REGISTRY", "PRIORITY", "register", "choose", "names", "use_backend",
            "reference_attention", "expand_kv"]

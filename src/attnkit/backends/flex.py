@@ -1,0 +1,91 @@
+"""``torch.nn.attention.flex_attention``, compiled: block-sparse softmax attention with score and
+mask mods, fast in the forward pass.
+
+attnkit masks and score mods are FlexAttention-compatible through ``bind(Tq, Tk)``, so this
+backend only translates. It serves softmax over dot-product scores (dot, scaled dot, cosine,
+bilinear: ``tile`` is a plain dot product after ``prepare``), any mask without a weight factor,
+any score mod, GQA. On CPU FlexAttention has no backward (PyTorch raises NotImplementedError), so
+requests that need gradients on CPU are refused. The first call for each shape compiles a kernel
+(seconds); later calls with the same shapes reuse it.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from ..normalizers.base import Softmax
+from ..spec import AttentionSpec
+
+Tensor = torch.Tensor
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def available() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class FlexBackend:
+    name = "flex"
+
+    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
+        why = []
+        if not available():
+            return ["torch.nn.attention.flex_attention is not available in this torch"]
+        if type(spec.normalizer) is not Softmax:
+            why.append(f"normalizer {spec.normalizer.name!r} is not softmax")
+        if not spec.score.tile_is_dot:
+            why.append(f"score {spec.score.name!r} is not a dot product (mask_mod/score_mod cannot express it)")
+        if spec.return_weights:
+            why.append("weights were requested and flex does not return them")
+        if spec.mask is not None and spec.mask.has_weight_factor:
+            why.append("the mask reweights normalized weights (local-p)")
+        if spec.dropout_p > 0:
+            why.append("flex has no dropout")
+        if spec.requires_grad and spec.device.type == "cpu":
+            why.append("flex has no backward pass on CPU")
+        if spec.dtype not in (torch.float32, torch.bfloat16, torch.float16) and spec.device.type == "cpu":
+            why.append(f"compiled flex on CPU does not take {spec.dtype}")
+        if min(spec.Tq, spec.Tk) < 1:
+            why.append("empty sequence")
+        return why
+
+    def auto_reasons(self, spec: AttentionSpec) -> list[str]:
+        return ["compiling a flex kernel costs seconds per shape; auto leaves flex to explicit requests"]
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        qp, kp = spec.score.prepare(q, k)
+        temp = spec.normalizer.temperature
+        scale = spec.scale if spec.score_mods else spec.scale / temp  # temperature divides after the mods
+        block_mask = None
+        if spec.mask is not None:
+            mask_mod = spec.mask.bind(spec.Tq, spec.Tk)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                block_mask = create_block_mask(mask_mod, spec.B, spec.H, spec.Tq, spec.Tk, device=q.device)
+        score_mod = None
+        if spec.score_mods:
+            mods = [m.bind(spec.Tq, spec.Tk) for m in spec.score_mods]
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                for m in mods:
+                    score = m(score, b, h, q_idx, kv_idx)
+                return score / temp if temp != 1.0 else score
+
+        out = _compiled()(qp, kp, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                          enable_gqa=spec.groups > 1)
+        return out, None
