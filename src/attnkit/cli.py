@@ -167,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("rest", nargs=argparse.REMAINDER, help="task options")
     t.set_defaults(fn=cmd_train)
 
+    b = sub.add_parser("bench", help="benchmark attnkit against SDPA, flex, naive and nn.MultiheadAttention",
+                       add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="options (attnkit bench --help)")
+    b.set_defaults(fn=lambda a: __import__("attnkit.bench", fromlist=["main"]).main(a.rest))
+
     e = sub.add_parser("eval", help="evaluate a checkpoint")
     e.add_argument("checkpoint", help="checkpoint folder written by attnkit train")
     e.add_argument("--data", default=None, help="data path (default: the task's own test split)")
@@ -187,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # the harness parses its own options (argparse's REMAINDER drops leading ones)
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):

@@ -1,0 +1,402 @@
+"""Benchmark harness: attnkit against the anchors (SDPA with a dense mask or bias, compiled flex,
+the naive materializing version, ``nn.MultiheadAttention``), in the same run.
+
+Each variant runs in a fresh subprocess, so the peak memory reported is that variant's own: the
+growth of the process's peak resident set over its size once the inputs exist. Time is the
+median of ``repeat`` runs after one warm-up. GFLOP/s count only live work (pairs the mask
+allows): ``4·B·H·pairs·D`` for the forward and 2.5 times that for the backward (FlashAttention's
+convention). The matmul ceiling (float32 GEMM) is measured in the same run, and attnkit's
+throughput is printed as a fraction of it.
+
+Example::
+
+    >>> from attnkit.bench import attention_flops
+    >>> attention_flops(batch=1, heads=1, pairs=10, head_dim=4, backward=False)
+    160
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+
+def attention_flops(batch: int, heads: int, pairs: int, head_dim: int, backward: bool) -> int:
+    """FLOPs of exact attention over ``pairs`` live (query, key) pairs: QKᵀ and PV, ×3.5 with backward."""
+    fwd = 4 * batch * heads * pairs * head_dim
+    return int(fwd * 3.5) if backward else fwd
+
+
+def live_pairs(mask, Tq: int, Tk: int, block: int = 1024) -> int:
+    """Number of (query, key) pairs a mask allows (None: all), counted stripe by stripe."""
+    if mask is None:
+        return Tq * Tk
+    from .masks.base import index_grid
+
+    total = 0
+    b, h, _, kv = index_grid(1, 1, Tq, Tk)
+    for s in range(0, Tq, block):
+        q = torch.arange(s, min(s + block, Tq)).view(1, 1, -1, 1)
+        total += int(torch.as_tensor(mask.mask_mod(b, h, q, kv, Tq, Tk)).expand(1, 1, q.shape[2], Tk).sum())
+    return total
+
+
+def matmul_ceiling(n: int = 2048, repeat: int = 5) -> float:
+    """Best float32 GEMM throughput (GFLOP/s) of this process's threads."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeat))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@dataclass
+class Result:
+    case: str
+    variant: str
+    seconds: float | None
+    peak_mib: float | None
+    gflops: float | None
+    error: str | None = None
+    note: str = ""
+
+
+@dataclass
+class Variant:
+    """One implementation of a case: ``setup(threads) -> (fn, note)``; ``fn()`` runs it once."""
+
+    name: str
+    setup: Callable[[], tuple[Callable[[], object], str]]
+
+
+@dataclass
+class Case:
+    name: str
+    description: str
+    flops: Callable[[], int]
+    variants: list[Variant] = field(default_factory=list)
+
+
+def _child(conn, case_name: str, variant_name: str, threads: int, repeat: int, quick: bool) -> None:
+    try:
+        torch.set_num_threads(threads)
+        case = {c.name: c for c in cases(quick)}[case_name]
+        variant = {v.name: v for v in case.variants}[variant_name]
+        fn, note = variant.setup()
+        base = _rss_bytes()
+        fn()  # warm-up (compiles flex, fills caches)
+        times = [_timed(fn) for _ in range(repeat)]
+        conn.send((statistics.median(times), max(0, _peak_bytes() - base), note, None))
+    except BaseException as e:  # noqa: BLE001 - report any failure (OOM, unsupported) as a result
+        conn.send((None, None, "", f"{type(e).__name__}: {e}"[:300]))
+    finally:
+        conn.close()
+
+
+def run_variant(case: Case, variant: Variant, *, threads: int, repeat: int, quick: bool,
+                timeout: float = 1800) -> Result:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_child, args=(child, case.name, variant.name, threads, repeat, quick))
+    p.start()
+    child.close()
+    seconds = peak = None
+    note, error = "", None
+    if parent.poll(timeout):
+        try:
+            seconds, peak, note, error = parent.recv()
+        except EOFError:
+            error = "the process died (out of memory?)"
+    else:
+        error = f"timed out after {timeout:.0f}s"
+        p.kill()
+    p.join()
+    if error is None and p.exitcode not in (0, None):
+        error = f"exit code {p.exitcode}"
+    gflops = case.flops() / seconds / 1e9 if seconds else None
+    return Result(case.name, variant.name, seconds, None if peak is None else peak / 2 ** 20, gflops, error, note)
+
+
+# -- the cases --------------------------------------------------------------------------------------
+
+def _qkv(B, H, T, D, grad, Hkv=None, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    Hkv = H if Hkv is None else Hkv
+    q = torch.randn(B, H, T, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, T, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, T, D, generator=g, dtype=dtype)
+    if grad:
+        for x in (q, k, v):
+            x.requires_grad_()
+    return q, k, v
+
+
+def _runner(call, qkv, grad):
+    def fn():
+        if grad:
+            out = call(*qkv)
+            out.backward(torch.ones_like(out))
+            for x in qkv:
+                x.grad = None
+        else:
+            with torch.no_grad():
+                call(*qkv)
+    return fn
+
+
+def _attnkit(backend, grad, B, H, T, D, **kw):
+    import attnkit
+
+    def setup():
+        qkv = _qkv(B, H, T, D, grad)
+        return _runner(lambda q, k, v: attnkit.attention(q, k, v, backend=backend, **kw), qkv, grad), ""
+    return setup
+
+
+def _sdpa_dense(grad, B, H, T, D, mask=None, bias=None, is_causal=False):
+    import torch.nn.functional as F
+
+    def setup():
+        qkv = _qkv(B, H, T, D, grad)
+        attn_mask = None
+        if mask is not None:
+            attn_mask = mask.materialize(T, T)[0, 0]
+        if bias is not None:
+            b = bias.materialize_bias(T, T, 1, H)
+            attn_mask = b if attn_mask is None else b.masked_fill(~attn_mask, float("-inf"))
+        return _runner(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                                        is_causal=is_causal), qkv, grad), \
+            ("dense mask" if attn_mask is not None else "")
+    return setup
+
+
+def _naive(grad, B, H, T, D, mask=None, score=None):
+    import attnkit
+
+    def setup():
+        qkv = _qkv(B, H, T, D, grad)
+        return _runner(lambda q, k, v: attnkit.attention(q, k, v, backend="reference", mask=mask,
+                                                         score=score if score is not None else "scaled_dot"),
+                       qkv, grad), "materializes (B,H,T,T)"
+    return setup
+
+
+def _additive_naive(grad, B, T, d):
+    def setup():
+        import attnkit
+
+        torch.manual_seed(0)
+        score = attnkit.scores.Additive(d, d, d)
+        qkv = _qkv(B, 1, T, d, grad)
+        return _runner(lambda q, k, v: attnkit.attention(q, k, v, score=score, backend="reference"), qkv, grad), \
+            "materializes (B,T,T,d)"
+    return setup
+
+
+def _additive_tiled(grad, B, T, d):
+    def setup():
+        import attnkit
+
+        torch.manual_seed(0)
+        score = attnkit.scores.Additive(d, d, d)
+        qkv = _qkv(B, 1, T, d, grad)
+        return _runner(lambda q, k, v: attnkit.attention(q, k, v, score=score, backend="tiled"), qkv, grad), ""
+    return setup
+
+
+def _flex(B, H, T, D, mask):
+    def setup():
+        import warnings
+
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        warnings.simplefilter("ignore")
+        qkv = _qkv(B, H, T, D, False)
+        bm = create_block_mask(mask.bind(T, T), None, None, T, T, device="cpu")
+        f = torch.compile(flex_attention, dynamic=False)
+        return _runner(lambda q, k, v: f(q, k, v, block_mask=bm), qkv, False), "compiled, forward only"
+    return setup
+
+
+def _mha(grad, B, H, T, D):
+    def setup():
+        E = H * D
+        mha = torch.nn.MultiheadAttention(E, H, batch_first=True)
+        x = torch.randn(B, T, E, requires_grad=grad)
+        mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+
+        def fn():
+            if grad:
+                out = mha(x, x, x, attn_mask=mask, need_weights=False)[0]
+                out.sum().backward()
+            else:
+                with torch.no_grad():
+                    mha(x, x, x, attn_mask=mask, need_weights=False)
+        return fn, "with projections"
+    return setup
+
+
+def cases(quick: bool = False) -> list[Case]:
+    """The issue's targets as cases (``quick`` shrinks every size by 4x for a smoke run)."""
+    from . import masks, positions
+
+    s = 4 if quick else 1
+    B, H, D = 1, 8, 64
+    out = []
+
+    N, w = 16384 // s, 256
+    win = masks.sliding_window(w)
+    out.append(Case(f"window{w}_fwdbwd_N{N}", f"sliding window w={w}, causal, N={N}, forward+backward",
+                    lambda: attention_flops(B, H, live_pairs(win, N, N), D, True), [
+                        Variant("attnkit tiled", _attnkit("tiled", True, B, H, N, D, mask=win)),
+                        Variant("sdpa dense mask", _sdpa_dense(True, B, H, N, D, mask=win)),
+                        Variant("sdpa no mask", _sdpa_dense(True, B, H, N, D)),
+                    ]))
+    N = 8192 // s
+    out.append(Case(f"window{w}_fwd_N{N}", f"sliding window w={w}, causal, N={N}, forward only",
+                    lambda: attention_flops(B, H, live_pairs(win, N, N), D, False), [
+                        Variant("attnkit tiled", _attnkit("tiled", False, B, H, N, D, mask=win)),
+                        Variant("flex compiled", _flex(B, H, N, D, win)),
+                        Variant("sdpa dense mask", _sdpa_dense(False, B, H, N, D, mask=win)),
+                    ]))
+    for N in (16384 // s, 65536 // s):
+        out.append(Case(f"window{w}_scaling_N{N}", f"sliding window w={w} cost is linear in N: N={N}",
+                        lambda N=N: attention_flops(B, H, live_pairs(win, N, N), D, True), [
+                            Variant("attnkit tiled", _attnkit("tiled", True, B, H, N, D, mask=win))]))
+    N = 8192 // s
+    alibi, causal = positions.ALiBi(H), masks.causal()
+    out.append(Case(f"alibi_causal_fwdbwd_N{N}", f"ALiBi + causal, N={N}, forward+backward",
+                    lambda: attention_flops(B, H, N * (N + 1) // 2, D, True), [
+                        Variant("attnkit tiled", _attnkit("tiled", True, B, H, N, D, mask=causal, bias=alibi)),
+                        Variant("sdpa dense bias", _sdpa_dense(True, B, H, N, D, mask=causal, bias=alibi)),
+                    ]))
+    N, bs = 16384 // s, 128
+    nb = N // bs
+    g = torch.Generator().manual_seed(0)
+    layout10 = torch.rand(nb, nb, generator=g) < 0.1
+    layout10 |= torch.eye(nb, dtype=torch.bool)
+    sparse10 = masks.block_sparse(layout10, bs)
+    dense = masks.block_sparse(torch.ones(nb, nb, dtype=torch.bool), bs)
+    density = layout10.float().mean().item()
+    out.append(Case(f"blocksparse_fwdbwd_N{N}", f"block sparse ({density:.0%} vs 100% of {bs}-blocks), N={N}",
+                    lambda: attention_flops(B, H, int(layout10.sum()) * bs * bs, D, True), [
+                        Variant("attnkit tiled 10%", _attnkit("tiled", True, B, H, N, D, mask=sparse10)),
+                        Variant("attnkit tiled 100%", _attnkit("tiled", True, B, H, N, D, mask=dense)),
+                    ]))
+    for T in (1024 // s, 4096 // s):
+        variants = [Variant("attnkit tiled", _additive_tiled(True, 4, T, 128))]
+        if T <= 1024 // s:
+            variants.append(Variant("naive (B,T,T,d)", _additive_naive(True, 4, T, 128)))
+        out.append(Case(f"additive_fwdbwd_T{T}", f"additive attention B=4 d=128 T={T}, forward+backward",
+                        lambda T=T: 4 * T * T * 128 * 4, variants))
+    N = 4096 // s
+    out.append(Case(f"softmax_auto_fwd_N{N}", f"plain softmax, N={N}, forward: auto vs calling SDPA",
+                    lambda: attention_flops(B, H, N * N, D, False), [
+                        Variant("attnkit auto", _attnkit("auto", False, B, H, N, D)),
+                        Variant("sdpa direct", _sdpa_dense(False, B, H, N, D)),
+                    ]))
+    N = 65536 // s
+    out.append(Case(f"causal_fwdbwd_N{N}", f"exact causal attention, N={N}, forward+backward",
+                    lambda: attention_flops(B, H, N * (N + 1) // 2, D, True), [
+                        Variant("attnkit tiled", _attnkit("tiled", True, B, H, N, D, mask=causal))]))
+    N = 2048 // s
+    out.append(Case(f"mha_causal_fwdbwd_N{N}", f"causal self-attention module, N={N}, E=512, forward+backward",
+                    lambda: attention_flops(B, H, N * (N + 1) // 2, D, True), [
+                        Variant("attnkit nn.MultiheadAttention", _attnkit_mha(True, B, H, N, D)),
+                        Variant("torch nn.MultiheadAttention", _mha(True, B, H, N, D)),
+                    ]))
+    return out
+
+
+def _attnkit_mha(grad, B, H, T, D):
+    def setup():
+        import attnkit
+
+        E = H * D
+        mha = attnkit.nn.MultiheadAttention(E, H)
+        x = torch.randn(B, T, E, requires_grad=grad)
+
+        def fn():
+            if grad:
+                out = mha(x, is_causal=True, need_weights=False)[0]
+                out.sum().backward()
+            else:
+                with torch.no_grad():
+                    mha(x, is_causal=True, need_weights=False)
+        return fn, "with projections"
+    return setup
+
+
+def run(selected: list[str] | None = None, *, threads: int = 2, repeat: int = 3, quick: bool = False,
+        log: Callable[[str], None] = print) -> dict:
+    """Run the cases whose names start with one of ``selected`` (all when None); return a report."""
+    torch.set_num_threads(threads)
+    ceiling = matmul_ceiling()
+    log(f"machine: {torch.get_num_threads()} threads, float32 matmul ceiling {ceiling:.0f} GFLOP/s, "
+        f"torch {torch.__version__}")
+    results = []
+    for case in cases(quick):
+        if selected and not any(case.name.startswith(s) for s in selected):
+            continue
+        log(f"\n{case.name}: {case.description}")
+        rows = [run_variant(case, v, threads=threads, repeat=repeat, quick=quick) for v in case.variants]
+        base = rows[0]
+        for r in rows:
+            if r.error:
+                log(f"  {r.variant:<30} failed: {r.error}")
+                continue
+            ratio = (r.seconds / base.seconds) if base.seconds else float("nan")
+            mem_ratio = (r.peak_mib / base.peak_mib) if base.peak_mib else float("nan")
+            log(f"  {r.variant:<30} {r.seconds:9.3f} s  {r.gflops:7.1f} GFLOP/s ({r.gflops / ceiling:5.1%} of matmul)"
+                f"  peak +{r.peak_mib:8.1f} MiB   time x{ratio:6.2f}  mem x{mem_ratio:6.2f} vs first  {r.note}")
+        results.extend(rows)
+    return {"threads": threads, "matmul_gflops": ceiling, "torch": torch.__version__,
+            "results": [asdict(r) for r in results]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="attnkit bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("cases", nargs="*", help="case name prefixes (default: all); see --list")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="every size divided by 4 (smoke run)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    if args.list:
+        for c in cases(args.quick):
+            print(f"{c.name:<28} {c.description}")
+        return 0
+    report = run(args.cases or None, threads=args.threads, repeat=args.repeat, quick=args.quick)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
