@@ -1,0 +1,34 @@
+"""The benchmark harness's arithmetic and its process isolation."""
+
+import torch
+
+from attnkit import masks
+from attnkit.bench import attention_flops, cases, live_pairs, run_variant
+
+
+def test_live_pairs_counts_exactly():
+    assert live_pairs(None, 7, 5) == 35
+    assert live_pairs(masks.causal(), 6, 6) == 21
+    w = masks.sliding_window(3)
+    assert live_pairs(w, 50, 50, block=7) == int(w.materialize(50, 50).sum())
+    bs = masks.block_sparse(torch.tensor([[True, False], [True, True]]), 4)
+    assert live_pairs(bs, 8, 8) == 48
+
+
+def test_flops_formula():
+    assert attention_flops(2, 3, 10, 4, backward=False) == 4 * 2 * 3 * 10 * 4
+    assert attention_flops(1, 1, 10, 4, backward=True) == 560
+
+
+def test_every_case_has_an_attnkit_variant_first_and_an_anchor_where_one_exists():
+    cs = cases(quick=True)
+    assert all(c.variants[0].name.startswith("attnkit") for c in cs)
+    names = {c.name.split("_N")[0].split("_T")[0] for c in cs}
+    assert {"window256_fwdbwd", "window256_fwd", "alibi_causal_fwdbwd", "blocksparse_fwdbwd",
+            "additive_fwdbwd", "softmax_auto_fwd", "causal_fwdbwd"} <= names
+
+
+def test_a_variant_runs_in_its_own_process_and_reports_time_memory_and_throughput():
+    case = next(c for c in cases(quick=True) if c.name.startswith("softmax_auto_fwd"))
+    r = run_variant(case, case.variants[1], threads=1, repeat=1, quick=True, timeout=300)
+    assert r.error is None and r.seconds > 0 and r.peak_mib >= 0 and r.gflops > 0
