@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from .backends import registry
-from .spec import canonicalize
+from .spec import WeightsRequest, canonicalize
 
 Tensor = torch.Tensor
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normalizer="softmax", mask=None,
-              bias=None, scale: float | None = None, dropout_p: float = 0.0, return_weights: bool = False,
+              bias=None, scale: float | None = None, dropout_p: float = 0.0, return_weights: bool | WeightsRequest = False,
               backend: str = "auto", generator: torch.Generator | None = None):
     r"""Attention = score → (bias, mask) → normalize → aggregate.
 
@@ -36,7 +36,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normalizer
             ``score_mod(score, b, h, q_idx, kv_idx)`` callable, or a list of these applied in order.
         scale: multiplies the raw score; default ``1/sqrt(D)`` for ``scaled_dot`` and 1 otherwise.
         dropout_p: dropout on the weights, in ``[0, 1)``. Applied whenever > 0 (pass 0 at eval time).
-        return_weights: also return the (pre-dropout) weights ``(B, H, Tq, Tk)``.
+        return_weights: also return the (pre-dropout) weights ``(B, H, Tq, Tk)``; or a
+            :class:`attnkit.WeightsRequest` for a subset of heads and query rows only
+            (``(B, len(heads), len(rows), Tk)``). Weights never change which kernel computes ``out``.
         backend: ``"auto"`` (default), ``"reference"``, ``"sdpa"``, ... (see :func:`explain`).
         generator: a ``torch.Generator`` making dropout reproducible.
 
@@ -61,7 +63,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normalizer
                         dropout_p=dropout_p, return_weights=return_weights, generator=generator)
     choice = registry.choose(spec, backend)
     out, weights = registry.REGISTRY[choice.backend](q, k, v, spec)
-    return (out, weights) if return_weights else out
+    return (out, weights) if spec.return_weights else out
 
 
 def explain(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto", **kwargs) -> registry.Choice:

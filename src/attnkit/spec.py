@@ -26,6 +26,48 @@ Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
+class WeightsRequest:
+    """Which weights to return: a subset of ``heads`` and of query ``rows`` (None = all), so that
+    looking at a long sequence costs ``O(len(rows) · Tk)`` instead of ``O(Tq · Tk)``.
+
+    Pass it as ``return_weights=WeightsRequest(heads=[0, 3], rows=range(0, 4096, 512))``; the
+    weights then have shape ``(B, len(heads), len(rows), Tk)``, in the order given.
+    """
+
+    heads: Optional[tuple[int, ...]] = None
+    rows: Optional[tuple[int, ...]] = None
+
+    def __init__(self, heads=None, rows=None):
+        object.__setattr__(self, "heads", None if heads is None else _index_tuple("heads", heads))
+        object.__setattr__(self, "rows", None if rows is None else _index_tuple("rows", rows))
+
+    def check(self, H: int, Tq: int) -> None:
+        for name, idx, n in (("heads", self.heads, H), ("rows", self.rows, Tq)):
+            if idx is not None and any(not 0 <= i < n for i in idx):
+                raise ValueError(f"WeightsRequest {name} must lie in [0, {n}); got {list(idx)}")
+
+    def select(self, w: Tensor) -> Tensor:
+        """Pick the requested heads and rows out of full weights ``(B, H, Tq, Tk)``."""
+        if self.heads is not None:
+            w = w[:, list(self.heads)]
+        if self.rows is not None:
+            w = w[:, :, list(self.rows)]
+        return w
+
+
+def _index_tuple(name: str, idx) -> tuple[int, ...]:
+    if isinstance(idx, int) and not isinstance(idx, bool):
+        return (idx,)
+    try:
+        out = tuple(int(i) for i in (idx.tolist() if isinstance(idx, torch.Tensor) else idx))
+    except (TypeError, ValueError):
+        raise TypeError(f"WeightsRequest {name} must be an int or a sequence of ints; got {type(idx).__name__}") from None
+    if not out:
+        raise ValueError(f"WeightsRequest {name} must not be empty")
+    return out
+
+
+@dataclass(frozen=True)
 class AttentionSpec:
     score: _scores.Score
     normalizer: _normalizers.Normalizer
@@ -34,6 +76,7 @@ class AttentionSpec:
     scale: float
     dropout_p: float
     return_weights: bool
+    weights: Optional[WeightsRequest]  # which weights, when return_weights
     generator: Optional[torch.Generator]
     B: int
     H: int
@@ -53,7 +96,7 @@ class AttentionSpec:
 
 
 def canonicalize(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normalizer="softmax", mask=None,
-                 bias=None, scale: float | None = None, dropout_p: float = 0.0, return_weights: bool = False,
+                 bias=None, scale: float | None = None, dropout_p: float = 0.0, return_weights: bool | WeightsRequest = False,
                  generator: torch.Generator | None = None) -> AttentionSpec:
     """Validate an attention request and return its :class:`AttentionSpec` (see ``attnkit.attention``)."""
     check_qkv(q, k, v)
@@ -72,8 +115,14 @@ def canonicalize(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normali
         raise ValueError(f"scale must be a finite number > 0; got {scale}")
 
     dropout_p = check_probability("dropout_p", dropout_p)
-    if not isinstance(return_weights, bool):
-        raise TypeError(f"return_weights must be a bool; got {type(return_weights).__name__}")
+    weights = None
+    if isinstance(return_weights, WeightsRequest):
+        return_weights.check(H, Tq)
+        weights, return_weights = return_weights, True
+    elif not isinstance(return_weights, bool):
+        raise TypeError(f"return_weights must be a bool or an attnkit.WeightsRequest; got {type(return_weights).__name__}")
+    elif return_weights:
+        weights = WeightsRequest()
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
 
@@ -92,7 +141,7 @@ def canonicalize(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normali
 
     return AttentionSpec(
         score=score_obj, normalizer=norm_obj, mask=mask_obj, score_mods=mods, scale=float(scale),
-        dropout_p=dropout_p, return_weights=return_weights, generator=generator,
+        dropout_p=dropout_p, return_weights=return_weights, weights=weights, generator=generator,
         B=B, H=H, Hkv=Hkv, Tq=Tq, Tk=Tk, D=D, Dv=v.shape[-1], dtype=q.dtype, device=q.device,
         requires_grad=torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)),
     )

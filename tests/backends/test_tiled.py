@@ -290,3 +290,36 @@ def test_dropout_gradcheck():
         return attnkit.attention(q, k, v, backend="tiled", dropout_p=0.3, generator=torch.Generator().manual_seed(3))
 
     assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("backend", ["tiled", "reference"])
+def test_weights_for_a_subset_of_heads_and_rows(backend):
+    q, k, v = make_qkv(2, 4, 37, 29, D=5, Hkv=2, dtype=torch.float64)
+    kw = dict(mask=masks.causal() & masks.key_padding(torch.tensor([29, 11])), bias=attnkit.positions.ALiBi(4))
+    _, full = attnkit.attention(q, k, v, backend="reference", return_weights=True, **kw)
+    req = attnkit.WeightsRequest(heads=[3, 0], rows=[36, 0, 17])
+    out, w = attnkit.attention(q, k, v, backend=backend, return_weights=req, **kw)
+    assert w.shape == (2, 2, 3, 29)
+    assert_close(w, full[:, [3, 0]][:, :, [36, 0, 17]])
+    assert_close(out, attnkit.attention(q, k, v, backend="reference", **kw))
+
+
+def test_weights_of_a_few_rows_of_a_long_sequence_are_cheap_and_exact():
+    T = 16384
+    q, k, v = make_qkv(1, 2, T, D=8)
+    req = attnkit.WeightsRequest(heads=1, rows=[0, 5000, T - 1])
+    out, w = attnkit.attention(q, k, v, mask=masks.causal(), backend="tiled", return_weights=req)
+    s = (q[0, 1, [0, 5000, T - 1]] @ k[0, 1].T) / 8 ** 0.5
+    s = s.masked_fill(torch.arange(T)[None] > torch.tensor([0, 5000, T - 1])[:, None], float("-inf"))
+    assert w.shape == (1, 1, 3, T)
+    assert_close(w[0, 0], torch.softmax(s, -1), scale=10)
+
+
+def test_weights_request_errors():
+    q, k, v = make_qkv(1, 2, 4, D=4)
+    with pytest.raises(ValueError, match=r"WeightsRequest rows must lie in \[0, 4\); got \[4\]"):
+        attnkit.attention(q, k, v, return_weights=attnkit.WeightsRequest(rows=[4]))
+    with pytest.raises(TypeError, match="WeightsRequest heads must be an int or a sequence of ints"):
+        attnkit.WeightsRequest(heads="all")
+    with pytest.raises(TypeError, match="return_weights must be a bool or an attnkit.WeightsRequest"):
+        attnkit.attention(q, k, v, return_weights=1)

@@ -261,7 +261,7 @@ def test_bad_shapes_and_types(make, exc, msg):
     (dict(bias=torch.ones(5, 7)), ValueError, r"bias of shape \(1, 1, 5, 7\) is not broadcastable"),
     (dict(bias=torch.ones(5, 6, dtype=torch.bool)), TypeError, r"bias tensor must be floating point"),
     (dict(bias="alibi"), TypeError, r"bias must be a float tensor"),
-    (dict(return_weights=1), TypeError, r"return_weights must be a bool"),
+    (dict(return_weights=1), TypeError, r"return_weights must be a bool or an attnkit.WeightsRequest"),
     (dict(mask=masks.key_padding(torch.tensor([1, 2, 3]))), ValueError, r"key_padding was built for batch 3"),
 ])
 def test_bad_options(kw, exc, msg):

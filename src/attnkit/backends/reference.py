@@ -62,4 +62,4 @@ class ReferenceBackend:
 
     def __call__(self, q, k, v, spec):
         out, w = reference_attention(q, k, v, spec)
-        return out, (w if spec.return_weights else None)
+        return out, (spec.weights.select(w) if spec.return_weights else None)

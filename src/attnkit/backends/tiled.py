@@ -77,6 +77,7 @@ class TiledBackend:
         weights = None
         if spec.return_weights:
             with torch.no_grad():
-                weights = tiled_weights(qp.detach(), kp.detach(), spec, plan,
-                                        None if isinstance(spec.normalizer, Sigmoid) else lse).to(dtype)
+                weights = tiled_weights(qp.detach(), kp.detach(), spec,
+                                        None if isinstance(spec.normalizer, Sigmoid) else lse,
+                                        spec.weights.heads, spec.weights.rows, self.block_q, self.kv_chunk).to(dtype)
         return out.to(dtype), weights

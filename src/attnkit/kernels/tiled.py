@@ -198,17 +198,31 @@ def _weights(s: Tensor, lse_i: Tensor | None, spec: AttentionSpec, allowed: Tens
     return p
 
 
-def tiled_weights(qp: Tensor, kp: Tensor, spec: AttentionSpec, plan: Plan, lse: Tensor | None,
-                  heads: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
-    """Exact weights ``(B, H, Tq, Tk)`` recomputed from the saved log-sum-exp, tile by tile."""
-    w = torch.zeros(spec.B, spec.H, spec.Tq, spec.Tk, dtype=qp.dtype, device=qp.device)
-    tile = _Tile(spec, qp.device)
-    for (qs, qe), runs in zip(plan.q_blocks, plan.runs):
-        for r in runs:
-            grid = tile.grid(qs, qe, r.start, r.stop)
-            s = tile.scores(qp[:, :, qs:qe], _expand(kp[:, :, r.start:r.stop], spec.groups), qs, r.start, grid)
-            allowed = tile.allowed(grid) if r.partial else None
-            w[:, :, qs:qe, r.start:r.stop] = _weights(s, None if lse is None else lse[:, :, qs:qe], spec, allowed)
+def tiled_weights(qp: Tensor, kp: Tensor, spec: AttentionSpec, lse: Tensor | None,
+                  heads: tuple[int, ...] | None = None, rows: tuple[int, ...] | None = None,
+                  block_q: int = 128, kv_chunk: int = 1024) -> Tensor:
+    """Exact weights ``(B, len(heads), len(rows), Tk)`` (all heads / rows when None), recomputed
+    from the saved log-sum-exp block by block: cost ``O(len(heads) · len(rows) · Tk)``."""
+    dev = qp.device
+    heads_t = torch.arange(spec.H, device=dev) if heads is None else torch.tensor(heads, device=dev)
+    rows_t = torch.arange(spec.Tq, device=dev) if rows is None else torch.tensor(rows, device=dev)
+    q_sel = qp.index_select(1, heads_t)                        # (B, h', Tq, D)
+    k_sel = kp.index_select(1, heads_t // spec.groups)         # key head of each query head
+    lse_sel = None if lse is None else lse.index_select(1, heads_t)
+    w = torch.zeros(spec.B, len(heads_t), len(rows_t), spec.Tk, dtype=qp.dtype, device=dev)
+    tile = _Tile(spec, dev)
+    b = torch.arange(spec.B, device=dev).view(-1, 1, 1, 1)
+    h = heads_t.view(1, -1, 1, 1)
+    for r0 in range(0, len(rows_t), block_q):
+        r = rows_t[r0:r0 + block_q]
+        qi = q_sel.index_select(2, r)
+        lse_i = None if lse_sel is None else lse_sel.index_select(2, r)
+        for ks in range(0, spec.Tk, kv_chunk):
+            ke = min(ks + kv_chunk, spec.Tk)
+            grid = (b, h, r.view(1, 1, -1, 1), torch.arange(ks, ke, device=dev).view(1, 1, 1, -1))
+            s = tile.scores(qi, k_sel[:, :, ks:ke], 0, ks, grid)
+            allowed = None if spec.mask is None else tile.allowed(grid)
+            w[:, :, r0:r0 + len(r), ks:ke] = _weights(s, lse_i, spec, allowed)
     return w
 
 
