@@ -304,7 +304,8 @@ def test_weights_for_a_subset_of_heads_and_rows(backend):
     assert_close(out, attnkit.attention(q, k, v, backend="reference", **kw))
 
 
-def test_weights_of_a_few_rows_of_a_long_sequence_are_cheap_and_exact():
+def test_weights_of_a_few_rows_of_a_long_sequence_are_cheap_and_exact(monkeypatch):
+    monkeypatch.setitem(attnkit.backends.REGISTRY, "tiled", TiledBackend())
     T = 16384
     q, k, v = make_qkv(1, 2, T, D=8)
     req = attnkit.WeightsRequest(heads=1, rows=[0, 5000, T - 1])
