@@ -324,3 +324,14 @@ def test_weights_request_errors():
         attnkit.WeightsRequest(heads="all")
     with pytest.raises(TypeError, match="return_weights must be a bool or an attnkit.WeightsRequest"):
         attnkit.attention(q, k, v, return_weights=1)
+
+
+def test_auto_prefers_tiled_over_a_dense_sdpa_mask_for_long_sequences():
+    x = torch.randn(1, 2, 2048, 8)
+    choice = attnkit.explain(x, x, x, mask=masks.sliding_window(64))
+    assert choice.backend == "tiled" and "materialized densely" in " ".join(choice.reasons["sdpa"])
+    assert attnkit.explain(x, x, x, bias=attnkit.positions.ALiBi(2), mask=masks.causal()).backend == "tiled"
+    assert attnkit.explain(x, x, x, mask=masks.causal()).backend == "sdpa"  # native is_causal: no dense mask
+    assert attnkit.explain(x, x, x, mask=torch.ones(2048, 2048, dtype=torch.bool)).backend == "sdpa"  # already dense
+    small = x[:, :, :256]
+    assert attnkit.explain(small, small, small, mask=masks.sliding_window(64)).backend == "sdpa"

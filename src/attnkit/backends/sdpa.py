@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..masks.base import FromTensor
 from ..masks.basic import Causal
 from ..normalizers.base import Softmax
+from ..positions.base import TensorBias
 from ..scores import Dot
 from ..spec import AttentionSpec
 from .reference import expand_kv
@@ -41,11 +43,29 @@ class SDPABackend:
             why.append("dropout with an explicit generator (SDPA uses the global RNG)")
         return why
 
+    #: from this many (query, key) pairs on, auto prefers a block-sparse backend to a dense mask
+    auto_dense_limit: int = 1 << 22
+
+    def native_causal(self, spec: AttentionSpec) -> bool:
+        m = spec.mask
+        return isinstance(m, Causal) and (spec.Tq == spec.Tk or m.align == "top_left") and not spec.score_mods
+
+    def auto_reasons(self, spec: AttentionSpec) -> list[str]:
+        """SDPA serves masks and biases by materializing a (Tq, Tk) tensor and doing all Tq·Tk work;
+        past ``auto_dense_limit`` pairs the tiled backend, which skips masked tiles, wins."""
+        pairs = spec.Tq * spec.Tk
+        dense_mask = spec.mask is not None and not isinstance(spec.mask, FromTensor) and not self.native_causal(spec)
+        dense_bias = any(not isinstance(m, TensorBias) for m in spec.score_mods)
+        if pairs >= self.auto_dense_limit and (dense_mask or dense_bias):
+            return [f"the mask or bias would be materialized densely ({spec.Tq} x {spec.Tk}) and every pair "
+                    "computed; a block-sparse backend is faster"]
+        return []
+
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
         scale = spec.scale / spec.normalizer.temperature
         mask, is_causal, dead = None, False, None
         m = spec.mask
-        if isinstance(m, Causal) and (spec.Tq == spec.Tk or m.align == "top_left") and not spec.score_mods:
+        if self.native_causal(spec):
             is_causal = True
         elif m is not None:
             mask = m.materialize(spec.Tq, spec.Tk, spec.B, spec.H, device=q.device)
