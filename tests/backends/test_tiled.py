@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import attnkit
 from attnkit import masks, scores
 from attnkit.backends.tiled import TiledBackend
-from attnkit.kernels.tiled import make_plan, tiled_forward
+from attnkit.kernels.tiled import make_plan, query_scale, tiled_forward
 from attnkit.masks.base import EMPTY, FULL, Mask
 from attnkit.spec import canonicalize
 from attnkit.testing import assert_close, assert_close_to_gold, make_qkv
@@ -84,7 +84,9 @@ def test_log_sum_exp_matches_reference():
     q, k, v = make_qkv(2, 2, 41, 33, D=8, dtype=torch.float64)
     m = masks.sliding_window(5) & masks.key_padding(torch.tensor([33, 20]))
     spec = canonicalize(q, k, v, mask=m)
-    _, lse = tiled_forward(q, k, v, spec, make_plan(spec, 16, 8, 24))
+    plan = make_plan(spec, 16, 8, 24)
+    assert plan.prescaled  # dot score without mods: the kernel takes q * scale
+    _, lse = tiled_forward(q * query_scale(spec), k, v, spec, plan)
     s = (q @ k.transpose(-1, -2)) * spec.scale
     dense = m.materialize(41, 33, 2, 2)
     expect = torch.logsumexp(s.masked_fill(~dense, float("-inf")), -1)

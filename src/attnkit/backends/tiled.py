@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..kernels.dropout import draw_seed
-from ..kernels.tiled import TiledAttentionFn, make_plan, tiled_weights
+from ..kernels.tiled import TiledAttentionFn, make_plan, query_scale, tiled_weights
 from ..normalizers.base import Sigmoid, Softmax
 from ..positions.base import FromScoreMod, TensorBias
 from ..spec import AttentionSpec
@@ -72,6 +72,8 @@ class TiledBackend:
         if dtype in _LOW_PRECISION:  # accumulate in float32
             qp, kp, v = qp.float(), kp.float(), v.float()
         plan = make_plan(spec, self.block_q, self.block_k, self.chunk_for(spec, kp), device=q.device)
+        if plan.prescaled:
+            qp = qp * query_scale(spec)
         seed = draw_seed(spec.generator) if spec.dropout_p > 0 else None
         out, lse = TiledAttentionFn.apply(qp, kp, v, spec, plan, seed, *tile_parameters(spec))
         weights = None
@@ -79,5 +81,6 @@ class TiledBackend:
             with torch.no_grad():
                 weights = tiled_weights(qp.detach(), kp.detach(), spec,
                                         None if isinstance(spec.normalizer, Sigmoid) else lse,
-                                        spec.weights.heads, spec.weights.rows, self.block_q, self.kv_chunk).to(dtype)
+                                        spec.weights.heads, spec.weights.rows, self.block_q, self.kv_chunk,
+                                        plan.prescaled).to(dtype)
         return out.to(dtype), weights

@@ -54,6 +54,9 @@ class Plan:
     runs: tuple[tuple[Run, ...], ...]  # one tuple of runs per query block
     live_tiles: int
     total_tiles: int
+    #: the queries arrive pre-multiplied by ``scale / temperature`` (dot scores without score
+    #: mods): one pass over q instead of one over every tile of scores, forward and backward
+    prescaled: bool = False
 
 
 def make_plan(spec: AttentionSpec, block_q: int, block_k: int, kv_chunk: int, device=None) -> Plan:
@@ -84,7 +87,13 @@ def make_plan(spec: AttentionSpec, block_q: int, block_k: int, kv_chunk: int, de
             row.append(cur)
         runs.append(tuple(Run(a * block_k, min(b * block_k, Tk), p) for a, b, p in row))
     q_blocks = tuple((i * block_q, min((i + 1) * block_q, Tq)) for i in range(nq))
-    return Plan(block_q, block_k, q_blocks, tuple(runs), int(live.sum()), nq * nk)
+    prescaled = spec.score.tile_is_dot and not spec.score_mods
+    return Plan(block_q, block_k, q_blocks, tuple(runs), int(live.sum()), nq * nk, prescaled)
+
+
+def query_scale(spec: AttentionSpec) -> float:
+    """``scale / temperature``: what a prescaled plan multiplies the queries by."""
+    return spec.scale / (spec.normalizer.temperature if isinstance(spec.normalizer, Softmax) else 1.0)
 
 
 def _expand(x: Tensor, groups: int) -> Tensor:
@@ -102,9 +111,10 @@ def _reduce_groups(x: Tensor, groups: int) -> Tensor:
 class _Tile:
     """Evaluates scores and the mask on one (query block, run) tile."""
 
-    def __init__(self, spec: AttentionSpec, device):
+    def __init__(self, spec: AttentionSpec, device, prescaled: bool = False):
         self.spec = spec
         self.device = device
+        self.prescaled = prescaled
         self.inv_temp = 1.0 / spec.normalizer.temperature if isinstance(spec.normalizer, Softmax) else 1.0
 
     def grid(self, qs, qe, ks, ke):
@@ -114,6 +124,8 @@ class _Tile:
     def scores(self, qp: Tensor, kp: Tensor, qs: int, ks: int, grid) -> Tensor:
         spec = self.spec
         s = spec.score.tile(qp, kp)
+        if self.prescaled:
+            return s
         c = spec.scale
         if c != 1.0:
             s = s * c
@@ -141,7 +153,7 @@ def tiled_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: 
     log-sum-exp is that of the undropped weights, as in FlashAttention)."""
     keep_scale = 1.0 / (1.0 - spec.dropout_p) if seed is not None else 1.0
     B, H, G = spec.B, spec.H, spec.groups
-    tile = _Tile(spec, qp.device)
+    tile = _Tile(spec, qp.device, plan.prescaled)
     sigmoid = isinstance(spec.normalizer, Sigmoid)
     offset = spec.normalizer.offset(spec.Tk) if sigmoid else 0.0
     out = torch.zeros(B, H, spec.Tq, v.shape[-1], dtype=qp.dtype, device=qp.device)
@@ -168,7 +180,7 @@ def tiled_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: 
                 s = s.masked_fill(~tile.allowed(grid), _NEG_INF)
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
             m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0)  # rows with nothing alive yet
-            p = torch.exp(s - m_safe)
+            p = s.sub_(m_safe).exp_()  # s is a fresh tile: reuse its memory
             corr = torch.exp(m - m_safe)
             l = l * corr + p.sum(-1, keepdim=True)
             acc = acc * corr + _drop(p, rows, grid, spec.dropout_p, keep_scale) @ vj
@@ -200,7 +212,7 @@ def _weights(s: Tensor, lse_i: Tensor | None, spec: AttentionSpec, allowed: Tens
 
 def tiled_weights(qp: Tensor, kp: Tensor, spec: AttentionSpec, lse: Tensor | None,
                   heads: tuple[int, ...] | None = None, rows: tuple[int, ...] | None = None,
-                  block_q: int = 128, kv_chunk: int = 1024) -> Tensor:
+                  block_q: int = 128, kv_chunk: int = 1024, prescaled: bool = False) -> Tensor:
     """Exact weights ``(B, len(heads), len(rows), Tk)`` (all heads / rows when None), recomputed
     from the saved log-sum-exp block by block: cost ``O(len(heads) · len(rows) · Tk)``."""
     dev = qp.device
@@ -210,7 +222,7 @@ def tiled_weights(qp: Tensor, kp: Tensor, spec: AttentionSpec, lse: Tensor | Non
     k_sel = kp.index_select(1, heads_t // spec.groups)         # key head of each query head
     lse_sel = None if lse is None else lse.index_select(1, heads_t)
     w = torch.zeros(spec.B, len(heads_t), len(rows_t), spec.Tk, dtype=qp.dtype, device=dev)
-    tile = _Tile(spec, dev)
+    tile = _Tile(spec, dev, prescaled)
     b = torch.arange(spec.B, device=dev).view(-1, 1, 1, 1)
     h = heads_t.view(1, -1, 1, 1)
     for r0 in range(0, len(rows_t), block_q):
@@ -232,10 +244,10 @@ def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, p
     ``1/(1-p)``): ``dV = (P∘Z)ᵀ dO``, ``dP = (dO Vᵀ)∘Z``, ``dS = P∘(dP − rowsum(dO∘O))``."""
     keep_scale = 1.0 / (1.0 - spec.dropout_p) if seed is not None else 1.0
     G = spec.groups
-    tile = _Tile(spec, qp.device)
+    tile = _Tile(spec, qp.device, plan.prescaled)
     sigmoid = isinstance(spec.normalizer, Sigmoid)
     fast = spec.score.tile_is_dot and not params and all(m.additive for m in spec.score_mods)
-    c = spec.scale * tile.inv_temp  # d s / d (qp·kp) on the fast path
+    c = 1.0 if plan.prescaled else spec.scale * tile.inv_temp  # d s / d (qp·kp) on the fast path
     dq, dk, dv = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(v)
     dparams = [torch.zeros_like(p) for p in params]
     delta = None if sigmoid else (dout * out).sum(-1, keepdim=True)  # (B, H, Tq, 1)
@@ -259,10 +271,12 @@ def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, p
             dv[:, :, r.start:r.stop] += _reduce_groups(_drop(p, rows, grid, spec.dropout_p, keep_scale).transpose(-2, -1)
                                                        @ doi, G)
             dp = _drop(doi @ vj.transpose(-2, -1), rows, grid, spec.dropout_p, keep_scale)
-            ds = p * (1.0 - p) * dp if sigmoid else p * (dp - delta[:, :, qs:qe])
+            ds = dp.mul_(p * (1.0 - p)) if sigmoid else dp.sub_(delta[:, :, qs:qe]).mul_(p)
             if fast:
-                dq[:, :, qs:qe] += (ds @ kj) * c
-                dk[:, :, r.start:r.stop] += _reduce_groups((ds.transpose(-2, -1) @ qi) * c, G)
+                if c != 1.0:
+                    ds = ds.mul_(c)
+                dq[:, :, qs:qe] += ds @ kj
+                dk[:, :, r.start:r.stop] += _reduce_groups(ds.transpose(-2, -1) @ qi, G)
             else:
                 grads = torch.autograd.grad(s, (qi_, kj_, *params), ds, allow_unused=True)
                 dq[:, :, qs:qe] += grads[0]
