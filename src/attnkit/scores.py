@@ -261,6 +261,40 @@ class Location(Score):
         return F.linear(q, self.proj.weight.to(q.dtype), self.proj.bias.to(q.dtype))[..., : k.shape[-2]]
 
 
+class Kernel(Score):
+    """Kernelized score ``s_ij = φ(q_i) · φ(k_j)`` (Katharopoulos et al. 2020,
+    https://arxiv.org/abs/2006.16236), non-negative for φ = elu+1. With
+    ``normalizer=attnkit.normalizers.Normalize()`` this is linear attention; the tiled backend
+    then runs the O(T) chunked form for plain and causal masks.
+
+    Example::
+
+        >>> import torch, attnkit
+        >>> s = attnkit.scores.Kernel()
+        >>> bool((s(torch.randn(1, 1, 3, 4), torch.randn(1, 1, 5, 4)) > 0).all())
+        True
+    """
+
+    name = "kernel"
+
+    def __init__(self, feature_map="elu+1"):
+        super().__init__()
+        from .linear import _feature_map
+
+        self.feature_map_name = feature_map if isinstance(feature_map, str) else getattr(feature_map, "__name__", "φ")
+        self.feature_map = feature_map
+        self.phi = _feature_map(feature_map)
+
+    def prepare(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return self.phi(q), self.phi(k)
+
+    def forward(self, q: Tensor, k: Tensor) -> Tensor:
+        return self.tile(*self.prepare(q, k))
+
+    def extra_repr(self) -> str:
+        return f"feature_map={self.feature_map_name!r}"
+
+
 #: parameter-free scores available by name
 NAMED = {"dot": Dot, "scaled_dot": ScaledDot, "cosine": Cosine}
 #: scores that need parameters: the class to build instead of a string
@@ -278,4 +312,4 @@ def get(score: str | Score) -> Score:
     return lookup("score", score, NAMED)()
 
 
-__all__ = ["Score", "Dot", "ScaledDot", "Cosine", "General", "Additive", "Location", "get", "NAMED"]
+__all__ = ["Score", "Dot", "ScaledDot", "Cosine", "General", "Additive", "Location", "Kernel", "get", "NAMED"]

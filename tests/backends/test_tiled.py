@@ -337,3 +337,32 @@ def test_auto_prefers_tiled_over_a_dense_sdpa_mask_for_long_sequences():
     assert attnkit.explain(x, x, x, mask=torch.ones(2048, 2048, dtype=torch.bool)).backend == "sdpa"  # already dense
     small = x[:, :, :256]
     assert attnkit.explain(small, small, small, mask=masks.sliding_window(64)).backend == "sdpa"
+
+
+LINEAR = dict(score=scores.Kernel(), normalizer=attnkit.normalizers.Normalize())
+
+
+@pytest.mark.parametrize("mask_name", ["none", "causal", "window", "causal&padding", "bool_tensor"])
+def test_linear_attention_tiles_match_the_quadratic_reference(mask_name):
+    q, k, v = make_qkv(2, 4, 29, 53, D=5, Dv=3, Hkv=2, dtype=torch.float64, requires_grad=True)
+    (o1, w1, g1), (o2, w2, g2) = both(q, k, v, mask=MASKS[mask_name](29, 53, 2), **LINEAR)
+    assert_close(o1, o2)
+    assert_close(w1, w2)
+    for a, b in zip(g1, g2):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("mask", [None, masks.causal()])
+def test_plain_and_causal_linear_attention_run_in_chunked_form(mask, monkeypatch):
+    import attnkit.backends.tiled as tiled_mod
+
+    calls = []
+    real = tiled_mod.linear_attention
+    monkeypatch.setattr(tiled_mod, "linear_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    q, k, v = make_qkv(1, 2, 40, 40, D=4, dtype=torch.float64, requires_grad=True)
+    out = attnkit.attention(q, k, v, mask=mask, backend="tiled", **LINEAR)
+    ref = attnkit.attention(q, k, v, mask=mask, backend="reference", **LINEAR)
+    assert calls and calls[0]["causal"] == (mask is not None)
+    assert_close(out, ref)
+    assert_close(torch.autograd.grad(out.sum(), q)[0], torch.autograd.grad(ref.sum(), q)[0])
+    assert_close(ref, attnkit.linear.linear_attention(q, k, v, causal=mask is not None))

@@ -13,8 +13,11 @@ from torch import nn
 
 from ..kernels.dropout import draw_seed
 from ..kernels.tiled import TiledAttentionFn, make_plan, query_scale, tiled_weights
-from ..normalizers.base import Sigmoid, Softmax
+from ..normalizers.base import Normalize, Sigmoid, Softmax
 from ..positions.base import FromScoreMod, TensorBias
+from ..linear import linear_attention
+from ..masks.basic import Causal
+from ..scores import Kernel
 from ..spec import AttentionSpec
 
 Tensor = torch.Tensor
@@ -40,8 +43,8 @@ class TiledBackend:
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         why = []
-        if type(spec.normalizer) not in (Softmax, Sigmoid):
-            why.append(f"normalizer {spec.normalizer.name!r} is not softmax or sigmoid")
+        if type(spec.normalizer) not in (Softmax, Sigmoid, Normalize):
+            why.append(f"normalizer {spec.normalizer.name!r} is not softmax, sigmoid or normalize")
         if not spec.score.tileable:
             why.append(f"score {spec.score.name!r} cannot be evaluated tile by tile")
         if spec.mask is not None and spec.mask.has_weight_factor:
@@ -66,7 +69,20 @@ class TiledBackend:
         per_key = spec.B * spec.H * self.block_q * kp.shape[-1] * 4
         return max(self.block_k, min(self.kv_chunk, (64 << 20) // per_key // self.block_k * self.block_k))
 
+    @staticmethod
+    def chunked_linear(spec: AttentionSpec) -> bool:
+        """Linear attention (kernel score, sum normalization) with no mask or a bottom-right causal
+        one runs in the O(T·D²) chunked form of :func:`attnkit.linear.linear_attention`."""
+        m = spec.mask
+        return (isinstance(spec.score, Kernel) and type(spec.normalizer) is Normalize and not spec.score_mods
+                and spec.dropout_p == 0 and not spec.return_weights
+                and (m is None or (isinstance(m, Causal) and m.align == "bottom_right")))
+
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
+        if self.chunked_linear(spec):
+            out = linear_attention(q, k, v, feature_map=spec.score.feature_map, causal=spec.mask is not None,
+                                   eps=spec.normalizer.eps)
+            return out, None
         qp, kp = spec.score.prepare(q, k)
         dtype = v.dtype
         if dtype in _LOW_PRECISION:  # accumulate in float32

@@ -30,7 +30,7 @@ import torch
 
 from ..masks.base import EMPTY, FULL, index_grid
 from .dropout import keep_mask, row_hash
-from ..normalizers.base import Sigmoid, Softmax
+from ..normalizers.base import Normalize, Sigmoid, Softmax
 from ..spec import AttentionSpec
 
 Tensor = torch.Tensor
@@ -148,16 +148,19 @@ def _dropout_rows(seed: int | None, spec: AttentionSpec, qs: int, qe: int, devic
 
 def tiled_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: Plan,
                   seed: int | None = None) -> tuple[Tensor, Tensor]:
-    """Returns ``out (B, H, Tq, Dv)`` and ``lse (B, H, Tq)`` (softmax) or ``(out, None)`` (sigmoid).
+    """Returns ``out (B, H, Tq, Dv)`` and the row statistic the backward needs: ``lse (B, H, Tq)``
+    for softmax, the denominator ``Σ_j s_ij + eps`` for :class:`Normalize`, None for sigmoid.
     With a dropout ``seed``, weights are dropped by :mod:`attnkit.kernels.dropout`'s hash (the
-    log-sum-exp is that of the undropped weights, as in FlashAttention)."""
+    statistic is that of the undropped weights, as in FlashAttention)."""
     keep_scale = 1.0 / (1.0 - spec.dropout_p) if seed is not None else 1.0
     B, H, G = spec.B, spec.H, spec.groups
     tile = _Tile(spec, qp.device, plan.prescaled)
-    sigmoid = isinstance(spec.normalizer, Sigmoid)
+    kind = _kind(spec)
+    sigmoid = kind == "sigmoid"
     offset = spec.normalizer.offset(spec.Tk) if sigmoid else 0.0
     out = torch.zeros(B, H, spec.Tq, v.shape[-1], dtype=qp.dtype, device=qp.device)
-    lse = None if sigmoid else torch.full((B, H, spec.Tq), _NEG_INF, dtype=qp.dtype, device=qp.device)
+    lse = None if sigmoid else torch.full((B, H, spec.Tq), _NEG_INF if kind == "softmax" else 1.0,
+                                          dtype=qp.dtype, device=qp.device)
     for (qs, qe), runs in zip(plan.q_blocks, plan.runs):
         if not runs:
             continue  # every key is masked for this block: output 0, lse -inf
@@ -176,6 +179,11 @@ def tiled_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: 
                     p = p.masked_fill(~tile.allowed(grid), 0.0)
                 acc = acc + _drop(p, rows, grid, spec.dropout_p, keep_scale) @ vj
                 continue
+            if kind == "normalize":
+                p = s.masked_fill(~tile.allowed(grid), 0.0) if r.partial else s
+                l = l + p.sum(-1, keepdim=True)
+                acc = acc + _drop(p, rows, grid, spec.dropout_p, keep_scale) @ vj
+                continue
             if r.partial:
                 s = s.masked_fill(~tile.allowed(grid), _NEG_INF)
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
@@ -187,6 +195,11 @@ def tiled_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: 
             m = m_new
         if sigmoid:
             out[:, :, qs:qe] = acc
+        elif kind == "normalize":
+            den = l + spec.normalizer.eps
+            den = den.masked_fill(den == 0, 1.0)
+            out[:, :, qs:qe] = acc / den
+            lse[:, :, qs:qe] = den.squeeze(-1)
         else:
             out[:, :, qs:qe] = acc / l.masked_fill(l == 0, 1.0)
             lse[:, :, qs:qe] = (m + torch.log(l)).squeeze(-1)  # -inf where nothing was alive
@@ -199,9 +212,17 @@ def _drop(p: Tensor, rows: Tensor | None, grid, dropout_p: float, keep_scale: fl
     return p * (keep_mask(rows, grid[3], dropout_p).to(p.dtype) * keep_scale)
 
 
+def _kind(spec: AttentionSpec) -> str:
+    n = spec.normalizer
+    return "sigmoid" if isinstance(n, Sigmoid) else "normalize" if isinstance(n, Normalize) else "softmax"
+
+
 def _weights(s: Tensor, lse_i: Tensor | None, spec: AttentionSpec, allowed: Tensor | None) -> Tensor:
-    if isinstance(spec.normalizer, Sigmoid):
+    kind = _kind(spec)
+    if kind == "sigmoid":
         p = torch.sigmoid(s + spec.normalizer.offset(spec.Tk))
+    elif kind == "normalize":
+        p = s / lse_i.unsqueeze(-1)  # lse_i holds the denominators
     else:
         # dead rows have lse = -inf: make their probabilities 0 instead of e^(+inf)
         p = torch.exp(s - lse_i.masked_fill(lse_i == _NEG_INF, float("inf")).unsqueeze(-1))
@@ -245,7 +266,8 @@ def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, p
     keep_scale = 1.0 / (1.0 - spec.dropout_p) if seed is not None else 1.0
     G = spec.groups
     tile = _Tile(spec, qp.device, plan.prescaled)
-    sigmoid = isinstance(spec.normalizer, Sigmoid)
+    kind = _kind(spec)
+    sigmoid = kind == "sigmoid"
     fast = spec.score.tile_is_dot and not params and all(m.additive for m in spec.score_mods)
     c = 1.0 if plan.prescaled else spec.scale * tile.inv_temp  # d s / d (qp·kp) on the fast path
     dq, dk, dv = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(v)
@@ -271,7 +293,14 @@ def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, p
             dv[:, :, r.start:r.stop] += _reduce_groups(_drop(p, rows, grid, spec.dropout_p, keep_scale).transpose(-2, -1)
                                                        @ doi, G)
             dp = _drop(doi @ vj.transpose(-2, -1), rows, grid, spec.dropout_p, keep_scale)
-            ds = dp.mul_(p * (1.0 - p)) if sigmoid else dp.sub_(delta[:, :, qs:qe]).mul_(p)
+            if sigmoid:
+                ds = dp.mul_(p * (1.0 - p))
+            elif kind == "normalize":  # out = Σ s v / den: d out / d s_ij = (v_j - out_i) / den_i
+                ds = dp.sub_(delta[:, :, qs:qe]).div_(lse_i.unsqueeze(-1))
+                if allowed is not None:
+                    ds = ds.masked_fill_(~allowed, 0.0)
+            else:
+                ds = dp.sub_(delta[:, :, qs:qe]).mul_(p)
             if fast:
                 if c != 1.0:
                     ds = ds.mul_(c)

@@ -14,6 +14,7 @@ name                object                                 weights
 ``topk``            ``TopK(k=8, temperature=1.0)``         softmax over the k best, straight-through grad
 ``gumbel``          ``Gumbel(tau=1.0, hard=False, ...)``   Gumbel-softmax sample (one-hot with ``hard``)
 ``stochastic_hard`` ``StochasticHard(generator=None)``     one sampled key; train with ``reinforce_loss``
+(object only)       ``Normalize(eps=1e-6)``                ``s / Σ s`` for non-negative (kernel) scores
 ==================  =====================================  ==========================================
 
 Every normalizer is called as ``normalizer(scores, mask=None)``: masked keys get exactly 0 and
@@ -23,7 +24,7 @@ rows with no allowed key get all zeros, never NaN.
 from __future__ import annotations
 
 from .._checks import lookup
-from .base import Normalizer, Sigmoid, Softmax
+from .base import Normalize, Normalizer, Sigmoid, Softmax
 from .hard import Gumbel, Hardmax, HardSample, StochasticHard, TopK, reinforce_loss, straight_through
 from .sparse import Entmax, Entmax15, Sparsemax, entmax15, entmax_bisect, sparsemax
 
@@ -48,6 +49,6 @@ def get(normalizer) -> Normalizer:
     return lookup("normalizer", normalizer, NAMED)()
 
 
-__all__ = ["Normalizer", "Softmax", "Sigmoid", "Sparsemax", "Entmax15", "Entmax", "Hardmax", "TopK", "Gumbel",
+__all__ = ["Normalize", "Normalizer", "Softmax", "Sigmoid", "Sparsemax", "Entmax15", "Entmax", "Hardmax", "TopK", "Gumbel",
            "StochasticHard", "HardSample", "reinforce_loss", "straight_through", "sparsemax", "entmax15",
            "entmax_bisect", "get", "NAMED"]

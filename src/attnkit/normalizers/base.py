@@ -99,3 +99,33 @@ class Sigmoid(Normalizer):
 
     def normalize(self, scores: Tensor) -> Tensor:
         return torch.sigmoid(scores + self.offset(scores.shape[-1]))
+
+
+class Normalize(Normalizer):
+    """Sum normalization ``w_ij = s_ij / (Σ_j' s_ij' + eps)`` over the allowed keys, for
+    non-negative scores: with :class:`attnkit.scores.Kernel` it is linear attention
+    (Katharopoulos et al. 2020). Masked keys contribute 0; rows with no key give 0.
+
+    Example::
+
+        >>> import torch, attnkit
+        >>> attnkit.normalizers.Normalize(eps=0.0)(torch.tensor([1.0, 3.0, 4.0]), torch.tensor([True, True, False])).tolist()
+        [0.25, 0.75, 0.0]
+    """
+
+    name = "normalize"
+    sums_to_one = False  # up to eps
+
+    def __init__(self, eps: float = 1e-6):
+        self.eps = float(check_positive("eps", eps, allow_zero=True))
+
+    def normalize(self, scores: Tensor) -> Tensor:
+        den = scores.sum(-1, keepdim=True) + self.eps
+        return scores / den.masked_fill(den == 0, 1.0)
+
+    def __call__(self, scores: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is None:
+            return self.normalize(scores)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = may attend); got {mask.dtype}")
+        return self.normalize(scores.masked_fill(~mask, 0.0))
