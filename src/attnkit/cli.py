@@ -53,31 +53,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Placeholder demo until the models issue lands: every normalizer on one attention row,
-    and the fast path checked against the reference."""
-    import torch
+    """Train an attention seq2seq on the embedded date corpus and draw its attention."""
+    from .tasks.dates import DatesTask
 
-    import attnkit
-
-    torch.manual_seed(args.seed)
-    B, H, T, D = 1, 2, 8, 16
-    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
-    fast = attnkit.attention(q, k, v, mask=attnkit.masks.causal())
-    ref = attnkit.attention(q, k, v, mask=attnkit.masks.causal(), backend="reference")
-    print(f"causal attention, B={B} H={H} T={T} D={D}: backend "
-          f"{attnkit.explain(q, k, v, mask=attnkit.masks.causal()).backend!r}, "
-          f"max |fast - reference| = {(fast - ref).abs().max().item():.2e}")
-    print("weights of the last query of head 0 under each normalizer (causal, T=8):")
-    for name in sorted(attnkit.normalizers.NAMED):
-        norm = attnkit.normalizers.NAMED[name]()
-        if getattr(norm, "deterministic", True) is False:
-            continue
-        _, w = attnkit.attention(q, k, v, normalizer=norm, mask=attnkit.masks.causal(), return_weights=True)
-        row = w[0, 0, -1]
-        print(f"  {name:<10} " + " ".join(f"{x:5.2f}" for x in row.tolist()) + f"   (sum {row.sum().item():.2f})")
-    ok = torch.allclose(fast, ref, atol=1e-5)
-    print(f"demo result: fast path {'matches' if ok else 'DOES NOT match'} the reference")
-    return 0 if ok else 1
+    return DatesTask().demo(args)
 
 
 def _common_train_options(p: argparse.ArgumentParser) -> None:
@@ -155,8 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="versions, backends and the available families").set_defaults(fn=cmd_info)
 
-    d = sub.add_parser("demo", help="run a small attention demo")
+    d = sub.add_parser("demo", help="train an attention seq2seq on dates (~2.5 min on a laptop CPU) and draw "
+                                     "its attention")
+    d.add_argument("--out", default="attnkit-demo", help="output folder (default ./attnkit-demo)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    d.add_argument("--max-seconds", type=float, default=150, help="training budget in seconds (default 150)")
+    d.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     d.set_defaults(fn=cmd_demo)
 
     from .tasks import names as task_names
