@@ -103,6 +103,7 @@ class KeyPadding(Mask):
             if (x < 0).any():
                 raise ValueError(f"key_padding lengths must be >= 0; got {x.tolist()}")
             self.keep, self.lengths = None, x
+            self._max_length = int(x.max()) if x.numel() else 0  # checked on every call: compute once
         else:
             raise TypeError(
                 f"key_padding takes integer lengths (B,) or a bool keep-mask (B, Tk); got dtype {x.dtype}"
@@ -116,8 +117,8 @@ class KeyPadding(Mask):
             raise ValueError(
                 f"key_padding keep-mask has {self.keep.shape[1]} keys but the inputs have Tk = {num_keys}"
             )
-        if self.lengths is not None and int(self.lengths.max()) > num_keys:
-            raise ValueError(f"key_padding lengths must be <= Tk = {num_keys}; got max {int(self.lengths.max())}")
+        if self.lengths is not None and self._max_length > num_keys:
+            raise ValueError(f"key_padding lengths must be <= Tk = {num_keys}; got max {self._max_length}")
 
     def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
         if self.lengths is not None:
