@@ -152,3 +152,11 @@ def test_cli_errors_are_one_line_messages(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model": "x"}))
     assert main(["translate", str(tmp_path), "hello"]) == 2
     assert "names no task" in capsys.readouterr().err
+
+
+def test_checkpoint_files_get_ordinary_permissions(tmp_path):
+    ck.save_checkpoint(tmp_path, model=torch.nn.Linear(1, 1), config={}, trainer_state={})
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json", "trainer.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
