@@ -8,10 +8,11 @@ may attend; causal masks with ``Tq != Tk`` align bottom-right. ``attnkit.nn`` mo
 
 from . import backends, linear, masks, models, nn, normalizers, positions, scores, tasks
 from .backends import use_backend
+from .recording import capture
 from .functional import attention, explain
 from .spec import AttentionSpec, WeightsRequest, canonicalize
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "explain", "use_backend", "AttentionSpec", "WeightsRequest", "canonicalize", "scores", "normalizers",
+__all__ = ["attention", "explain", "use_backend", "capture", "AttentionSpec", "WeightsRequest", "canonicalize", "scores", "normalizers",
            "masks", "positions", "linear", "backends", "nn", "models", "tasks", "__version__"]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+import dataclasses
+
+from . import recording as _capture
 from .backends import registry
 from .spec import WeightsRequest, canonicalize
 
@@ -62,7 +65,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normalizer
     spec = canonicalize(q, k, v, score=score, normalizer=normalizer, mask=mask, bias=bias, scale=scale,
                         dropout_p=dropout_p, return_weights=return_weights, generator=generator)
     choice = registry.choose(spec, backend)
+    rec = _capture.active()
+    if rec is not None and not spec.normalizer.deterministic and not spec.return_weights:
+        # a sampling normalizer must not be run twice: take the weights from this very call
+        full = dataclasses.replace(spec, return_weights=True, weights=WeightsRequest())
+        out, weights = registry.REGISTRY[choice.backend](q, k, v, full)
+        _capture.record_given(rec, weights, spec, choice.backend)
+        return out
     out, weights = registry.REGISTRY[choice.backend](q, k, v, spec)
+    if rec is not None:
+        _capture.record(rec, q, k, v, spec, choice.backend)
     return (out, weights) if spec.return_weights else out
 
 
