@@ -211,7 +211,12 @@ def test_shaw_dropout_uses_the_same_dropped_weights_for_both_terms():
     shaw = ShawRelative(4, max_relative_position=2).double()
     q, k, v = make_qkv(1, 2, 5, D=4, dtype=torch.float64)
     out, w = shaw.attention(q, k, v, dropout_p=0.5, generator=torch.Generator().manual_seed(7), return_weights=True)
-    keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(7)) >= 0.5
+    # replay the reference's counter-based dropout mask from the same generator state
+    from attnkit.kernels.dropout import draw_seed, keep_mask, row_hash
+    from attnkit.masks.base import index_grid
+
+    b, h, i, j = index_grid(*w.shape)
+    keep = keep_mask(row_hash(draw_seed(torch.Generator().manual_seed(7)), b, h, i), j, 0.5)
     wd = w * keep / 0.5
     expected = wd @ v + shaw.value_term(wd)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-14)
