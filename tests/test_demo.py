@@ -69,7 +69,7 @@ def field_masses(checkpoint_dir, kinds=KINDS, border=0):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    args = argparse.Namespace(out=str(out), seed=0, threads=None, max_seconds=60, progress=False, epochs=6,
+    args = argparse.Namespace(out=str(out), seed=0, threads=None, max_seconds=900, progress=False, epochs=6,
                               train_size=3000, valid_size=100, test_size=300, templates=KINDS, hidden_dim=64,
                               emb_dim=32, batch_size=64, lr=5e-3)
     import contextlib

@@ -65,16 +65,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normalizer
     spec = canonicalize(q, k, v, score=score, normalizer=normalizer, mask=mask, bias=bias, scale=scale,
                         dropout_p=dropout_p, return_weights=return_weights, generator=generator)
     choice = registry.choose(spec, backend)
-    rec = _capture.active()
-    if rec is not None and not spec.normalizer.deterministic and not spec.return_weights:
+    recs = _capture.recorders()
+    if recs and not spec.normalizer.deterministic:
         # a sampling normalizer must not be run twice: take the weights from this very call
         full = dataclasses.replace(spec, return_weights=True, weights=WeightsRequest())
         out, weights = registry.REGISTRY[choice.backend](q, k, v, full)
-        _capture.record_given(rec, weights, spec, choice.backend)
-        return out
+        for rec in recs:
+            _capture.record_given(rec, weights, spec, choice.backend)
+        return (out, spec.weights.select(weights)) if spec.return_weights else out
     out, weights = registry.REGISTRY[choice.backend](q, k, v, spec)
-    if rec is not None:
-        _capture.record(rec, q, k, v, spec, choice.backend)
+    for rec in recs:
+        if spec.return_weights and spec.weights == WeightsRequest():
+            _capture.record_given(rec, weights, spec, choice.backend)  # the call computed them already
+        else:
+            _capture.record(rec, q, k, v, spec, choice.backend)
     return (out, weights) if spec.return_weights else out
 
 

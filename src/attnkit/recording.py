@@ -131,33 +131,72 @@ def capture(layers: Sequence[int | str] | int | str | None = None, heads: Sequen
     rec = Recorder(layers, heads_t, rows_t, device)
     stack = _recorders()
     stack.append(rec)
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(_push_module)
-    handle_post = torch.nn.modules.module.register_module_forward_hook(_pop_module, always_call=True)
+    _install_hooks()
     try:
         yield rec
     finally:
-        handle.remove()
-        handle_post.remove()
-        stack.remove(rec)
+        _uninstall_hooks()
+        for i in range(len(stack) - 1, -1, -1):  # by identity: a Recorder is a list, == compares contents
+            if stack[i] is rec:
+                del stack[i]
+                break
+
+
+# The module-path stack is kept by global forward hooks, installed once however many capture blocks
+# are open (in any thread), and per thread (modules called in other threads keep their own stack).
+_hooks_lock = threading.Lock()
+_hooks: list = []
+_hook_users = 0
+
+
+def _install_hooks() -> None:
+    global _hook_users
+    with _hooks_lock:
+        if _hook_users == 0:
+            _hooks.append(torch.nn.modules.module.register_module_forward_pre_hook(_push_module))
+            _hooks.append(torch.nn.modules.module.register_module_forward_hook(_pop_module, always_call=True))
+        _hook_users += 1
+
+
+def _uninstall_hooks() -> None:
+    global _hook_users
+    with _hooks_lock:
+        _hook_users -= 1
+        if _hook_users == 0:
+            while _hooks:
+                _hooks.pop().remove()
 
 
 def _recorders() -> list[Recorder]:
     if not hasattr(_state, "recorders"):
         _state.recorders = []
-        _state.modules = []
     return _state.recorders
 
 
+def _modules() -> list:
+    if not hasattr(_state, "modules"):
+        _state.modules = []
+    return _state.modules
+
+
 def _push_module(module, args):
-    _state.modules.append(module)
+    _modules().append(module)
 
 
 def _pop_module(module, args, output):
-    mods = _state.modules
+    mods = _modules()
     if mods and mods[-1] is module:
         mods.pop()
-    elif module in mods:
-        mods.remove(module)
+    else:
+        for i in range(len(mods) - 1, -1, -1):
+            if mods[i] is module:
+                del mods[i]
+                break
+
+
+def recorders() -> list[Recorder]:
+    """Every active recorder of this thread, outermost first."""
+    return list(getattr(_state, "recorders", ()))
 
 
 def active() -> Optional[Recorder]:
@@ -172,12 +211,9 @@ def current_name() -> str:
     if mods:
         parts = []
         for parent, child in zip(mods, mods[1:]):
-            for n, c in parent.named_children():
-                if c is child:
-                    parts.append(n)
-                    break
-            else:
-                parts.append(type(child).__name__)
+            # a child may sit below containers that are never called (ModuleList, ModuleDict)
+            path = next((n for n, c in parent.named_modules() if c is child and n), None)
+            parts.append(path if path is not None else type(child).__name__)
         return ".".join(parts) if parts else type(mods[0]).__name__
     here = os.path.dirname(os.path.abspath(__file__))
     for frame in inspect.stack()[2:]:
