@@ -1,5 +1,5 @@
 """Models built from :mod:`attnkit.nn` modules (no private copies of attention math), one
-readable file each. Each has a ``config`` dataclass so a checkpoint can rebuild it:
+readable file each. Each keeps a JSON-able ``config`` dict so a checkpoint can rebuild it:
 ``MODELS[name](**config)``.
 """
 
