@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options (attnkit bench --help)")
     b.set_defaults(fn=lambda a: __import__("attnkit.bench", fromlist=["main"]).main(a.rest))
 
+    v = sub.add_parser("viz", help="draw a checkpoint's attention for one input: interactive HTML, PNGs, "
+                                   "statistics (attnkit viz --help)", add_help=False)
+    v.add_argument("rest", nargs=argparse.REMAINDER, help="options (attnkit viz --help)")
+
     e = sub.add_parser("eval", help="evaluate a checkpoint")
     e.add_argument("checkpoint", help="checkpoint folder written by attnkit train")
     e.add_argument("--data", default=None, help="data path (default: the task's own test split)")
@@ -181,6 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["viz"]:  # parses its own options and reports its own errors
+        from .viz.cli import main as viz_main
+
+        return viz_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):

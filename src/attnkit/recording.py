@@ -106,7 +106,8 @@ def _check_selection(name: str, sel) -> Optional[tuple]:
 
 @contextlib.contextmanager
 def capture(layers: Sequence[int | str] | int | str | None = None, heads: Sequence[int] | int | None = None,
-            rows: Sequence[int] | int | None = None, device: str | None = "cpu") -> Iterator[Recorder]:
+            rows: Sequence[int] | int | None = None, device: str | None = "cpu",
+            root: torch.nn.Module | None = None) -> Iterator[Recorder]:
     """Record the weights of every ``attnkit.attention`` call in the block.
 
     Args:
@@ -115,6 +116,8 @@ def capture(layers: Sequence[int | str] | int | str | None = None, heads: Sequen
         heads: query heads to keep (None: all). Heads a call does not have are skipped.
         rows: query positions to keep (None: all). Positions past a call's Tq are skipped.
         device: where captured weights are stored (default CPU; None keeps the call's device).
+        root: name calls by their path inside this module (useful when a model runs through a
+            method other than ``forward``, e.g. ``model.greedy(...)``, so no outer module is called).
 
     Example::
 
@@ -129,6 +132,7 @@ def capture(layers: Sequence[int | str] | int | str | None = None, heads: Sequen
     heads_t = None if heads is None else tuple(int(h) for h in ([heads] if isinstance(heads, int) else heads))
     rows_t = None if rows is None else tuple(int(r) for r in ([rows] if isinstance(rows, int) else rows))
     rec = Recorder(layers, heads_t, rows_t, device)
+    rec.root = root
     stack = _recorders()
     stack.append(rec)
     _install_hooks()
@@ -205,9 +209,13 @@ def active() -> Optional[Recorder]:
     return stack[-1] if stack else None
 
 
-def current_name() -> str:
+def current_name(root: torch.nn.Module | None = None) -> str:
     """Module path of the running attnkit call, or its call site outside attnkit."""
     mods = getattr(_state, "modules", [])
+    if mods and root is not None:
+        path = next((n for n, c in root.named_modules() if c is mods[-1]), None)
+        if path is not None:
+            return path or type(root).__name__
     if mods:
         parts = []
         for parent, child in zip(mods, mods[1:]):
@@ -225,7 +233,7 @@ def current_name() -> str:
 def _select(rec: Recorder, spec) -> tuple[str, int, tuple, tuple] | None:
     index = rec._calls
     rec._calls += 1
-    name = current_name()
+    name = current_name(getattr(rec, "root", None))
     if not rec.wants(name, index):
         return None
     heads = tuple(h for h in rec.heads if h < spec.H) if rec.heads is not None else tuple(range(spec.H))

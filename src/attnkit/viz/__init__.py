@@ -1,14 +1,37 @@
-"""Looking inside: pictures of attention weights.
+"""Looking inside: analyses and pictures of attention weights.
 
-* :func:`attnkit.viz.heatmap.alignment_png` -- a source × target alignment heatmap as a PNG
-  (matplotlib, Agg backend, no display needed).
-* :func:`attnkit.viz.html.alignment_html` / :func:`~attnkit.viz.html.alignment_page` -- a
-  self-contained interactive HTML page (inline CSS and JavaScript, no network): hover a target
-  token to highlight the source tokens it attends to. Every token is HTML-escaped.
+Capture the weights of any model built from attnkit (whatever backend computes them) with
+:func:`attnkit.capture`, then:
 
-Both take a weights matrix ``(T_out, T_in)`` (rows: target/query tokens, columns: source/key
-tokens; a tensor, an array or nested lists) and the token labels. Submodules are imported on
-first use, so ``import attnkit`` does not import matplotlib.
+* analyses (:mod:`attnkit.viz.analysis`): :func:`rollout` and :func:`flow` (Abnar & Zuidema
+  2020), :func:`head_entropy`, :func:`head_distance`, :func:`head_stats`,
+  :func:`gradient_x_attention`, and the alignments a translator needs, :func:`alignment_matrix`
+  and :func:`align`;
+* structure (:mod:`attnkit.viz.collect`): :func:`group_records` turns capture records into
+  layers and groups of layers (decoder steps stitched), :func:`assign_tokens` labels them;
+* pictures (matplotlib, Agg; no display): :func:`alignment_png` (source × target with token
+  labels), :func:`head_grid_png` (every head of every layer, with the rollout), :func:`mask_png`
+  (a mask and its tile classes); readable up to 100 tokens a side, longer sides summarized;
+* pages: :func:`attention_page` -- the interactive view of every layer and head with rollout and
+  flow, one self-contained HTML file (:mod:`attnkit.viz.view`); :func:`alignment_page` /
+  :func:`alignment_html` -- a simpler page of alignments (the demo's);
+* the command line: ``attnkit viz CHECKPOINT --text "..." --out DIR`` (:mod:`attnkit.viz.cli`).
+
+Example::
+
+    >>> import torch, attnkit
+    >>> from attnkit import viz
+    >>> layers = torch.nn.ModuleList(attnkit.nn.MultiheadAttention(8, 2) for _ in range(3))
+    >>> x = torch.randn(1, 5, 8)
+    >>> with attnkit.capture() as rec:
+    ...     for mha in layers:
+    ...         x = mha(x, need_weights=False)[0]
+    >>> [(g.name, len(g.layers)) for g in viz.group_records(rec)]  # one module type called 3 times
+    [('MultiheadAttention', 3)]
+    >>> viz.rollout([r.weights for r in rec]).shape                     # (B, T, T)
+    torch.Size([1, 5, 5])
+
+Submodules are imported on first use, so ``import attnkit`` does not import matplotlib.
 """
 
 from __future__ import annotations
@@ -21,6 +44,26 @@ _EXPORTS = {
     "alignment_html": "html",
     "alignment_page": "html",
     "Alignment": "html",
+    "rollout": "analysis",
+    "flow": "analysis",
+    "head_entropy": "analysis",
+    "head_distance": "analysis",
+    "head_stats": "analysis",
+    "HeadStat": "analysis",
+    "gradient_x_attention": "analysis",
+    "GradAttention": "analysis",
+    "alignment_matrix": "analysis",
+    "align": "analysis",
+    "AlignedToken": "analysis",
+    "group_records": "collect",
+    "assign_tokens": "collect",
+    "Group": "collect",
+    "Layer": "collect",
+    "head_grid_png": "grid",
+    "head_grid_size": "grid",
+    "mask_png": "masks",
+    "mask_size": "masks",
+    "attention_page": "view",
 }
 
 __all__ = sorted(_EXPORTS)
