@@ -32,3 +32,13 @@ def test_a_variant_runs_in_its_own_process_and_reports_time_memory_and_throughpu
     case = next(c for c in cases(quick=True) if c.name.startswith("softmax_auto_fwd"))
     r = run_variant(case, case.variants[1], threads=1, repeat=1, quick=True, timeout=300)
     assert r.error is None and r.seconds > 0 and r.peak_mib >= 0 and r.gflops > 0
+
+
+def test_case_flops_use_each_case_s_own_sizes():
+    cs = {c.name: c for c in cases(quick=True)}
+    win = masks.sliding_window(256)
+    assert cs["window256_fwdbwd_N4096"].flops() == attention_flops(1, 8, live_pairs(win, 4096, 4096), 64, True)
+    assert cs["alibi_causal_fwdbwd_N2048"].flops() == attention_flops(1, 8, 2048 * 2049 // 2, 64, True)
+    bs = cs["blocksparse_fwdbwd_N4096"]
+    assert bs.variants[1].flops() == attention_flops(1, 8, 4096 * 4096, 64, True)  # the 100% variant
+    assert bs.flops() < 0.2 * bs.variants[1].flops()

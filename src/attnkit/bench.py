@@ -85,10 +85,12 @@ class Result:
 
 @dataclass
 class Variant:
-    """One implementation of a case: ``setup(threads) -> (fn, note)``; ``fn()`` runs it once."""
+    """One implementation of a case: ``setup() -> (fn, note)``; ``fn()`` runs it once. ``flops``
+    overrides the case's count when this variant does different work (e.g. another density)."""
 
     name: str
     setup: Callable[[], tuple[Callable[[], object], str]]
+    flops: Callable[[], int] | None = None
 
 
 @dataclass
@@ -135,7 +137,7 @@ def run_variant(case: Case, variant: Variant, *, threads: int, repeat: int, quic
     p.join()
     if error is None and p.exitcode not in (0, None):
         error = f"exit code {p.exitcode}"
-    gflops = case.flops() / seconds / 1e9 if seconds else None
+    gflops = (variant.flops or case.flops)() / seconds / 1e9 if seconds else None
     return Result(case.name, variant.name, seconds, None if peak is None else peak / 2 ** 20, gflops, error, note)
 
 
@@ -269,14 +271,14 @@ def cases(quick: bool = False) -> list[Case]:
     N, w = 16384 // s, 256
     win = masks.sliding_window(w)
     out.append(Case(f"window{w}_fwdbwd_N{N}", f"sliding window w={w}, causal, N={N}, forward+backward",
-                    lambda: attention_flops(B, H, live_pairs(win, N, N), D, True), [
+                    lambda N=N: attention_flops(B, H, live_pairs(win, N, N), D, True), [
                         Variant("attnkit tiled", _attnkit("tiled", True, B, H, N, D, mask=win)),
                         Variant("sdpa dense mask", _sdpa_dense(True, B, H, N, D, mask=win)),
                         Variant("sdpa no mask", _sdpa_dense(True, B, H, N, D)),
                     ]))
     N = 8192 // s
     out.append(Case(f"window{w}_fwd_N{N}", f"sliding window w={w}, causal, N={N}, forward only",
-                    lambda: attention_flops(B, H, live_pairs(win, N, N), D, False), [
+                    lambda N=N: attention_flops(B, H, live_pairs(win, N, N), D, False), [
                         Variant("attnkit tiled", _attnkit("tiled", False, B, H, N, D, mask=win)),
                         Variant("flex compiled", _flex(B, H, N, D, win)),
                         Variant("sdpa dense mask", _sdpa_dense(False, B, H, N, D, mask=win)),
@@ -288,7 +290,7 @@ def cases(quick: bool = False) -> list[Case]:
     N = 8192 // s
     alibi, causal = positions.ALiBi(H), masks.causal()
     out.append(Case(f"alibi_causal_fwdbwd_N{N}", f"ALiBi + causal, N={N}, forward+backward",
-                    lambda: attention_flops(B, H, N * (N + 1) // 2, D, True), [
+                    lambda N=N: attention_flops(B, H, N * (N + 1) // 2, D, True), [
                         Variant("attnkit tiled", _attnkit("tiled", True, B, H, N, D, mask=causal, bias=alibi)),
                         Variant("sdpa dense bias", _sdpa_dense(True, B, H, N, D, mask=causal, bias=alibi)),
                     ]))
@@ -303,7 +305,8 @@ def cases(quick: bool = False) -> list[Case]:
     out.append(Case(f"blocksparse_fwdbwd_N{N}", f"block sparse ({density:.0%} vs 100% of {bs}-blocks), N={N}",
                     lambda: attention_flops(B, H, int(layout10.sum()) * bs * bs, D, True), [
                         Variant("attnkit tiled 10%", _attnkit("tiled", True, B, H, N, D, mask=sparse10)),
-                        Variant("attnkit tiled 100%", _attnkit("tiled", True, B, H, N, D, mask=dense)),
+                        Variant("attnkit tiled 100%", _attnkit("tiled", True, B, H, N, D, mask=dense),
+                                flops=lambda N=N: attention_flops(B, H, N * N, D, True)),
                     ]))
     for T in (1024 // s, 4096 // s):
         variants = [Variant("attnkit tiled", _additive_tiled(True, 4, T, 128))]
@@ -313,17 +316,17 @@ def cases(quick: bool = False) -> list[Case]:
                         lambda T=T: 4 * T * T * 128 * 4, variants))
     N = 4096 // s
     out.append(Case(f"softmax_auto_fwd_N{N}", f"plain softmax, N={N}, forward: auto vs calling SDPA",
-                    lambda: attention_flops(B, H, N * N, D, False), [
+                    lambda N=N: attention_flops(B, H, N * N, D, False), [
                         Variant("attnkit auto", _attnkit("auto", False, B, H, N, D)),
                         Variant("sdpa direct", _sdpa_dense(False, B, H, N, D)),
                     ]))
     N = 65536 // s
     out.append(Case(f"causal_fwdbwd_N{N}", f"exact causal attention, N={N}, forward+backward",
-                    lambda: attention_flops(B, H, N * (N + 1) // 2, D, True), [
+                    lambda N=N: attention_flops(B, H, N * (N + 1) // 2, D, True), [
                         Variant("attnkit tiled", _attnkit("tiled", True, B, H, N, D, mask=causal))]))
     N = 2048 // s
     out.append(Case(f"mha_causal_fwdbwd_N{N}", f"causal self-attention module, N={N}, E=512, forward+backward",
-                    lambda: attention_flops(B, H, N * (N + 1) // 2, D, True), [
+                    lambda N=N: attention_flops(B, H, N * (N + 1) // 2, D, True), [
                         Variant("attnkit nn.MultiheadAttention", _attnkit_mha(True, B, H, N, D)),
                         Variant("torch nn.MultiheadAttention", _mha(True, B, H, N, D)),
                     ]))
