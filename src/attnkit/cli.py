@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "its attention")
     d.add_argument("--out", default="attnkit-demo", help="output folder (default ./attnkit-demo)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    d.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1: robust when the cores are shared)")
     d.add_argument("--max-seconds", type=float, default=150, help="training budget in seconds (default 150)")
     d.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     d.set_defaults(fn=cmd_demo)
