@@ -366,3 +366,21 @@ def test_plain_and_causal_linear_attention_run_in_chunked_form(mask, monkeypatch
     assert_close(out, ref)
     assert_close(torch.autograd.grad(out.sum(), q)[0], torch.autograd.grad(ref.sum(), q)[0])
     assert_close(ref, attnkit.linear.linear_attention(q, k, v, causal=mask is not None))
+
+
+def test_alibi_as_a_row_separable_bias_keeps_float32_precision(monkeypatch):
+    monkeypatch.setitem(attnkit.backends.REGISTRY, "tiled", TiledBackend())
+    q64, k64, v64 = make_qkv(1, 8, 3000, D=16, dtype=torch.float64, requires_grad=True)
+    kw = dict(bias=attnkit.positions.ALiBi(8), mask=masks.causal())
+    spec = canonicalize(q64, k64, v64, **kw)
+    assert make_plan(spec, 128, 128, 1024).prescaled  # ALiBi rides on the prescaled path
+    q, k, v = (x.detach().float().requires_grad_() for x in (q64, k64, v64))
+    dout = torch.randn(1, 8, 3000, 16, dtype=torch.float64)
+
+    def run(q, k, v, backend):
+        out = attnkit.attention(q, k, v, backend=backend, **kw)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout.to(out.dtype)))
+
+    gold, ref, fast = run(q64, k64, v64, "reference"), run(q, k, v, "reference"), run(q, k, v, "tiled")
+    for name, f, r, g in zip(["out", "dq", "dk", "dv"], fast, ref, gold):
+        assert_close_to_gold(f, r, g, name=name)

@@ -87,7 +87,12 @@ def make_plan(spec: AttentionSpec, block_q: int, block_k: int, kv_chunk: int, de
             row.append(cur)
         runs.append(tuple(Run(a * block_k, min(b * block_k, Tk), p) for a, b, p in row))
     q_blocks = tuple((i * block_q, min((i + 1) * block_q, Tq)) for i in range(nq))
-    prescaled = spec.score.tile_is_dot and not spec.score_mods
+    # queries can carry scale/temperature when no mod sits between the dot product and the
+    # softmax, or when every mod is a row-separable bias added as one row per tile (softmax only)
+    separable = isinstance(spec.normalizer, Softmax) and type(spec.normalizer) is Softmax and all(
+        m.key_bias(torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1, 1, dtype=torch.long), 0, Tq, Tk)
+        is not None for m in spec.score_mods)
+    prescaled = spec.score.tile_is_dot and (not spec.score_mods or separable)
     return Plan(block_q, block_k, q_blocks, tuple(runs), int(live.sum()), nq * nk, prescaled)
 
 
@@ -125,6 +130,11 @@ class _Tile:
         spec = self.spec
         s = spec.score.tile(qp, kp)
         if self.prescaled:
+            # row-separable biases: one (1, H, 1 or r, tk) row per tile, relative to the tile's
+            # first query (the row term cancels in the softmax; see ScoreMod.key_bias)
+            for mod in spec.score_mods:
+                bias = mod.key_bias(grid[1], grid[3], self.q_ref(qs, grid), spec.Tq, spec.Tk)
+                s = s.add_(bias.to(s.dtype) * self.inv_temp if self.inv_temp != 1.0 else bias.to(s.dtype))
             return s
         c = spec.scale
         if c != 1.0:
@@ -134,6 +144,14 @@ class _Tile:
         if self.inv_temp != 1.0:
             s = s * self.inv_temp
         return s
+
+    #: set by tiled_weights: the forward's query-block size, so rows use their block's reference
+    rows_block: int | None = None
+
+    def q_ref(self, qs: int, grid):
+        if self.rows_block is None:
+            return qs  # the forward/backward tile's first query
+        return (grid[2] // self.rows_block) * self.rows_block  # per row: its forward block's first query
 
     def allowed(self, grid) -> Tensor:
         return self.spec.mask.mask_mod(*grid, self.spec.Tq, self.spec.Tk)
@@ -244,6 +262,7 @@ def tiled_weights(qp: Tensor, kp: Tensor, spec: AttentionSpec, lse: Tensor | Non
     lse_sel = None if lse is None else lse.index_select(1, heads_t)
     w = torch.zeros(spec.B, len(heads_t), len(rows_t), spec.Tk, dtype=qp.dtype, device=dev)
     tile = _Tile(spec, dev, prescaled)
+    tile.rows_block = block_q  # the lse of row i was taken relative to its forward block's first query
     b = torch.arange(spec.B, device=dev).view(-1, 1, 1, 1)
     h = heads_t.view(1, -1, 1, 1)
     for r0 in range(0, len(rows_t), block_q):

@@ -97,5 +97,12 @@ class ALiBi(ScoreMod):
             rel = -rel.abs()
         return score + (slope * rel.to(dt)).to(score.dtype)
 
+    def key_bias(self, h, kv_idx, q_ref, num_queries, num_keys):
+        """``-m_h (q_ref' - j)``: ALiBi is row-separable unless symmetric (see ``ScoreMod.key_bias``)."""
+        if self.symmetric:
+            return None
+        slope = self.slopes.to(device=h.device, dtype=torch.float32)[h]
+        return slope * (kv_idx - (q_ref + (num_keys - num_queries))).to(torch.float32)
+
     def __repr__(self) -> str:
         return f"ALiBi(num_heads={self.num_heads}, symmetric={self.symmetric})"

@@ -37,6 +37,14 @@ class ScoreMod:
     def check(self, batch: int, heads: int, num_queries: int, num_keys: int) -> None:
         """Raise ``ValueError`` when the mod cannot apply to inputs of these sizes."""
 
+    def key_bias(self, h: Tensor, kv_idx: Tensor, q_ref, num_queries: int, num_keys: int) -> Tensor | None:
+        """For row-separable additive mods: the bias that query position ``q_ref`` would get,
+        such that for any query ``i``, ``score_mod(s, b, h, i, j) - s - key_bias(h, j, q_ref)``
+        depends on ``(h, i)`` only. Under softmax that row term cancels, so a tiled kernel adds
+        one broadcast row per tile (``q_ref`` = the tile's first query keeps values small).
+        None (the default) means the mod is not separable."""
+        return None
+
     def bind(self, num_queries: int, num_keys: int) -> Callable:
         """A FlexAttention-style ``score_mod(score, b, h, q_idx, kv_idx)``."""
 
