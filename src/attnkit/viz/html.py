@@ -17,12 +17,11 @@ from __future__ import annotations
 import html
 import json
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 from . import _matrix
+from .._io import atomic_write_text
 
 
 @dataclass
@@ -140,18 +139,7 @@ def alignment_page(alignments: Sequence[Alignment], path: str | os.PathLike | No
             "it attends to; darker = more weight. Rows: output tokens; columns: source tokens.</p>\n"
             f"{body}\n<script>{_JS}</script>\n</body></html>\n")
     if path is not None:
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(page)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; a page is for sharing
-            os.replace(tmp, out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write_text(path, page)
     return page
 
 

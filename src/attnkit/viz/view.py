@@ -36,13 +36,12 @@ import html
 import json
 import math
 import os
-import tempfile
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from .collect import Group
+from .._io import atomic_write_text
 
 __all__ = ["attention_page", "view_data", "json_for_script"]
 
@@ -569,16 +568,5 @@ def attention_page(groups: Sequence[Group], path: str | os.PathLike | None = Non
             f"<script type=\"application/json\" id=\"attnkit-data\">{json_for_script(data)}</script>\n"
             f"<script>{script}</script>\n</body></html>\n")
     if path is not None:
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(page)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; a page is for sharing
-            os.replace(tmp, out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write_text(path, page)
     return page
