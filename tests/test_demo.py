@@ -120,7 +120,7 @@ def test_alignment_fields_attend_to_their_source_characters(demo_run):
 def test_full_demo_reaches_95_percent_and_aligns_fields(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
-        code = DatesTask().demo(argparse.Namespace(out=str(tmp_path), seed=0, threads=2, max_seconds=150,
+        code = DatesTask().demo(argparse.Namespace(out=str(tmp_path), seed=0, threads=None, max_seconds=150,
                                                    progress=False))
     finally:
         torch.set_num_threads(threads)
