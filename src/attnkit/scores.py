@@ -209,8 +209,17 @@ class Additive(Score):
 
     def project(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """``a = W_q q (B, H, Tq, hidden)`` and ``b = W_k k + bias (B, H, Tk, hidden)``."""
-        return F.linear(q, self.query_proj.weight.to(q.dtype)), F.linear(
-            k, self.key_proj.weight.to(k.dtype), None if self.key_proj.bias is None else self.key_proj.bias.to(k.dtype))
+        return F.linear(q, self.query_proj.weight.to(q.dtype)), self.project_keys(k)
+
+    def project_keys(self, k: Tensor) -> Tensor:
+        """``W_k k + bias`` (``(..., Tk, hidden)``): compute it once when many queries (decoder
+        steps) attend to the same keys, and pass the result with :meth:`with_projected_keys`."""
+        return F.linear(k, self.key_proj.weight.to(k.dtype),
+                        None if self.key_proj.bias is None else self.key_proj.bias.to(k.dtype))
+
+    def with_projected_keys(self) -> "Score":
+        """This score for keys already passed through :meth:`project_keys` (same parameters)."""
+        return _AdditiveProjectedKeys(self)
 
     def combine(self, a: Tensor, b: Tensor) -> Tensor:
         """Scores ``(B, H, tq, tk)`` from projected blocks ``a (B, H, tq, hidden)``, ``b (B, H, tk, hidden)``."""
@@ -228,6 +237,37 @@ class Additive(Score):
 
     def forward(self, q: Tensor, k: Tensor) -> Tensor:
         return self.combine(*self.project(q, k))
+
+
+class _AdditiveProjectedKeys(Score):
+    """:class:`Additive` whose keys arrive as ``W_k k + bias`` (see ``Additive.project_keys``)."""
+
+    name = "additive"
+    same_dim = False
+    tile_is_dot = False
+
+    def __init__(self, base: Additive):
+        super().__init__()
+        self.__dict__["base"] = base  # not a submodule: the parameters belong to ``base``
+
+    def check(self, q: Tensor, k: Tensor) -> None:
+        b = self.base
+        if q.shape[-1] != b.query_proj.in_features or k.shape[-1] != b.query_proj.out_features:
+            raise ValueError(f"Additive score with projected keys expects q (..., {b.query_proj.in_features}) and "
+                             f"projected k (..., {b.query_proj.out_features}); got q (..., {q.shape[-1]}) "
+                             f"and k (..., {k.shape[-1]})")
+
+    def prepare(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return F.linear(q, self.base.query_proj.weight.to(q.dtype)), k
+
+    def tile(self, qp: Tensor, kp: Tensor) -> Tensor:
+        return self.base.combine(qp, kp)
+
+    def tile_parameters(self) -> list[Tensor]:
+        return [self.base.v.weight]
+
+    def forward(self, q: Tensor, k: Tensor) -> Tensor:
+        return self.tile(*self.prepare(q, k))
 
 
 class Location(Score):

@@ -175,3 +175,23 @@ def test_dropout_only_while_training_and_weights_are_pre_dropout():
     assert not torch.allclose(ctx_train, ctx_eval)
     # inverted dropout: each context is a sum of kept weights / (1 - p) times values
     assert ((ctx_train - ctx_eval).abs() > 1e-6).any()
+
+
+def test_projected_keys_give_identical_results_and_gradients():
+    torch.manual_seed(0)
+    att = AdditiveAttention(5, 6, 7, value_dim=3).double()
+    q = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 9, 3, dtype=torch.float64)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, 6:] = True
+    a, wa = att(q, k, v, key_padding_mask=pad)
+    b, wb = att(q, k, v, key_padding_mask=pad, projected_key=att.project_keys(k))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+    torch.testing.assert_close(wa, wb, rtol=0, atol=1e-14)
+    ga = torch.autograd.grad(a.sum(), (q, k, *att.parameters()))
+    gb = torch.autograd.grad(b.sum(), (q, k, *att.parameters()))
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-13)
+    with pytest.raises(ValueError, match="projected_key must be"):
+        att(q, k, v, projected_key=att.project_keys(k)[:, :5])

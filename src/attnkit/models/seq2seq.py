@@ -165,13 +165,18 @@ class Seq2Seq(nn.Module):
         h = state[0] if isinstance(state, tuple) else state
         return h[-1]
 
+    def _keys(self, memory: Tensor) -> Tensor | None:
+        """Bahdanau's key projection ``W_k m + b``, computed once for all decoder steps."""
+        return self.attention.project_keys(memory) if self.bahdanau else None
+
     def _step(self, y: Tensor, state: Any, feed: Tensor, memory: Tensor, pad: Tensor,
-              need_weights: bool) -> tuple[Tensor, Any, Tensor, Tensor | None]:
+              need_weights: bool, keys: Tensor | None = None) -> tuple[Tensor, Any, Tensor, Tensor | None]:
         """One decoder step: token ids ``y (B,)`` → ``logits (B, V)``, new state, ``h̃_t (B, hidden)``
-        and the attention weights ``(B, S)``."""
+        and the attention weights ``(B, S)``. ``keys``: :meth:`_keys` of ``memory`` (Bahdanau)."""
         e = self.drop(self.tgt_embed(y))
         if self.bahdanau:
-            ctx, w = self.attention(self._top(state), memory, memory, key_padding_mask=pad, need_weights=need_weights)
+            ctx, w = self.attention(self._top(state), memory, memory, key_padding_mask=pad, need_weights=need_weights,
+                                    projected_key=keys)
             out, state = self.decoder(torch.cat([e, ctx], -1).unsqueeze(1), state)
             h_tilde = torch.tanh(self.combine(torch.cat([ctx, out[:, 0]], -1)))
         else:
@@ -204,8 +209,9 @@ class Seq2Seq(nn.Module):
             return (logits, w) if need_weights else logits
         feed = memory.new_zeros(src.shape[0], self.hidden_dim)
         logits, weights = [], []
+        keys = self._keys(memory)
         for t in range(tgt_in.shape[1]):
-            lg, state, feed, w = self._step(tgt_in[:, t], state, feed, memory, pad, need_weights)
+            lg, state, feed, w = self._step(tgt_in[:, t], state, feed, memory, pad, need_weights, keys)
             logits.append(lg)
             weights.append(w)
         logits_t = torch.stack(logits, 1)
@@ -240,8 +246,9 @@ class Seq2Seq(nn.Module):
         feed = memory.new_zeros(B, self.hidden_dim)
         done = torch.zeros(B, dtype=torch.bool, device=src.device)
         steps_ids, steps_w = [], []
+        keys = self._keys(memory)
         for _ in range(max_len):
-            logits, state, feed, w = self._step(y, state, feed, memory, pad, True)
+            logits, state, feed, w = self._step(y, state, feed, memory, pad, True, keys)
             _, y = self._best(self._log_probs(logits))
             steps_ids.append(y)
             steps_w.append(w)
@@ -285,8 +292,9 @@ class Seq2Seq(nn.Module):
         hist = torch.zeros(B, K, 0, dtype=torch.long, device=dev)
         attn = memory.new_zeros(B, K, 0, memory.shape[1])
         base = (torch.arange(B, device=dev) * K)[:, None]
+        keys = self._keys(memory)
         for _ in range(max_len):
-            logits, state, feed, w = self._step(y, state, feed, memory, pad, True)
+            logits, state, feed, w = self._step(y, state, feed, memory, pad, True, keys)
             logp = self._log_probs(logits).view(B, K, -1)
             V = logp.shape[-1]
             # a finished hypothesis can only be extended by <pad>, at no cost

@@ -75,7 +75,8 @@ def _check_dims(**dims: int) -> None:
 
 
 def attend_one_head(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                    key_padding_mask: Tensor | None, need_weights: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+                    key_padding_mask: Tensor | None, need_weights: bool,
+                    projected_key: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
     """Shared body of the single-head classic modules (Bahdanau, Luong): check the inputs, run
     ``attnkit.attention`` with ``module.score`` on one head, and drop the head (and, for a 2-D
     one-step query, the time) dimension again.
@@ -92,7 +93,13 @@ def attend_one_head(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
         raise ValueError(f"query (B, Tq, dq), key (B, Tk, dk) and value (B, Tk, dv) must agree on B and Tk; "
                          f"got query {shape_str(query)}, key {shape_str(key)}, value {shape_str(value)}")
     mask = _padding_mask("key_padding_mask", key_padding_mask, key.shape[0], key.shape[1])
-    res = attention(q.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), score=module.score, scale=1.0, mask=mask,
+    score, k = module.score, key
+    if projected_key is not None:  # W_k k + b computed once for many decoder steps
+        if projected_key.shape[:2] != key.shape[:2]:
+            raise ValueError(f"projected_key must be (B, Tk, hidden) for key {shape_str(key)}; "
+                             f"got {shape_str(projected_key)}")
+        score, k = module.score.with_projected_keys(), projected_key
+    res = attention(q.unsqueeze(1), k.unsqueeze(1), value.unsqueeze(1), score=score, scale=1.0, mask=mask,
                     dropout_p=module.dropout if module.training else 0.0, return_weights=need_weights)
     ctx, w = res if need_weights else (res, None)
     ctx = ctx.squeeze(1)  # (B, 1, Tq, dv) -> (B, Tq, dv)
@@ -157,9 +164,14 @@ class AdditiveAttention(nn.Module):
         self.score = _scores.Additive(query_dim, key_dim, hidden_dim)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-                need_weights: bool = True) -> tuple[Tensor, Tensor | None]:
-        ctx, w, _ = attend_one_head(self, query, key, value, key_padding_mask, need_weights)
+                need_weights: bool = True, projected_key: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        ctx, w, _ = attend_one_head(self, query, key, value, key_padding_mask, need_weights, projected_key)
         return ctx, w
+
+    def project_keys(self, key: Tensor) -> Tensor:
+        """``W_k key + b`` ``(B, Tk, hidden)``: pass it as ``projected_key=`` on every decoder step
+        over the same keys to skip re-projecting them (the result is identical)."""
+        return self.score.project_keys(key)
 
     def extra_repr(self) -> str:
         return (f"query_dim={self.query_dim}, key_dim={self.key_dim}, hidden_dim={self.hidden_dim}, "
