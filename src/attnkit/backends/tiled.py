@@ -8,11 +8,13 @@ the saved log-sum-exp; the output still comes from the tiled kernel.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from ..kernels.dropout import draw_seed
-from ..kernels.tiled import TiledAttentionFn, make_plan, query_scale, tiled_weights
+from ..kernels.tiled import TiledAttentionFn, fusable, make_plan, query_scale, tiled_weights
 from ..normalizers.base import Normalize, Sigmoid, Softmax
 from ..positions.base import FromScoreMod, TensorBias
 from ..linear import linear_attention
@@ -38,8 +40,10 @@ def tile_parameters(spec: AttentionSpec) -> list[Tensor]:
 class TiledBackend:
     name = "tiled"
 
-    def __init__(self, block_q: int = 128, block_k: int = 128, kv_chunk: int = 1024):
+    def __init__(self, block_q: int = 128, block_k: int = 128, kv_chunk: int = 1024, fuse: bool = True):
         self.block_q, self.block_k, self.kv_chunk = block_q, block_k, kv_chunk
+        #: hand softmax/dot runs to torch's fused CPU flash kernel (see kernels.tiled.fused_forward)
+        self.fuse = fuse
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         why = []
@@ -87,11 +91,17 @@ class TiledBackend:
         dtype = v.dtype
         if dtype in _LOW_PRECISION:  # accumulate in float32
             qp, kp, v = qp.float(), kp.float(), v.float()
-        plan = make_plan(spec, self.block_q, self.block_k, self.chunk_for(spec, kp), device=q.device)
+        seed = draw_seed(spec.generator) if spec.dropout_p > 0 else None
+        params = tile_parameters(spec)
+        fused = self.fuse and fusable(spec, qp, v, seed, params)
+        # the fused kernel's memory does not grow with the run: full runs span the whole row
+        chunk = max(spec.Tk, self.block_k) if fused else self.chunk_for(spec, kp)
+        plan = make_plan(spec, self.block_q, self.block_k, chunk, device=q.device)
+        if fused:
+            plan = replace(plan, fused=True)
         if plan.prescaled:
             qp = qp * query_scale(spec)
-        seed = draw_seed(spec.generator) if spec.dropout_p > 0 else None
-        out, lse = TiledAttentionFn.apply(qp, kp, v, spec, plan, seed, *tile_parameters(spec))
+        out, lse = TiledAttentionFn.apply(qp, kp, v, spec, plan, seed, *params)
         weights = None
         if spec.return_weights:
             with torch.no_grad():

@@ -57,6 +57,8 @@ class Plan:
     #: the queries arrive pre-multiplied by ``scale / temperature`` (dot scores without score
     #: mods): one pass over q instead of one over every tile of scores, forward and backward
     prescaled: bool = False
+    #: runs go to torch's fused flash kernel (:func:`fused_forward`; requires ``prescaled``)
+    fused: bool = False
 
 
 def make_plan(spec: AttentionSpec, block_q: int, block_k: int, kv_chunk: int, device=None) -> Plan:
@@ -87,13 +89,20 @@ def make_plan(spec: AttentionSpec, block_q: int, block_k: int, kv_chunk: int, de
             row.append(cur)
         runs.append(tuple(Run(a * block_k, min(b * block_k, Tk), p) for a, b, p in row))
     q_blocks = tuple((i * block_q, min((i + 1) * block_q, Tq)) for i in range(nq))
-    # queries can carry scale/temperature when no mod sits between the dot product and the
-    # softmax, or when every mod is a row-separable bias added as one row per tile (softmax only)
-    separable = isinstance(spec.normalizer, Softmax) and type(spec.normalizer) is Softmax and all(
-        m.key_bias(torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1, 1, dtype=torch.long), 0, Tq, Tk)
-        is not None for m in spec.score_mods)
-    prescaled = spec.score.tile_is_dot and (not spec.score_mods or separable)
-    return Plan(block_q, block_k, q_blocks, tuple(runs), int(live.sum()), nq * nk, prescaled)
+    return Plan(block_q, block_k, q_blocks, tuple(runs), int(live.sum()), nq * nk, can_prescale(spec))
+
+
+def can_prescale(spec: AttentionSpec) -> bool:
+    """Whether the queries can carry ``scale / temperature``: no mod sits between the dot product
+    and the normalizer, or (softmax only) every mod is a row-separable bias added as one row per
+    tile (:meth:`ScoreMod.key_bias`)."""
+    if not spec.score.tile_is_dot:
+        return False
+    if not spec.score_mods:
+        return True
+    zero = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    return type(spec.normalizer) is Softmax and all(
+        m.key_bias(zero, zero, 0, spec.Tq, spec.Tk) is not None for m in spec.score_mods)
 
 
 def query_scale(spec: AttentionSpec) -> float:
@@ -126,15 +135,21 @@ class _Tile:
         b, h, q, kv = index_grid(self.spec.B, self.spec.H, qe - qs, ke - ks, self.device)
         return b, h, q + qs, kv + ks
 
+    def row_biases(self, qs: int, grid, dtype):
+        """The prescaled plan's row-separable biases: one ``(1, H, 1 or r, tk)`` row each per
+        tile, relative to the tile's first query (the row term cancels in the softmax; see
+        :meth:`ScoreMod.key_bias`), already divided by the temperature."""
+        spec = self.spec
+        for mod in spec.score_mods:
+            bias = mod.key_bias(grid[1], grid[3], self.q_ref(qs, grid), spec.Tq, spec.Tk).to(dtype)
+            yield bias * self.inv_temp if self.inv_temp != 1.0 else bias
+
     def scores(self, qp: Tensor, kp: Tensor, qs: int, ks: int, grid) -> Tensor:
         spec = self.spec
         s = spec.score.tile(qp, kp)
         if self.prescaled:
-            # row-separable biases: one (1, H, 1 or r, tk) row per tile, relative to the tile's
-            # first query (the row term cancels in the softmax; see ScoreMod.key_bias)
-            for mod in spec.score_mods:
-                bias = mod.key_bias(grid[1], grid[3], self.q_ref(qs, grid), spec.Tq, spec.Tk)
-                s = s.add_(bias.to(s.dtype) * self.inv_temp if self.inv_temp != 1.0 else bias.to(s.dtype))
+            for bias in self.row_biases(qs, grid, s.dtype):
+                s = s.add_(bias)
             return s
         c = spec.scale
         if c != 1.0:
@@ -335,6 +350,92 @@ def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, p
     return dq, dk, dv, dparams
 
 
+# --- fused tile bodies -------------------------------------------------------------------------
+# On CPU, a run of a softmax/dot plan can be handed whole to torch's fused flash kernel, which
+# keeps scores in registers instead of making 4–6 eager passes over each tile: the run's
+# partial mask and row-separable biases become its additive float mask, the kernel returns the
+# run's (normalized output, lse), and runs are merged by their log-sum-exps. Its backward,
+# given the *global* output and lse, returns exactly that run's share of dq and its dk, dv.
+
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+def fusable(spec: AttentionSpec, qp: Tensor, v: Tensor, seed: int | None, params) -> bool:
+    """Whether :func:`fused_forward`/:func:`fused_backward` can serve the request: plain softmax
+    over a dot score whose mods are row-separable biases, no dropout, no learnable tensors inside
+    the tiles, float32/float64 on CPU, values as wide as the prepared queries."""
+    return (type(spec.normalizer) is Softmax and can_prescale(spec) and seed is None and not params
+            and qp.device.type == "cpu" and qp.dtype in _FUSED_DTYPES and qp.shape[-1] == v.shape[-1])
+
+
+def _flash_mask(tile: _Tile, qs: int, r: Run, grid, dtype):
+    """The run's additive float mask for the fused kernel (None when the run is full and has no
+    bias) and its rows with no live key (None when there can be none)."""
+    mask = None
+    for bias in tile.row_biases(qs, grid, dtype):
+        mask = bias if mask is None else mask + bias
+    dead = None
+    if r.partial:
+        allowed = tile.allowed(grid)
+        neg = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, _NEG_INF)
+        mask = neg if mask is None else mask + neg
+        dead = ~allowed.any(-1)
+    if mask is not None and mask.dim() < 4:
+        mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    return mask, dead
+
+
+def fused_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: Plan) -> tuple[Tensor, Tensor]:
+    """:func:`tiled_forward` for a fusable request (``qp`` prescaled): ``out``, ``lse``."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    B, H, G = spec.B, spec.H, spec.groups
+    tile = _Tile(spec, qp.device, True)
+    out = torch.zeros(B, H, spec.Tq, v.shape[-1], dtype=qp.dtype, device=qp.device)
+    lse = torch.full((B, H, spec.Tq), _NEG_INF, dtype=qp.dtype, device=qp.device)
+    for (qs, qe), runs in zip(plan.q_blocks, plan.runs):
+        qi = qp[:, :, qs:qe]
+        acc = big_l = None
+        for r in runs:
+            grid = tile.grid(qs, qe, r.start, r.stop)
+            mask, dead = _flash_mask(tile, qs, r, grid, qp.dtype)
+            o, l = flash(qi, _expand(kp[:, :, r.start:r.stop], G), _expand(v[:, :, r.start:r.stop], G),
+                         0.0, False, attn_mask=mask, scale=1.0)
+            if dead is not None:
+                l = l.masked_fill(dead, _NEG_INF)  # the kernel reports lse 0 (and output 0) there
+            if acc is None:
+                acc, big_l = o, l
+                continue
+            new_l = torch.logaddexp(big_l, l)
+            safe = new_l.masked_fill(new_l == _NEG_INF, 0.0)
+            acc = acc * torch.exp(big_l - safe).unsqueeze(-1) + o * torch.exp(l - safe).unsqueeze(-1)
+            big_l = new_l
+        if acc is not None:
+            out[:, :, qs:qe] = acc
+            lse[:, :, qs:qe] = big_l
+    return out, lse
+
+
+def fused_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan):
+    """:func:`tiled_backward` for a fusable request: ``dq, dk, dv`` (``dq`` w.r.t. prescaled q)."""
+    flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    G = spec.groups
+    tile = _Tile(spec, qp.device, True)
+    dq, dk, dv = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(v)
+    lse = lse.masked_fill(lse == _NEG_INF, float("inf"))  # dead rows: e^(s - lse) = 0, not NaN
+    for (qs, qe), runs in zip(plan.q_blocks, plan.runs):
+        qi, doi, oi, li = qp[:, :, qs:qe], dout[:, :, qs:qe], out[:, :, qs:qe], lse[:, :, qs:qe]
+        for r in runs:
+            grid = tile.grid(qs, qe, r.start, r.stop)
+            mask, _ = _flash_mask(tile, qs, r, grid, qp.dtype)
+            g_q, g_k, g_v = flash_bwd(doi, qi, _expand(kp[:, :, r.start:r.stop], G),
+                                      _expand(v[:, :, r.start:r.stop], G), oi, li, 0.0, False,
+                                      attn_mask=mask, scale=1.0)
+            dq[:, :, qs:qe] += g_q
+            dk[:, :, r.start:r.stop] += _reduce_groups(g_k, G)
+            dv[:, :, r.start:r.stop] += _reduce_groups(g_v, G)
+    return dq, dk, dv
+
+
 class TiledAttentionFn(torch.autograd.Function):
     """``out = attention(prepared q, prepared k, v)`` with the tiled forward and backward.
 
@@ -345,7 +446,10 @@ class TiledAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qp, kp, v, spec, plan, seed, *params):
-        out, lse = tiled_forward(qp, kp, v, spec, plan, seed)
+        if plan.fused:
+            out, lse = fused_forward(qp, kp, v, spec, plan)
+        else:
+            out, lse = tiled_forward(qp, kp, v, spec, plan, seed)
         ctx.save_for_backward(qp, kp, v, out, *(() if lse is None else (lse,)))
         ctx.spec, ctx.plan, ctx.seed, ctx.params, ctx.has_lse = spec, plan, seed, params, lse is not None
         ctx.mark_non_differentiable(*(() if lse is None else (lse,)))
@@ -356,6 +460,8 @@ class TiledAttentionFn(torch.autograd.Function):
         saved = ctx.saved_tensors
         qp, kp, v, out = saved[:4]
         lse = saved[4] if ctx.has_lse else None
+        if ctx.plan.fused:
+            return (*fused_backward(qp, kp, v, out, lse, dout.contiguous(), ctx.spec, ctx.plan), None, None, None)
         dq, dk, dv, dparams = tiled_backward(qp, kp, v, out, lse, dout.contiguous(), ctx.spec, ctx.plan, ctx.params,
                                              ctx.seed)
         return (dq, dk, dv, None, None, None, *dparams)

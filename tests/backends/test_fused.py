@@ -1,0 +1,147 @@
+"""The tiled backend's fused path (runs handed to torch's CPU flash kernel) against the reference
+and against the eager tile body, and the requests it must leave to the eager body."""
+
+import pytest
+import torch
+
+import attnkit
+import attnkit.kernels.tiled as kernel
+from attnkit import masks, positions
+from attnkit.backends.tiled import TiledBackend
+from attnkit.testing import assert_close, assert_close_to_gold, make_qkv
+
+from .test_tiled import MASKS
+
+fused_small = TiledBackend(block_q=16, block_k=8)
+eager_small = TiledBackend(block_q=16, block_k=8, kv_chunk=24, fuse=False)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts fused forward/backward calls; the tiled backend uses small tiles."""
+    seen = {"forward": 0, "backward": 0}
+    fwd, bwd = kernel.fused_forward, kernel.fused_backward
+
+    def count_fwd(*a, **kw):
+        seen["forward"] += 1
+        return fwd(*a, **kw)
+
+    def count_bwd(*a, **kw):
+        seen["backward"] += 1
+        return bwd(*a, **kw)
+
+    monkeypatch.setattr(kernel, "fused_forward", count_fwd)
+    monkeypatch.setattr(kernel, "fused_backward", count_bwd)
+    monkeypatch.setitem(attnkit.backends.REGISTRY, "tiled", fused_small)
+    return seen
+
+
+def run(q, k, v, backend, **kw):
+    out, w = attnkit.attention(q, k, v, backend=backend, return_weights=True, **kw)
+    dout = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    return (out, w, *torch.autograd.grad(out, (q, k, v), dout))
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 37), (37, 37), (29, 53), (53, 29)])
+def test_fused_matches_the_reference_float64(mask_name, Tq, Tk, calls):
+    B = 2
+    q, k, v = make_qkv(B, 4, Tq, Tk, D=5, Hkv=2, dtype=torch.float64, requires_grad=True)
+    m = MASKS[mask_name](Tq, Tk, B)
+    fast, ref = run(q, k, v, "tiled", mask=m), run(q, k, v, "reference", mask=m)
+    assert calls == {"forward": 1, "backward": 1}
+    for name, a, b in zip(["out", "weights", "dq", "dk", "dv"], fast, ref):
+        assert_close(a, b, name=name)
+
+
+@pytest.mark.parametrize("mask", [None, masks.causal(), masks.sliding_window(7), masks.causal(align="top_left")])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_fused_alibi_and_temperature_float64(mask, temperature, calls):
+    q, k, v = make_qkv(2, 4, 41, 45, D=6, dtype=torch.float64, requires_grad=True, noncontiguous=True)
+    kw = dict(mask=mask, bias=positions.ALiBi(4), normalizer=attnkit.normalizers.Softmax(temperature))
+    fast, ref = run(q, k, v, "tiled", **kw), run(q, k, v, "reference", **kw)
+    assert calls["forward"] == 1 and calls["backward"] == 1
+    for name, a, b in zip(["out", "weights", "dq", "dk", "dv"], fast, ref):
+        assert_close(a, b, name=name)
+
+
+def test_fully_masked_rows_give_zeros_and_zero_gradients(calls):
+    q, k, v = make_qkv(1, 2, 20, 20, D=4, dtype=torch.float64, requires_grad=True)
+    dead = masks.from_mod(lambda b, h, i, j: (i % 5 != 0) & (j <= i))  # rows 0, 5, 10, 15 see nothing
+    out, w, dq, dk, dv = run(q, k, v, "tiled", mask=dead)
+    ref = run(q, k, v, "reference", mask=dead)
+    assert calls["forward"] == 1
+    assert torch.all(out[:, :, ::5] == 0) and torch.all(dq[:, :, ::5] == 0)
+    for name, a, b in zip(["out", "weights", "dq", "dk", "dv"], (out, w, dq, dk, dv), ref):
+        assert_close(a, b, name=name)
+
+
+@pytest.mark.parametrize("T", [1, 97, 1025])
+@pytest.mark.parametrize("D", [40, 111])
+def test_fused_float32_default_tiles_against_gold(T, D, monkeypatch):
+    monkeypatch.setitem(attnkit.backends.REGISTRY, "tiled", TiledBackend())
+    q64, k64, v64 = make_qkv(1, 2, T, D=D, dtype=torch.float64, requires_grad=True)
+    q, k, v = (x.detach().float().requires_grad_() for x in (q64, k64, v64))
+    kw = dict(mask=masks.causal(), bias=positions.ALiBi(2))
+    dout = torch.randn(1, 2, T, D, dtype=torch.float64)
+
+    def go(q, k, v, backend):
+        out = attnkit.attention(q, k, v, backend=backend, **kw)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout.to(out.dtype)))
+
+    gold, ref, fast = go(q64, k64, v64, "reference"), go(q, k, v, "reference"), go(q, k, v, "tiled")
+    for name, f, r, g in zip(["out", "dq", "dk", "dv"], fast, ref, gold):
+        assert_close_to_gold(f, r, g, name=name)
+
+
+def test_fused_equals_the_eager_tile_body_float32(monkeypatch):
+    q, k, v = make_qkv(2, 4, 150, 131, D=16, Hkv=1, requires_grad=True)
+    kw = dict(mask=masks.sliding_window(20) | masks.from_mod(lambda b, h, i, j: j < 3))
+    monkeypatch.setitem(attnkit.backends.REGISTRY, "tiled", eager_small)
+    eager = run(q, k, v, "tiled", **kw)
+    monkeypatch.setitem(attnkit.backends.REGISTRY, "tiled", fused_small)
+    fused = run(q, k, v, "tiled", **kw)
+    for name, a, b in zip(["out", "weights", "dq", "dk", "dv"], fused, eager):
+        assert_close(a, b, name=name)
+
+
+@pytest.mark.parametrize("case", ["dropout", "sigmoid", "narrow values", "additive", "relative buckets",
+                                  "learnable bias"])
+def test_requests_the_fused_kernel_cannot_serve_use_the_eager_body(case, calls):
+    D, Dv, dtype = 6, 6, torch.float64
+    kw = {}
+    if case == "dropout":
+        kw = dict(dropout_p=0.2, generator=torch.Generator().manual_seed(0))
+    elif case == "sigmoid":
+        kw = dict(normalizer=attnkit.normalizers.Sigmoid())
+    elif case == "narrow values":
+        Dv = 3
+    elif case == "additive":
+        kw = dict(score=attnkit.scores.Additive(D, D, 8).double())
+    elif case == "relative buckets":
+        kw = dict(bias=positions.T5RelativeBias(num_heads=2, num_buckets=8, max_distance=16))
+    elif case == "learnable bias":
+        kw = dict(bias=torch.randn(1, 2, 30, 30, dtype=dtype, requires_grad=True))
+    q, k, v = make_qkv(1, 2, 30, D=D, Dv=Dv, dtype=dtype, requires_grad=True)
+    out = attnkit.attention(q, k, v, backend="tiled", mask=masks.causal(), **kw)
+    out.float().sum().backward()
+    assert calls == {"forward": 0, "backward": 0}
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("score", ["cosine", "general"])
+def test_scores_prepared_outside_the_tiles_take_the_fused_path(score, calls):
+    q, k, v = make_qkv(2, 2, 33, 27, D=5, dtype=torch.float64, requires_grad=True)
+    s = attnkit.scores.Cosine() if score == "cosine" else attnkit.scores.General(5).double()
+    fast, ref = run(q, k, v, "tiled", score=s, mask=masks.causal()), run(q, k, v, "reference", score=s,
+                                                                       mask=masks.causal())
+    assert calls == {"forward": 1, "backward": 1}
+    for name, a, b in zip(["out", "weights", "dq", "dk", "dv"], fast, ref):
+        assert_close(a, b, name=name)
+
+
+def test_the_fused_path_can_be_switched_off(calls, monkeypatch):
+    monkeypatch.setitem(attnkit.backends.REGISTRY, "tiled", TiledBackend(fuse=False))
+    q, k, v = make_qkv(1, 2, 30, D=4)
+    attnkit.attention(q, k, v, backend="tiled", mask=masks.causal())
+    assert calls["forward"] == 0
