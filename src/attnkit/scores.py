@@ -23,6 +23,7 @@ Location (Luong)        ``(W_a q_i)_j`` (ignores the keys)            1
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,15 @@ class Score(nn.Module):
     def tile_parameters(self) -> list[Tensor]:
         """Parameters that :meth:`tile` reads (those of :meth:`prepare` get gradients outside)."""
         return []
+
+    #: True when :meth:`tile_vjp` gives the tile's gradients in closed form
+    has_tile_vjp: bool = False
+
+    def tile_vjp(self, qp: Tensor, kp: Tensor) -> tuple[Tensor, Callable]:
+        """``tile(qp, kp)`` and a function of ``ds`` returning the gradients of
+        ``(tile(qp, kp) * ds).sum()`` w.r.t. ``qp``, ``kp`` and each of :meth:`tile_parameters`
+        (shaped like it), in closed form, without autograd; only where ``has_tile_vjp``."""
+        raise NotImplementedError(f"score {self.name!r} has no closed-form tile gradient")
 
     def default_scale(self, head_dim: int) -> float:
         return 1.0
@@ -223,8 +233,26 @@ class Additive(Score):
 
     def combine(self, a: Tensor, b: Tensor) -> Tensor:
         """Scores ``(B, H, tq, tk)`` from projected blocks ``a (B, H, tq, hidden)``, ``b (B, H, tk, hidden)``."""
-        hidden = torch.tanh(a.unsqueeze(-2) + b.unsqueeze(-3))  # (B, H, tq, tk, hidden)
+        hidden = torch.tanh_(a.unsqueeze(-2) + b.unsqueeze(-3))  # (B, H, tq, tk, hidden), fresh: in place
         return (hidden @ self.v.weight.to(a.dtype).t()).squeeze(-1)
+
+    def combine_vjp(self, a: Tensor, b: Tensor) -> tuple[Tensor, Callable]:
+        """``combine(a, b)`` and the closed-form gradients of ``(combine(a, b) * ds).sum()``.
+        With ``t = tanh(a_i + b_j)``: ``dv = Σ_ij ds_ij t_ij``,
+        ``da_i = v ∘ (Σ_j ds_ij − Σ_j ds_ij t_ij²)`` and ``db_j = v ∘ (Σ_i ds_ij − Σ_i ds_ij t_ij²)``:
+        a few passes over the one ``(tq, tk, hidden)`` tile instead of autograd's graph."""
+        w = self.v.weight.to(a.dtype)  # (1, hidden)
+        t = torch.tanh_(a.unsqueeze(-2) + b.unsqueeze(-3))
+        scores = (t @ w.t()).squeeze(-1)
+
+        def grads(ds: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor]]:
+            dw = ds.reshape(1, -1) @ t.reshape(-1, t.shape[-1])
+            g = t.square_().mul_(ds.unsqueeze(-1))  # ds_ij t_ij², in place
+            da = (ds.sum(-1, keepdim=True) - g.sum(-2)) * w
+            db = (ds.sum(-2).unsqueeze(-1) - g.sum(-3)) * w
+            return da, db, (dw.to(self.v.weight.dtype),)
+
+        return scores, grads
 
     def prepare(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         return self.project(q, k)
@@ -234,6 +262,11 @@ class Additive(Score):
 
     def tile_parameters(self) -> list[Tensor]:
         return [self.v.weight]
+
+    has_tile_vjp = True
+
+    def tile_vjp(self, qp: Tensor, kp: Tensor):
+        return self.combine_vjp(qp, kp)
 
     def forward(self, q: Tensor, k: Tensor) -> Tensor:
         return self.combine(*self.project(q, k))
@@ -265,6 +298,11 @@ class _AdditiveProjectedKeys(Score):
 
     def tile_parameters(self) -> list[Tensor]:
         return [self.base.v.weight]
+
+    has_tile_vjp = True
+
+    def tile_vjp(self, qp: Tensor, kp: Tensor):
+        return self.base.combine_vjp(qp, kp)
 
     def forward(self, q: Tensor, k: Tensor) -> Tensor:
         return self.tile(*self.prepare(q, k))

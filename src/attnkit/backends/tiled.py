@@ -66,12 +66,18 @@ class TiledBackend:
             return [f"small problem ({n} scores < {self.auto_min_scores}): the reference is faster"]
         return []
 
-    def chunk_for(self, spec: AttentionSpec, kp: Tensor) -> int:
+    #: additive scores build a (B, H, tq, tk, hidden) tile and make a few passes over it: keep it
+    #: near this size so the passes run from cache (4 MiB: 2.7 s -> 1.65 s forward, B=4, T=1024)
+    wide_tile_bytes: int = 4 << 20
+
+    def blocks_for(self, spec: AttentionSpec, kp: Tensor) -> tuple[int, int, int]:
+        """``(block_q, block_k, kv_chunk)`` for this request."""
         if spec.score.tile_is_dot:
-            return self.kv_chunk
-        # additive scores build a (B, H, block_q, chunk, hidden) tile: keep it near 64 MiB
-        per_key = spec.B * spec.H * self.block_q * kp.shape[-1] * 4
-        return max(self.block_k, min(self.kv_chunk, (64 << 20) // per_key // self.block_k * self.block_k))
+            return self.block_q, self.block_k, self.kv_chunk
+        per_pair = spec.B * spec.H * kp.shape[-1] * kp.element_size()
+        block = min(self.block_q, self.block_k, 32)
+        chunk = max(block, min(self.kv_chunk, self.wide_tile_bytes // (per_pair * block) // block * block))
+        return block, block, chunk
 
     @staticmethod
     def chunked_linear(spec: AttentionSpec) -> bool:
@@ -95,8 +101,10 @@ class TiledBackend:
         params = tile_parameters(spec)
         fused = self.fuse and fusable(spec, qp, v, seed, params)
         # the fused kernel's memory does not grow with the run: full runs span the whole row
-        chunk = max(spec.Tk, self.block_k) if fused else self.chunk_for(spec, kp)
-        plan = make_plan(spec, self.block_q, self.block_k, chunk, device=q.device)
+        block_q, block_k, chunk = self.blocks_for(spec, kp)
+        if fused:
+            chunk = max(spec.Tk, block_k)
+        plan = make_plan(spec, block_q, block_k, chunk, device=q.device)
         if fused:
             plan = replace(plan, fused=True)
         if plan.prescaled:
@@ -107,6 +115,6 @@ class TiledBackend:
             with torch.no_grad():
                 weights = tiled_weights(qp.detach(), kp.detach(), spec,
                                         None if isinstance(spec.normalizer, Sigmoid) else lse,
-                                        spec.weights.heads, spec.weights.rows, self.block_q, self.kv_chunk,
+                                        spec.weights.heads, spec.weights.rows, plan.block_q, self.kv_chunk,
                                         plan.prescaled).to(dtype)
         return out.to(dtype), weights

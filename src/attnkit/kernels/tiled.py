@@ -144,9 +144,11 @@ class _Tile:
             bias = mod.key_bias(grid[1], grid[3], self.q_ref(qs, grid), spec.Tq, spec.Tk).to(dtype)
             yield bias * self.inv_temp if self.inv_temp != 1.0 else bias
 
-    def scores(self, qp: Tensor, kp: Tensor, qs: int, ks: int, grid) -> Tensor:
+    def scores(self, qp: Tensor, kp: Tensor, qs: int, ks: int, grid, raw: Tensor | None = None) -> Tensor:
+        """The tile's scores after scale, score mods and temperature (from ``raw``, the score's
+        own tile, when the caller has it already)."""
         spec = self.spec
-        s = spec.score.tile(qp, kp)
+        s = spec.score.tile(qp, kp) if raw is None else raw
         if self.prescaled:
             for bias in self.row_biases(qs, grid, s.dtype):
                 s = s.add_(bias)
@@ -303,6 +305,11 @@ def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, p
     kind = _kind(spec)
     sigmoid = kind == "sigmoid"
     fast = spec.score.tile_is_dot and not params and all(m.additive for m in spec.score_mods)
+    # scores with a closed-form tile gradient (additive): no autograd graph per tile
+    own = [p for p in spec.score.tile_parameters() if p.requires_grad]
+    closed = (not fast and spec.score.has_tile_vjp and all(m.additive for m in spec.score_mods)
+              and len(own) == len(params) and all(a is b for a, b in zip(own, params)))
+    wanted = [p.requires_grad for p in spec.score.tile_parameters()]
     c = 1.0 if plan.prescaled else spec.scale * tile.inv_temp  # d s / d (qp·kp) on the fast path
     dq, dk, dv = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(v)
     dparams = [torch.zeros_like(p) for p in params]
@@ -318,6 +325,9 @@ def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, p
             if fast:
                 kj = _expand(kp[:, :, r.start:r.stop], G)
                 s = tile.scores(qi, kj, qs, r.start, grid)
+            elif closed:
+                raw, vjp = spec.score.tile_vjp(qi, _expand(kp[:, :, r.start:r.stop], G))
+                s = tile.scores(qi, None, qs, r.start, grid, raw=raw)
             else:
                 with torch.enable_grad():
                     qi_ = qi.detach().requires_grad_()
@@ -340,6 +350,14 @@ def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, p
                     ds = ds.mul_(c)
                 dq[:, :, qs:qe] += ds @ kj
                 dk[:, :, r.start:r.stop] += _reduce_groups(ds.transpose(-2, -1) @ qi, G)
+            elif closed:
+                if c != 1.0:
+                    ds = ds.mul_(c)
+                g_q, g_k, g_params = vjp(ds)
+                dq[:, :, qs:qe] += g_q
+                dk[:, :, r.start:r.stop] += _reduce_groups(g_k, G)
+                for acc, g in zip(dparams, [g for g, w in zip(g_params, wanted) if w]):
+                    acc += g
             else:
                 grads = torch.autograd.grad(s, (qi_, kj_, *params), ds, allow_unused=True)
                 dq[:, :, qs:qe] += grads[0]
