@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import attnkit.tasks.images as images
+import attnkit.tasks.classification as classification
 from attnkit import cli, tasks
 from attnkit.checkpoint import load_checkpoint
 from attnkit.tasks.images import load_digits_splits, load_mnist_splits, random_shift, read_idx, read_mnist
@@ -63,17 +63,17 @@ def test_seed_reproduces_a_run_and_resume_continues_bit_exactly(tmp_path, monkey
         assert torch.equal(v, weights(again)[k]), k
 
     # Interrupt a run after its first epoch's checkpoint, then resume it.
-    real_save = images.save_checkpoint
+    real_save = classification.save_checkpoint
 
     def save_then_die(directory, **kw):
         real_save(directory, **kw)
         if kw["trainer_state"]["epoch"] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(images, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(classification, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         cli.main(["train", "digits", "--out", str(tmp_path / "c"), *SMALL, *opts])
-    monkeypatch.setattr(images, "save_checkpoint", real_save)
+    monkeypatch.setattr(classification, "save_checkpoint", real_save)
     assert load_checkpoint(tmp_path / "c", with_trainer=True).trainer_state["epoch"] == 1
     resumed = train("digits", tmp_path / "c", "--resume")  # model, data and the 2 epochs come from the checkpoint
     assert resumed.trainer_state["epoch"] == 2

@@ -112,7 +112,7 @@ def test_sst2_padding_and_attention(corpus, tmp_path):
     assert cli.main(["train", "sst2", "--out", str(out), "--data", str(corpus), "--epochs", "3", "--dim", "32",
                      "--lr", "5e-3", "--batch-size", "16", "--dropout", "0", *SMALL]) == 0
     ckpt = load_checkpoint(out)
-    from attnkit.tasks.images import rebuild_model
+    from attnkit.tasks.classification import rebuild_model
 
     model, vocab = rebuild_model(ckpt), Vocab.from_json(ckpt.config["vocab"])
     x = encode_batch(vocab, [["the", "film", "is", "awful", "and", "dull"], ["a", "lovely", "story"]], False)

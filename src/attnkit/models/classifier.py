@@ -24,7 +24,7 @@ from torch import nn
 
 from .._checks import check_positive, check_probability, lookup, shape_str
 from ..nn import AttentionPooling, MultiheadAttention
-from ..nn.hierarchical import _run_rnn
+from ..nn.hierarchical import run_rnn
 from ..positions import LearnedPositionalEmbedding
 
 Tensor = torch.Tensor
@@ -111,7 +111,7 @@ class BiGRUEncoder(nn.Module):
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         if key_padding_mask is None:
             return self.rnn(x)[0]
-        return _run_rnn(self.rnn, x, ~key_padding_mask)
+        return run_rnn(self.rnn, x, ~key_padding_mask)
 
 
 def _pair(name: str, v: int | Sequence[int] | None) -> list[int] | None:

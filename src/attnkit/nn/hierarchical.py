@@ -16,13 +16,23 @@ Tensor = torch.Tensor
 RNNS = {"gru": nn.GRU, "lstm": nn.LSTM}
 
 
-def _run_rnn(rnn: nn.RNNBase, x: Tensor, keep: Tensor) -> Tensor:
+def run_rnn(rnn: nn.RNNBase, x: Tensor, keep: Tensor) -> Tensor:
     """Run a batch-first bidirectional RNN over the real positions of each row only.
 
     ``x (N, T, F)``, ``keep (N, T)`` bool (True = real). The real positions of a row are fed in
     their order (padding may sit anywhere), so padded values never reach the RNN; the outputs
     ``(N, T, 2*hidden)`` are put back at the real positions and are 0 at padded ones. Rows with no
     real position are skipped (packed sequences cannot be empty).
+
+    Example::
+
+        >>> import torch
+        >>> from attnkit.nn.hierarchical import run_rnn
+        >>> rnn = torch.nn.GRU(3, 4, batch_first=True, bidirectional=True)
+        >>> keep = torch.tensor([[True, True, False], [False, False, False]])
+        >>> y = run_rnn(rnn, torch.randn(2, 3, 3), keep)
+        >>> y.shape, bool((y[0, 2] == 0).all()), bool((y[1] == 0).all())
+        (torch.Size([2, 3, 8]), True, True)
     """
     N, T, feat = x.shape
     out_dim = rnn.hidden_size * (2 if rnn.bidirectional else 1)
@@ -115,11 +125,11 @@ class HierarchicalAttention(nn.Module):
 
         # words -> sentence vectors
         keep = word_mask.reshape(B * S, W)
-        h = _run_rnn(self.word_rnn, x.reshape(B * S, W, E), keep)            # (B*S, W, 2*word_hidden)
+        h = run_rnn(self.word_rnn, x.reshape(B * S, W, E), keep)            # (B*S, W, 2*word_hidden)
         s, a_w = self.word_attention(h, key_padding_mask=~keep)              # (B*S, 2*wh), (B*S, W)
         # sentences -> document vector
         sent_keep = word_mask.any(-1)                                         # (B, S)
-        hs = _run_rnn(self.sent_rnn, s.view(B, S, -1), sent_keep)            # (B, S, 2*sent_hidden)
+        hs = run_rnn(self.sent_rnn, s.view(B, S, -1), sent_keep)            # (B, S, 2*sent_hidden)
         doc, a_s = self.sent_attention(hs, key_padding_mask=~sent_keep)      # (B, 2*sh), (B, S)
         return doc, a_w.view(B, S, W), a_s
 
@@ -128,4 +138,4 @@ class HierarchicalAttention(nn.Module):
                 f"rnn={self.rnn!r}")
 
 
-__all__ = ["HierarchicalAttention"]
+__all__ = ["HierarchicalAttention", "run_rnn"]

@@ -28,8 +28,8 @@ import torch
 from ..checkpoint import Checkpoint
 from ..training import seed_everything
 from .base import Task, TrainResult
-from .images import (COMMON_OPTIONS, Batch, accuracy, add_model_arguments, build_model_config, load_resume,
-                     rebuild_model, train_classifier)
+from .classification import (COMMON_OPTIONS, Batch, accuracy, add_model_arguments, build_model_config, load_resume,
+                             rebuild_model, train_classifier)
 from .vocab import Vocab, batch_indices, pad_batch
 
 DEFAULT_SST2 = "../shared/data/sst2"
