@@ -387,7 +387,15 @@ def get(score: str | Score) -> Score:
         return score
     if isinstance(score, str) and score in NEEDS_OBJECT:
         raise ValueError(f"score {score!r} has parameters: pass an object, e.g. score={NEEDS_OBJECT[score]}")
-    return lookup("score", score, NAMED)()
+    shared = _SHARED.get(score) if isinstance(score, str) else None
+    if shared is None:
+        shared = _SHARED[score] = lookup("score", score, NAMED)()
+    return shared
+
+
+#: one instance per named score: they hold no parameters or state, and building an nn.Module
+#: on every call costs more than a short decoder step's attention
+_SHARED: dict[str, Score] = {}
 
 
 __all__ = ["Score", "Dot", "ScaledDot", "Cosine", "General", "Additive", "Location", "Kernel", "get", "NAMED"]

@@ -145,3 +145,33 @@ def test_the_fused_path_can_be_switched_off(calls, monkeypatch):
     q, k, v = make_qkv(1, 2, 30, D=4)
     attnkit.attention(q, k, v, backend="tiled", mask=masks.causal())
     assert calls["forward"] == 0
+
+
+def test_fused_plans_have_long_full_runs_and_short_partial_runs():
+    from attnkit.spec import canonicalize
+
+    x = torch.zeros(1, 1, 4096, 8)
+    spec = canonicalize(x, x, x, mask=masks.causal() & masks.from_mod(lambda b, h, i, j: (j % 7) != 3))
+    plan = kernel.make_plan(spec, 128, 128, 4096, partial_chunk=256)
+    assert max(r.stop - r.start for runs in plan.runs for r in runs if r.partial) == 256
+    spec = canonicalize(x, x, x, mask=masks.causal())
+    plan = kernel.make_plan(spec, 128, 128, 4096, partial_chunk=256)
+    last = plan.runs[-1]
+    assert [(r.start, r.stop, r.partial) for r in last] == [(0, 3968, False), (3968, 4096, True)]
+
+
+def test_mixed_runs_join_full_tiles_to_short_partial_runs():
+    from attnkit.spec import canonicalize
+
+    x = torch.zeros(1, 1, 2048, 8)
+    spec = canonicalize(x, x, x, mask=masks.sliding_window(256))
+    plain = kernel.make_plan(spec, 128, 128, 2048, partial_chunk=1024)
+    mixed = kernel.make_plan(spec, 128, 128, 2048, partial_chunk=1024, mix=True)
+    assert [len(r) for r in plain.runs[4:]] == [3] * 12  # partial, full, partial
+    assert [[(r.start, r.stop, r.partial) for r in runs] for runs in mixed.runs[4:6]] == [
+        [(256, 640, True)], [(384, 768, True)]]
+    assert mixed.runs[4][0].full_parts == ((384, 512),)  # the predicate skips the full middle tile
+    spec = canonicalize(x, x, x, mask=masks.causal())
+    mixed = kernel.make_plan(spec, 128, 128, 2048, partial_chunk=512, mix=True)
+    assert [(r.start, r.stop, r.partial) for r in mixed.runs[3]] == [(0, 512, True)]
+    assert [(r.start, r.stop, r.partial) for r in mixed.runs[8]] == [(0, 1024, False), (1024, 1152, True)]

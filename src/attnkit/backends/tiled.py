@@ -100,11 +100,11 @@ class TiledBackend:
         seed = draw_seed(spec.generator) if spec.dropout_p > 0 else None
         params = tile_parameters(spec)
         fused = self.fuse and fusable(spec, qp, v, seed, params)
-        # the fused kernel's memory does not grow with the run: full runs span the whole row
         block_q, block_k, chunk = self.blocks_for(spec, kp)
-        if fused:
-            chunk = max(spec.Tk, block_k)
-        plan = make_plan(spec, block_q, block_k, chunk, device=q.device)
+        partial_chunk = chunk
+        if fused:  # the fused kernel's memory does not grow with a full run: let it span the row;
+            chunk = max(spec.Tk, block_k)  # partial runs carry a (block_q, run) mask: keep them short
+        plan = make_plan(spec, block_q, block_k, chunk, device=q.device, partial_chunk=partial_chunk, mix=fused)
         if fused:
             plan = replace(plan, fused=True)
         if plan.prescaled:

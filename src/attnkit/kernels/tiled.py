@@ -44,6 +44,9 @@ class Run:
     start: int
     stop: int
     partial: bool  # the mask predicate must be evaluated on this run
+    #: key ranges of a mixed run (``make_plan(mix=True)``) whose tiles are full: the predicate
+    #: is evaluated on the rest of the run only
+    full_parts: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,12 @@ class Plan:
     fused: bool = False
 
 
-def make_plan(spec: AttentionSpec, block_q: int, block_k: int, kv_chunk: int, device=None) -> Plan:
-    """Classify tiles and group the live ones into runs."""
+def make_plan(spec: AttentionSpec, block_q: int, block_k: int, kv_chunk: int, device=None,
+              partial_chunk: int | None = None, mix: bool = False) -> Plan:
+    """Classify tiles and group the live ones into runs of at most ``kv_chunk`` keys
+    (``partial_chunk`` for runs whose mask must be evaluated; default ``kv_chunk``). Runs are
+    of one class, unless ``mix``: then full tiles may join partial ones in a partial run of at
+    most ``partial_chunk`` keys (fewer, larger calls where evaluating a short mask is cheap)."""
     Tq, Tk = spec.Tq, spec.Tk
     nq, nk = -(-Tq // block_q), -(-Tk // block_k)
     if spec.mask is None:
@@ -73,21 +80,28 @@ def make_plan(spec: AttentionSpec, block_q: int, block_k: int, kv_chunk: int, de
         live = (cls != EMPTY).any(0).cpu()
         full = (cls == FULL).all(0).cpu()
     per_run = max(1, kv_chunk // block_k)
+    per_partial_run = per_run if partial_chunk is None else max(1, partial_chunk // block_k)
     runs = []
     for i in range(nq):
-        row, cur = [], None
+        row, cur = [], None  # cur: [first tile, stop tile, partial, full tiles]
         for j in torch.nonzero(live[i]).flatten().tolist():
             partial = not bool(full[i, j])
-            # a run is consecutive tiles of one class: full runs never evaluate the predicate
-            if cur is not None and cur[1] == j and cur[1] - cur[0] < per_run and cur[2] == partial:
-                cur = (cur[0], j + 1, partial)
+            # a run is consecutive tiles of one class (full runs never evaluate the predicate),
+            # or with ``mix`` a short run of both classes, evaluated as partial
+            joined = (cur is not None and cur[2]) or partial
+            fits = cur is not None and cur[1] == j and (mix or cur[2] == partial)
+            if fits and cur[1] + 1 - cur[0] <= (per_partial_run if joined else per_run):
+                cur = [cur[0], j + 1, joined, cur[3] + ([] if partial else [j])]
             else:
                 if cur is not None:
                     row.append(cur)
-                cur = (j, j + 1, partial)
+                cur = [j, j + 1, partial, [] if partial else [j]]
         if cur is not None:
             row.append(cur)
-        runs.append(tuple(Run(a * block_k, min(b * block_k, Tk), p) for a, b, p in row))
+        runs.append(tuple(
+            Run(a * block_k, min(b * block_k, Tk), p,
+                tuple((j * block_k, min((j + 1) * block_k, Tk)) for j in fulls) if p else ())
+            for a, b, p, fulls in row))
     q_blocks = tuple((i * block_q, min((i + 1) * block_q, Tq)) for i in range(nq))
     return Plan(block_q, block_k, q_blocks, tuple(runs), int(live.sum()), nq * nk, can_prescale(spec))
 
@@ -393,7 +407,16 @@ def _flash_mask(tile: _Tile, qs: int, r: Run, grid, dtype):
     for bias in tile.row_biases(qs, grid, dtype):
         mask = bias if mask is None else mask + bias
     dead = None
-    if r.partial:
+    if r.partial and r.full_parts:  # a mixed run: the predicate on its partial tiles only
+        cuts = [r.start] + [x for part in r.full_parts for x in part] + [r.stop]
+        pieces = [(a, b, tile.allowed(tile.grid(qs, qs + grid[2].shape[2], a, b)))
+                  for a, b in zip(cuts[::2], cuts[1::2]) if b > a]
+        lead = torch.broadcast_shapes(*(x.shape[:-1] for _, _, x in pieces), (1, 1, grid[2].shape[2]))
+        neg = torch.zeros(*lead, r.stop - r.start, dtype=dtype, device=grid[2].device)
+        for a, b, allowed in pieces:
+            neg[..., a - r.start:b - r.start].masked_fill_(~allowed, _NEG_INF)
+        mask = neg if mask is None else mask + neg  # a full tile leaves no row dead
+    elif r.partial:
         allowed = tile.allowed(grid)
         neg = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, _NEG_INF)
         mask = neg if mask is None else mask + neg

@@ -46,7 +46,14 @@ def get(normalizer) -> Normalizer:
     """Resolve ``normalizer=`` (a name or a :class:`Normalizer`)."""
     if isinstance(normalizer, Normalizer):
         return normalizer
+    if isinstance(normalizer, str) and normalizer in ("softmax", "sigmoid"):  # stateless and per call: share one instance
+        if normalizer not in _SHARED:
+            _SHARED[normalizer] = NAMED[normalizer]()
+        return _SHARED[normalizer]
     return lookup("normalizer", normalizer, NAMED)()
+
+
+_SHARED: dict[str, Normalizer] = {}
 
 
 __all__ = ["Normalize", "Normalizer", "Softmax", "Sigmoid", "Sparsemax", "Entmax15", "Entmax", "Hardmax", "TopK", "Gumbel",
