@@ -320,6 +320,9 @@ def cases(quick: bool = False) -> list[Case]:
                     lambda N=N: attention_flops(B, H, N * (N + 1) // 2, D, True), [
                         Variant("attnkit tiled", _attnkit("tiled", True, B, H, N, D, mask=causal, bias=alibi)),
                         Variant("sdpa dense bias", _sdpa_dense(True, B, H, N, D, mask=causal, bias=alibi)),
+                        # the profile of the miss: torch's own causal kernel, which skips the upper
+                        # triangle as the tiled engine does, without the bias
+                        Variant("sdpa is_causal, no bias", _sdpa_dense(True, B, H, N, D, is_causal=True)),
                     ]))
     N, bs = 16384 // s, 128
     nb = N // bs

@@ -18,8 +18,14 @@ Scores are split as ``tile(prepare(q, k))``: ``prepare`` (per token: the cosine 
 ``q W`` of the bilinear score, the ``W_q q``/``W_k k`` projections of additive attention) runs
 once outside the kernel under ordinary autograd; the kernel sees the prepared tensors. When
 ``tile`` is a plain dot product and every score mod is a parameter-free additive bias, the
-backward uses closed-form matmuls; otherwise it re-runs the tile under autograd, which covers
-any score, any score mod and learnable bias parameters.
+backward uses closed-form matmuls; scores with a closed-form tile gradient (additive:
+:meth:`Score.tile_vjp`) use it; otherwise the backward re-runs the tile under autograd, which
+covers any score, any score mod and learnable bias parameters.
+
+Two tile bodies run the same plan. The eager body above serves every request. The fused body
+(:func:`fused_forward`, :func:`fused_backward`; plain softmax over a dot score, biases that are
+row-separable, no dropout, CPU) hands each run to torch's fused CPU flash kernel with the run's
+mask and biases as an additive float mask, and merges runs by their log-sum-exps.
 """
 
 from __future__ import annotations
@@ -433,14 +439,15 @@ def fused_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: 
     tile = _Tile(spec, qp.device, True)
     out = torch.zeros(B, H, spec.Tq, v.shape[-1], dtype=qp.dtype, device=qp.device)
     lse = torch.full((B, H, spec.Tq), _NEG_INF, dtype=qp.dtype, device=qp.device)
+    kp, v = _expand(kp, G), _expand(v, G)  # once, not per run: full runs span whole rows
     for (qs, qe), runs in zip(plan.q_blocks, plan.runs):
         qi = qp[:, :, qs:qe]
         acc = big_l = None
         for r in runs:
             grid = tile.grid(qs, qe, r.start, r.stop)
             mask, dead = _flash_mask(tile, qs, r, grid, qp.dtype)
-            o, l = flash(qi, _expand(kp[:, :, r.start:r.stop], G), _expand(v[:, :, r.start:r.stop], G),
-                         0.0, False, attn_mask=mask, scale=1.0)
+            o, l = flash(qi, kp[:, :, r.start:r.stop], v[:, :, r.start:r.stop], 0.0, False, attn_mask=mask,
+                         scale=1.0)
             if dead is not None:
                 l = l.masked_fill(dead, _NEG_INF)  # the kernel reports lse 0 (and output 0) there
             if acc is None:
@@ -461,6 +468,7 @@ def fused_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan):
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     G = spec.groups
     tile = _Tile(spec, qp.device, True)
+    kp, v = _expand(kp, G), _expand(v, G)
     dq, dk, dv = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(v)
     lse = lse.masked_fill(lse == _NEG_INF, float("inf"))  # dead rows: e^(s - lse) = 0, not NaN
     for (qs, qe), runs in zip(plan.q_blocks, plan.runs):
@@ -468,13 +476,12 @@ def fused_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan):
         for r in runs:
             grid = tile.grid(qs, qe, r.start, r.stop)
             mask, _ = _flash_mask(tile, qs, r, grid, qp.dtype)
-            g_q, g_k, g_v = flash_bwd(doi, qi, _expand(kp[:, :, r.start:r.stop], G),
-                                      _expand(v[:, :, r.start:r.stop], G), oi, li, 0.0, False,
-                                      attn_mask=mask, scale=1.0)
+            g_q, g_k, g_v = flash_bwd(doi, qi, kp[:, :, r.start:r.stop], v[:, :, r.start:r.stop], oi, li, 0.0,
+                                      False, attn_mask=mask, scale=1.0)
             dq[:, :, qs:qe] += g_q
-            dk[:, :, r.start:r.stop] += _reduce_groups(g_k, G)
-            dv[:, :, r.start:r.stop] += _reduce_groups(g_v, G)
-    return dq, dk, dv
+            dk[:, :, r.start:r.stop] += g_k
+            dv[:, :, r.start:r.stop] += g_v
+    return dq, _reduce_groups(dk, G), _reduce_groups(dv, G)
 
 
 class TiledAttentionFn(torch.autograd.Function):
