@@ -175,3 +175,23 @@ def test_mixed_runs_join_full_tiles_to_short_partial_runs():
     mixed = kernel.make_plan(spec, 128, 128, 2048, partial_chunk=512, mix=True)
     assert [(r.start, r.stop, r.partial) for r in mixed.runs[3]] == [(0, 512, True)]
     assert [(r.start, r.stop, r.partial) for r in mixed.runs[8]] == [(0, 1024, False), (1024, 1152, True)]
+
+
+def test_long_rows_use_taller_query_blocks_and_weights_stay_exact(monkeypatch):
+    import attnkit.backends.tiled as backend_mod
+
+    plans = []
+    real = backend_mod.make_plan
+    monkeypatch.setattr(backend_mod, "make_plan", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
+    monkeypatch.setitem(attnkit.backends.REGISTRY, "tiled", TiledBackend())
+    q, k, v = make_qkv(1, 2, 2300, D=8, dtype=torch.float64)
+    kw = dict(mask=masks.causal(), bias=positions.ALiBi(2))
+    rows = [0, 127, 128, 255, 256, 1000, 2299]
+    out, w = attnkit.attention(q, k, v, backend="tiled", return_weights=attnkit.WeightsRequest(rows=rows), **kw)
+    assert [p.block_q for p in plans] == [128, 256]  # causal rows average > 1024 keys
+    ref_out, ref_w = attnkit.attention(q, k, v, backend="reference", return_weights=True, **kw)
+    assert_close(out, ref_out)
+    assert_close(w, ref_w[:, :, rows])
+    plans.clear()
+    attnkit.attention(q, k, v, backend="tiled", mask=masks.sliding_window(256))
+    assert [p.block_q for p in plans] == [128]  # short rows keep 128
