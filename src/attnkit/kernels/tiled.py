@@ -406,21 +406,27 @@ def fusable(spec: AttentionSpec, qp: Tensor, v: Tensor, seed: int | None, params
             and qp.device.type == "cpu" and qp.dtype in _FUSED_DTYPES and qp.shape[-1] == v.shape[-1])
 
 
-def _flash_mask(tile: _Tile, qs: int, r: Run, grid, dtype):
+def _flash_mask(tile: _Tile, qs: int, qe: int, r: Run, dtype):
     """The run's additive float mask for the fused kernel (None when the run is full and has no
     bias) and its rows with no live key (None when there can be none)."""
+    if not r.partial and not tile.spec.score_mods:
+        return None, None
+    grid = tile.grid(qs, qe, r.start, r.stop)
     mask = None
     for bias in tile.row_biases(qs, grid, dtype):
         mask = bias if mask is None else mask + bias
     dead = None
     if r.partial and r.full_parts:  # a mixed run: the predicate on its partial tiles only
         cuts = [r.start] + [x for part in r.full_parts for x in part] + [r.stop]
-        pieces = [(a, b, tile.allowed(tile.grid(qs, qs + grid[2].shape[2], a, b)))
-                  for a, b in zip(cuts[::2], cuts[1::2]) if b > a]
-        lead = torch.broadcast_shapes(*(x.shape[:-1] for _, _, x in pieces), (1, 1, grid[2].shape[2]))
-        neg = torch.zeros(*lead, r.stop - r.start, dtype=dtype, device=grid[2].device)
-        for a, b, allowed in pieces:
-            neg[..., a - r.start:b - r.start].masked_fill_(~allowed, _NEG_INF)
+        b, h, q, kv = grid
+        pieces = [(a - r.start, z - r.start, tile.allowed((b, h, q, kv[..., a - r.start:z - r.start])))
+                  for a, z in zip(cuts[::2], cuts[1::2]) if z > a]
+        lead = [1, 1, qe - qs]
+        for *_, allowed in pieces:  # broadcast the pieces' leading dims (each is 1 or n)
+            lead = [max(n, m) for n, m in zip(lead, ((1,) * 4 + tuple(allowed.shape))[-4:-1])]
+        neg = torch.zeros(*lead, r.stop - r.start, dtype=dtype, device=q.device)
+        for a, z, allowed in pieces:
+            neg[..., a:z].masked_fill_(~allowed, _NEG_INF)
         mask = neg if mask is None else mask + neg  # a full tile leaves no row dead
     elif r.partial:
         allowed = tile.allowed(grid)
@@ -444,8 +450,7 @@ def fused_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: 
         qi = qp[:, :, qs:qe]
         acc = big_l = None
         for r in runs:
-            grid = tile.grid(qs, qe, r.start, r.stop)
-            mask, dead = _flash_mask(tile, qs, r, grid, qp.dtype)
+            mask, dead = _flash_mask(tile, qs, qe, r, qp.dtype)
             o, l = flash(qi, kp[:, :, r.start:r.stop], v[:, :, r.start:r.stop], 0.0, False, attn_mask=mask,
                          scale=1.0)
             if dead is not None:
@@ -474,8 +479,7 @@ def fused_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan):
     for (qs, qe), runs in zip(plan.q_blocks, plan.runs):
         qi, doi, oi, li = qp[:, :, qs:qe], dout[:, :, qs:qe], out[:, :, qs:qe], lse[:, :, qs:qe]
         for r in runs:
-            grid = tile.grid(qs, qe, r.start, r.stop)
-            mask, _ = _flash_mask(tile, qs, r, grid, qp.dtype)
+            mask, _ = _flash_mask(tile, qs, qe, r, qp.dtype)
             g_q, g_k, g_v = flash_bwd(doi, qi, kp[:, :, r.start:r.stop], v[:, :, r.start:r.stop], oi, li, 0.0,
                                       False, attn_mask=mask, scale=1.0)
             dq[:, :, qs:qe] += g_q
