@@ -195,3 +195,25 @@ def test_long_rows_use_taller_query_blocks_and_weights_stay_exact(monkeypatch):
     plans.clear()
     attnkit.attention(q, k, v, backend="tiled", mask=masks.sliding_window(256))
     assert [p.block_q for p in plans] == [128]  # short rows keep 128
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_a_bias_tensor_without_gradient_takes_the_fused_path(temperature, calls):
+    q, k, v = make_qkv(2, 4, 37, 29, D=6, Hkv=2, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, 1, 37, 29, dtype=torch.float64)  # per batch, shared by the heads
+    kw = dict(bias=[bias, positions.ALiBi(4)], mask=masks.causal(), scale=0.3,
+              normalizer=attnkit.normalizers.Softmax(temperature))
+    fast, ref = run(q, k, v, "tiled", **kw), run(q, k, v, "reference", **kw)
+    assert calls == {"forward": 1, "backward": 1}
+    for name, a, b in zip(["out", "weights", "dq", "dk", "dv"], fast, ref):
+        assert_close(a, b, name=name)
+
+
+def test_relative_buckets_at_inference_take_the_fused_path(calls):
+    t5 = positions.T5RelativeBias(num_heads=4, num_buckets=8, max_distance=16).double()
+    q, k, v = make_qkv(1, 4, 50, 50, D=8, dtype=torch.float64)
+    with torch.no_grad():
+        out = attnkit.attention(q, k, v, bias=t5, mask=masks.sliding_window(20), backend="tiled")
+        ref = attnkit.attention(q, k, v, bias=t5, mask=masks.sliding_window(20), backend="reference")
+    assert calls["forward"] == 1
+    assert_close(out, ref)

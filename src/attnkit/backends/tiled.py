@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..kernels.dropout import draw_seed
-from ..kernels.tiled import TiledAttentionFn, fusable, make_plan, query_scale, tiled_weights
+from ..kernels.tiled import TiledAttentionFn, can_prescale, fusable, make_plan, query_scale, tiled_weights
 from ..normalizers.base import Normalize, Sigmoid, Softmax
 from ..positions.base import FromScoreMod, TensorBias
 from ..linear import linear_attention
@@ -27,7 +27,9 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def tile_parameters(spec: AttentionSpec) -> list[Tensor]:
-    """Tensors read inside tiles that may need gradients."""
+    """Tensors read inside tiles that may need gradients (none when autograd is off)."""
+    if not torch.is_grad_enabled():
+        return []
     params = [p for p in spec.score.tile_parameters() if p.requires_grad]
     for mod in spec.score_mods:
         if isinstance(mod, nn.Module):
@@ -107,8 +109,9 @@ class TiledBackend:
         fused = self.fuse and fusable(spec, qp, v, seed, params)
         block_q, block_k, chunk = self.blocks_for(spec, kp)
         partial_chunk = chunk
-        if fused:  # the fused kernel's memory does not grow with a full run: let it span the row;
-            chunk = max(spec.Tk, block_k)  # partial runs carry a (block_q, run) mask: keep them short
+        if fused and can_prescale(spec):  # the fused kernel's memory does not grow with a full run:
+            chunk = max(spec.Tk, block_k)  # let it span the row; runs that carry a (block_q, run)
+            # mask or non-separable bias stay short
         plan = make_plan(spec, block_q, block_k, chunk, device=q.device, partial_chunk=partial_chunk, mix=fused)
         if fused:
             # long rows: more queries per call let the fused kernel use larger GEMM blocks

@@ -400,20 +400,34 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 
 def fusable(spec: AttentionSpec, qp: Tensor, v: Tensor, seed: int | None, params) -> bool:
     """Whether :func:`fused_forward`/:func:`fused_backward` can serve the request: plain softmax
-    over a dot score whose mods are row-separable biases, no dropout, no learnable tensors inside
-    the tiles, float32/float64 on CPU, values as wide as the prepared queries."""
-    return (type(spec.normalizer) is Softmax and can_prescale(spec) and seed is None and not params
+    over a dot score whose mods are additive biases, no dropout, no learnable tensors inside the
+    tiles (so no bias needs a gradient), float32/float64 on CPU, values as wide as the prepared
+    queries. Row-separable biases (ALiBi) ride on prescaled queries as one row per tile; other
+    biases (T5 buckets, a bias tensor) are evaluated per run into the kernel's float mask."""
+    return (type(spec.normalizer) is Softmax and spec.score.tile_is_dot and all(m.additive for m in spec.score_mods)
+            and seed is None and not params
             and qp.device.type == "cpu" and qp.dtype in _FUSED_DTYPES and qp.shape[-1] == v.shape[-1])
+
+
+def _kernel_scale(tile: _Tile, plan: Plan) -> float:
+    """What the fused kernel multiplies ``q·k`` by: 1 on prescaled queries, else scale/temperature."""
+    return 1.0 if plan.prescaled else tile.spec.scale * tile.inv_temp
 
 
 def _flash_mask(tile: _Tile, qs: int, qe: int, r: Run, dtype):
     """The run's additive float mask for the fused kernel (None when the run is full and has no
     bias) and its rows with no live key (None when there can be none)."""
-    if not r.partial and not tile.spec.score_mods:
+    spec = tile.spec
+    if not r.partial and not spec.score_mods:
         return None, None
     grid = tile.grid(qs, qe, r.start, r.stop)
     mask = None
-    for bias in tile.row_biases(qs, grid, dtype):
+    if tile.prescaled:
+        biases = tile.row_biases(qs, grid, dtype)
+    else:  # additive biases, evaluated on the run's grid (divided by the temperature, as s is)
+        zero = torch.zeros((), dtype=dtype, device=grid[2].device)
+        biases = (m.score_mod(zero, *grid, spec.Tq, spec.Tk).to(dtype) * tile.inv_temp for m in spec.score_mods)
+    for bias in biases:
         mask = bias if mask is None else mask + bias
     dead = None
     if r.partial and r.full_parts:  # a mixed run: the predicate on its partial tiles only
@@ -439,10 +453,11 @@ def _flash_mask(tile: _Tile, qs: int, qe: int, r: Run, dtype):
 
 
 def fused_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: Plan) -> tuple[Tensor, Tensor]:
-    """:func:`tiled_forward` for a fusable request (``qp`` prescaled): ``out``, ``lse``."""
+    """:func:`tiled_forward` for a fusable request: ``out``, ``lse``."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     B, H, G = spec.B, spec.H, spec.groups
-    tile = _Tile(spec, qp.device, True)
+    tile = _Tile(spec, qp.device, plan.prescaled)
+    scale = _kernel_scale(tile, plan)
     out = torch.zeros(B, H, spec.Tq, v.shape[-1], dtype=qp.dtype, device=qp.device)
     lse = torch.full((B, H, spec.Tq), _NEG_INF, dtype=qp.dtype, device=qp.device)
     kp, v = _expand(kp, G), _expand(v, G)  # once, not per run: full runs span whole rows
@@ -452,7 +467,7 @@ def fused_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: 
         for r in runs:
             mask, dead = _flash_mask(tile, qs, qe, r, qp.dtype)
             o, l = flash(qi, kp[:, :, r.start:r.stop], v[:, :, r.start:r.stop], 0.0, False, attn_mask=mask,
-                         scale=1.0)
+                         scale=scale)
             if dead is not None:
                 l = l.masked_fill(dead, _NEG_INF)  # the kernel reports lse 0 (and output 0) there
             if acc is None:
@@ -469,10 +484,12 @@ def fused_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: 
 
 
 def fused_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan):
-    """:func:`tiled_backward` for a fusable request: ``dq, dk, dv`` (``dq`` w.r.t. prescaled q)."""
+    """:func:`tiled_backward` for a fusable request: ``dq, dk, dv`` (``dq`` w.r.t. ``qp`` as given,
+    prescaled or not)."""
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     G = spec.groups
-    tile = _Tile(spec, qp.device, True)
+    tile = _Tile(spec, qp.device, plan.prescaled)
+    scale = _kernel_scale(tile, plan)
     kp, v = _expand(kp, G), _expand(v, G)
     dq, dk, dv = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(v)
     lse = lse.masked_fill(lse == _NEG_INF, float("inf"))  # dead rows: e^(s - lse) = 0, not NaN
@@ -481,7 +498,7 @@ def fused_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan):
         for r in runs:
             mask, _ = _flash_mask(tile, qs, qe, r, qp.dtype)
             g_q, g_k, g_v = flash_bwd(doi, qi, kp[:, :, r.start:r.stop], v[:, :, r.start:r.stop], oi, li, 0.0,
-                                      False, attn_mask=mask, scale=1.0)
+                                      False, attn_mask=mask, scale=scale)
             dq[:, :, qs:qe] += g_q
             dk[:, :, r.start:r.stop] += g_k
             dv[:, :, r.start:r.stop] += g_v
