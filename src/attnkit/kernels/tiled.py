@@ -23,9 +23,9 @@ backward uses closed-form matmuls; scores with a closed-form tile gradient (addi
 covers any score, any score mod and learnable bias parameters.
 
 Two tile bodies run the same plan. The eager body above serves every request. The fused body
-(:func:`fused_forward`, :func:`fused_backward`; plain softmax over a dot score, biases that are
-row-separable, no dropout, CPU) hands each run to torch's fused CPU flash kernel with the run's
-mask and biases as an additive float mask, and merges runs by their log-sum-exps.
+(:func:`fused_forward`, :func:`fused_backward`; plain softmax over a dot score, additive biases
+that need no gradient, no dropout, CPU) hands each run to torch's fused CPU flash kernel with
+the run's mask and biases as an additive float mask, and merges runs by their log-sum-exps.
 """
 
 from __future__ import annotations
