@@ -42,3 +42,33 @@ def test_case_flops_use_each_case_s_own_sizes():
     bs = cs["blocksparse_fwdbwd_N4096"]
     assert bs.variants[1].flops() == attention_flops(1, 8, 4096 * 4096, 64, True)  # the 100% variant
     assert bs.flops() < 0.2 * bs.variants[1].flops()
+
+
+def test_engine_targets_script_reads_bench_json(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_targets.py"
+    spec = importlib.util.spec_from_file_location("engine_targets", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def r(case, variant, seconds, peak=100.0):
+        return dict(case=case, variant=variant, seconds=seconds, peak_mib=peak, gflops=1.0, error=None, note="")
+
+    first = {"results": [r("window256_fwdbwd_N16384", "attnkit tiled", 1.0), r("window256_fwdbwd_N16384", "sdpa dense mask", 30.0),
+                         r("window256_fwdbwd_N16384", "sdpa no mask", 20.0, 90.0),
+                         r("alibi_causal_fwdbwd_N8192", "attnkit tiled", 4.0, 200.0),
+                         r("alibi_causal_fwdbwd_N8192", "sdpa dense bias", 6.0, 4000.0),
+                         r("window256_scaling_N16384", "attnkit tiled", 1.0), r("window256_scaling_N65536", "attnkit tiled", 5.0)]}
+    later = {"results": [r("window256_fwdbwd_N16384", "attnkit tiled", 1.2)]}  # overrides the first file's row
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(later))
+    assert mod.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| 1.200 s | SDPA dense mask 30.0 s | 25.0× faster | ≥ 20× | met |" in out
+    assert "| +100 MiB | SDPA no mask +90 MiB | 1.11× | ≤ 1.5× | met |" in out
+    assert "| 1.50× faster | ≥ 3× | **missed** |" in out and "| 1/20.0 | ≤ 1/4 | met |" in out
+    assert "| 5.00 s / 1.000 s | — | 5.00 | ≤ 4.5 | **missed** |" in out
+    assert "block sparse" not in out  # no data, no row
