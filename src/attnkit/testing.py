@@ -58,6 +58,34 @@ def assert_close_to_gold(fast: Tensor, ref: Tensor, gold: Tensor, *, k: float = 
                              f"{e_ref:.3e} + {atol:.1e} ({fast.dtype})")
 
 
+def assert_matches_float64_gold(q64: Tensor, k64: Tensor, v64: Tensor, backend: str, *, dtype=torch.float32,
+                                dout: Tensor | None = None, **kwargs) -> None:
+    """Run ``attnkit.attention(..., backend=backend, **kwargs)`` in ``dtype`` and check its output
+    and gradients with :func:`assert_close_to_gold` against the reference in float64 (gold) and
+    in ``dtype``. ``q64, k64, v64`` are float64 leaves.
+
+    Example::
+
+        >>> import torch, attnkit
+        >>> q, k, v = make_qkv(1, 2, 33, D=8, dtype=torch.float64, requires_grad=True)
+        >>> assert_matches_float64_gold(q, k, v, "tiled", mask=attnkit.masks.causal())
+    """
+    import attnkit
+
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q64, k64, v64))
+    if dout is None:
+        dout = torch.randn(*q64.shape[:-1], v64.shape[-1], dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(0))
+
+    def run(q, k, v, name):
+        out = attnkit.attention(q, k, v, backend=name, **kwargs)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout.to(out.dtype)))
+
+    gold, ref, fast = run(q64, k64, v64, "reference"), run(q, k, v, "reference"), run(q, k, v, backend)
+    for name, f, r, g in zip(["out", "dq", "dk", "dv"], fast, ref, gold):
+        assert_close_to_gold(f, r, g, name=name)
+
+
 def assert_close(actual: Tensor, expected: Tensor, *, dtype: torch.dtype | None = None, scale: float = 1.0,
                  name: str = "tensor") -> None:
     """``torch.testing.assert_close`` with the dtype's tolerance floor (times ``scale``)."""
