@@ -210,13 +210,13 @@ def test_relative_buckets_at_inference_take_the_fused_path(calls):
 
 
 def test_auto_sends_masked_and_biased_requests_to_tiled_from_512_tokens():
-    x = torch.randn(1, 2, 512, 8)
-    alibi = dict(bias=positions.ALiBi(2), mask=masks.causal())
+    x = torch.randn(1, 8, 512, 8)  # 2M scores: past the size where auto prefers the reference
+    alibi = dict(bias=positions.ALiBi(8), mask=masks.causal())
     assert attnkit.explain(x, x, x, **alibi).backend == "tiled"
     assert attnkit.explain(x, x, x, mask=masks.sliding_window(64)).backend == "tiled"
     assert attnkit.explain(x, x, x, dropout_p=0.1, **alibi).backend == "sdpa"  # the eager body: dense wins
     small = x[:, :, :256]
     assert attnkit.explain(small, small, small, **alibi).backend == "sdpa"
-    long = torch.randn(1, 2, 4096, 8)
+    long = torch.randn(1, 8, 4096, 8)
     pad = masks.key_padding(torch.tensor([4000]))  # a (B, 1, 1, Tk) row for SDPA: nothing dense
     assert attnkit.explain(long, long, long, mask=pad).backend == "sdpa"
