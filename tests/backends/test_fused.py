@@ -220,3 +220,15 @@ def test_auto_sends_masked_and_biased_requests_to_tiled_from_512_tokens():
     long = torch.randn(1, 8, 4096, 8)
     pad = masks.key_padding(torch.tensor([4000]))  # a (B, 1, 1, Tk) row for SDPA: nothing dense
     assert attnkit.explain(long, long, long, mask=pad).backend == "sdpa"
+
+
+def test_a_bias_tensor_that_is_minus_infinity_on_whole_rows_gives_zeros(calls):
+    q, k, v = make_qkv(1, 2, 40, 40, D=4, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(1, 1, 40, 40, dtype=torch.float64)
+    bias[..., 5, :] = float("-inf")  # row 5 sees nothing
+    bias[..., 9, 20:] = float("-inf")  # row 9 sees nothing in the second run of its block
+    fast, ref = run(q, k, v, "tiled", bias=bias), run(q, k, v, "reference", bias=bias)
+    assert calls["forward"] == 1
+    assert torch.all(fast[0][:, :, 5] == 0)
+    for name, a, b in zip(["out", "weights", "dq", "dk", "dv"], fast, ref):
+        assert_close(a, b, name=name)

@@ -122,3 +122,17 @@ def test_deterministic_flags():
     for name in ("gumbel", "stochastic_hard"):
         assert not get(name).deterministic, name
     assert StochasticHard(greedy=True).deterministic and not StochasticHard.deterministic
+
+
+@pytest.mark.parametrize("name", ["softmax", "sigmoid", "sparsemax", "entmax15", "entmax", "hardmax", "topk"])
+def test_minus_infinity_scores_hide_keys_like_the_mask(name):
+    norm = attnkit.normalizers.get(name)
+    s = torch.randn(3, 6, dtype=torch.float64)
+    s[0] = float("-inf")  # a whole row hidden by a bias: zeros, not NaN
+    s[1, 2:] = float("-inf")
+    mask = torch.isfinite(s)
+    by_score = norm(s)
+    by_mask = norm(torch.where(mask, s, torch.zeros_like(s)), mask)
+    assert not torch.isnan(by_score).any()
+    assert torch.equal(by_score[0], torch.zeros(6, dtype=torch.float64))
+    torch.testing.assert_close(by_score, by_mask)

@@ -447,6 +447,8 @@ def _flash_mask(tile: _Tile, qs: int, qe: int, r: Run, dtype):
         neg = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, _NEG_INF)
         mask = neg if mask is None else mask + neg
         dead = ~allowed.any(-1)
+    if not tile.prescaled and spec.score_mods:  # a bias (a tensor) may itself be -inf on whole rows
+        dead = torch.isneginf(mask).all(-1)
     if mask is not None and mask.dim() < 4:
         mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
     return mask, dead

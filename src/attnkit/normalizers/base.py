@@ -3,7 +3,8 @@
 Every normalizer is called as ``normalizer(scores, mask=None) -> weights`` where ``scores`` has
 shape ``(..., Tk)`` and ``mask`` (bool, broadcastable, ``True`` = may attend) hides keys.
 The base class guarantees SPEC §7: masked keys get exactly 0 weight, and a row whose keys
-are all masked gets all-zero weights (never NaN), with zero gradient.
+are all masked gets all-zero weights (never NaN), with zero gradient. A score of ``-inf`` (a
+bias used as a mask) hides its key the same way.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ class Normalizer:
         raise NotImplementedError
 
     def __call__(self, scores: Tensor, mask: Tensor | None = None) -> Tensor:
-        if mask is None:
-            return self.normalize(scores)
-        if mask.dtype != torch.bool:
+        if mask is not None and mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor (True = may attend); got {mask.dtype}")
-        hidden = ~mask
-        dead = ~mask.any(dim=-1, keepdim=True)  # rows with no key to attend to
+        hidden = torch.isneginf(scores)  # a -inf score (e.g. from a bias) hides its key as the mask does
+        if mask is not None:
+            hidden = hidden | ~mask
+        elif not hidden.any():
+            return self.normalize(scores)
+        dead = hidden.all(dim=-1, keepdim=True)  # rows with no key to attend to
         s = scores.masked_fill(hidden, float("-inf")).masked_fill(dead, 0.0)
         return self.normalize(s).masked_fill(hidden | dead, 0.0)
 
