@@ -232,3 +232,15 @@ def test_a_bias_tensor_that_is_minus_infinity_on_whole_rows_gives_zeros(calls):
     assert torch.all(fast[0][:, :, 5] == 0)
     for name, a, b in zip(["out", "weights", "dq", "dk", "dv"], fast, ref):
         assert_close(a, b, name=name)
+
+
+def test_long_full_runs_are_cut_in_the_backward(calls, monkeypatch):
+    monkeypatch.setattr(kernel, "_BWD_TEMP_BYTES", 2 * 4 * 8 * 8)  # 2 keys' worth of dk: cut at block_k
+    q, k, v = make_qkv(2, 4, 70, 90, D=8, dtype=torch.float64, requires_grad=True)
+    kw = dict(mask=masks.causal(), bias=positions.ALiBi(4))
+    assert list(kernel._split_full_runs([kernel.Run(0, 40, False), kernel.Run(40, 48, True)], 16)) == [
+        kernel.Run(0, 16, False), kernel.Run(16, 32, False), kernel.Run(32, 40, False), kernel.Run(40, 48, True)]
+    fast, ref = run(q, k, v, "tiled", **kw), run(q, k, v, "reference", **kw)
+    assert calls["backward"] == 1
+    for name, a, b in zip(["out", "weights", "dq", "dk", "dv"], fast, ref):
+        assert_close(a, b, name=name)

@@ -485,6 +485,20 @@ def fused_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: 
     return out, lse
 
 
+_BWD_TEMP_BYTES = 16 << 20
+
+
+def _split_full_runs(runs, cap: int):
+    """Runs, with full ones longer than ``cap`` keys cut into pieces (each piece's share of the
+    gradient is independent given the global output and log-sum-exp)."""
+    for r in runs:
+        if r.partial or r.stop - r.start <= cap:
+            yield r
+        else:
+            for a in range(r.start, r.stop, cap):
+                yield Run(a, min(a + cap, r.stop), False)
+
+
 def fused_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan):
     """:func:`tiled_backward` for a fusable request: ``dq, dk, dv`` (``dq`` w.r.t. ``qp`` as given,
     prescaled or not)."""
@@ -495,9 +509,13 @@ def fused_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan):
     kp, v = _expand(kp, G), _expand(v, G)
     dq, dk, dv = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(v)
     lse = lse.masked_fill(lse == _NEG_INF, float("inf"))  # dead rows: e^(s - lse) = 0, not NaN
+    # the kernel returns dk, dv as long as the run: keep those temporaries small enough for the
+    # allocator to reuse (glibc maps and zeroes fresh pages for every block over 32 MiB)
+    cap = max(plan.block_k, (_BWD_TEMP_BYTES // (kp.shape[0] * kp.shape[1] * kp.shape[-1] * kp.element_size()))
+              // plan.block_k * plan.block_k)
     for (qs, qe), runs in zip(plan.q_blocks, plan.runs):
         qi, doi, oi, li = qp[:, :, qs:qe], dout[:, :, qs:qe], out[:, :, qs:qe], lse[:, :, qs:qe]
-        for r in runs:
+        for r in _split_full_runs(runs, cap):
             mask, _ = _flash_mask(tile, qs, qe, r, qp.dtype)
             g_q, g_k, g_v = flash_bwd(doi, qi, kp[:, :, r.start:r.stop], v[:, :, r.start:r.stop], oi, li, 0.0,
                                       False, attn_mask=mask, scale=scale)
