@@ -185,6 +185,15 @@ def test_long_rows_use_taller_query_blocks_and_weights_stay_exact(monkeypatch):
     plans.clear()
     attnkit.attention(q, k, v, backend="tiled", mask=masks.sliding_window(256))
     assert [p.block_q for p in plans] == [128]  # short rows keep 128
+    plans.clear()
+    layout = torch.rand(18, 18, generator=torch.Generator().manual_seed(0)) < 0.7
+    used = []
+    real_fwd = kernel.fused_forward
+    monkeypatch.setattr(kernel, "fused_forward", lambda *a: used.append(a[4].block_q) or real_fwd(*a))
+    out = attnkit.attention(q, k, v, backend="tiled", mask=masks.block_sparse(layout, 128))
+    assert [p.block_q for p in plans] == [128, 256] and used == [128]  # 256 rows would mix layout rows
+    assert plans[0].live_tiles > 0 and all(not r.partial for runs in plans[0].runs for r in runs)
+    assert_close(out, attnkit.attention(q, k, v, backend="reference", mask=masks.block_sparse(layout, 128)))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

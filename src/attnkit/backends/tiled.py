@@ -39,6 +39,17 @@ def tile_parameters(spec: AttentionSpec) -> list[Tensor]:
     return params
 
 
+def _partial_share(plan) -> float:
+    """The fraction of a plan's live (query, key) area whose mask must be evaluated."""
+    total = partial = 0
+    for (qs, qe), runs in zip(plan.q_blocks, plan.runs):
+        for r in runs:
+            area = (qe - qs) * (r.stop - r.start)
+            total += area
+            partial += area if r.partial else 0
+    return partial / total if total else 0.0
+
+
 class TiledBackend:
     name = "tiled"
 
@@ -116,9 +127,12 @@ class TiledBackend:
         if fused:
             # long rows: more queries per call let the fused kernel use larger GEMM blocks
             # (causal + ALiBi, N=8192, fwd+bwd, 1 thread: 4.05 s at 128 rows -> 3.52 s at 256)
+            # unless the taller blocks turn full tiles partial (block-sparse layouts of 128)
             if plan.live_tiles * block_k >= self.long_row_keys * len(plan.q_blocks) and block_q < self.long_row_block_q:
-                plan = make_plan(spec, self.long_row_block_q, block_k, chunk, device=q.device,
+                tall = make_plan(spec, self.long_row_block_q, block_k, chunk, device=q.device,
                                  partial_chunk=partial_chunk, mix=True)
+                if _partial_share(tall) <= 0.25:
+                    plan = tall
             plan = replace(plan, fused=True)
         if plan.prescaled:
             qp = qp * query_scale(spec)
