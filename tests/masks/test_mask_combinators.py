@@ -128,3 +128,13 @@ def test_decoding_rows_are_the_last_rows_of_the_square_mask(factory):
     sq = dense_one(m, 9, 9)
     for Tq_ in (1, 4, 9):
         assert torch.equal(dense_one(m, Tq_, 9), sq[-Tq_:])
+
+
+def test_query_invariance_propagates_through_combinators():
+    import torch
+    from attnkit import masks
+
+    pad = masks.key_padding(torch.tensor([3, 5]))
+    assert pad.query_invariant and (pad & pad).query_invariant and (~pad).query_invariant
+    assert not (pad & masks.causal()).query_invariant and not (pad | masks.sliding_window(2)).query_invariant
+    assert not masks.causal().query_invariant

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..masks.base import FromTensor
-from ..masks.basic import Causal, KeyPadding
+from ..masks.basic import Causal
 from ..normalizers.base import Softmax
 from ..positions.base import TensorBias
 from ..scores import Dot
@@ -59,9 +59,9 @@ class SDPABackend:
         """SDPA serves masks and biases by materializing a (Tq, Tk) tensor and doing all Tq·Tk work;
         past ``auto_dense_limit`` pairs the tiled backend, which skips masked tiles, wins."""
         pairs = spec.Tq * spec.Tk
-        # key padding materializes as a (B, 1, 1, Tk) row broadcast over queries: nothing dense
-        dense_mask = (spec.mask is not None and not isinstance(spec.mask, (FromTensor, KeyPadding))
-                      and not self.native_causal(spec))
+        # a query-invariant mask (key padding) materializes as one row broadcast over the queries
+        dense_mask = (spec.mask is not None and not isinstance(spec.mask, FromTensor)
+                      and not spec.mask.query_invariant and not self.native_causal(spec))
         dense_bias = any(not isinstance(m, TensorBias) for m in spec.score_mods)
         limit = self.auto_dense_limit_dropout if spec.dropout_p > 0 else self.auto_dense_limit
         if pairs >= limit and (dense_mask or dense_bias):

@@ -65,6 +65,9 @@ class Mask:
 
     #: True when the mask multiplies the normalized weights by :meth:`weight_factor`.
     has_weight_factor: bool = False
+    #: True when the predicate ignores ``q_idx`` (key padding): materialized, it is one row per
+    #: (batch, head) broadcast over the queries, not a dense (Tq, Tk) tensor.
+    query_invariant: bool = False
 
     # -- the predicate -------------------------------------------------------------------
     def mask_mod(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor,
@@ -224,6 +227,7 @@ class And(Mask):
     def __init__(self, left: Mask, right: Mask):
         self.left, self.right = left, right
         self.has_weight_factor = left.has_weight_factor or right.has_weight_factor
+        self.query_invariant = left.query_invariant and right.query_invariant
 
     def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
         return (self.left.mask_mod(b, h, q_idx, kv_idx, num_queries, num_keys)
@@ -259,6 +263,7 @@ class Or(Mask):
         if left.has_weight_factor or right.has_weight_factor:
             raise ValueError("masks with a weight factor (local_p) can only be combined with '&'")
         self.left, self.right = left, right
+        self.query_invariant = left.query_invariant and right.query_invariant
 
     def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
         return (self.left.mask_mod(b, h, q_idx, kv_idx, num_queries, num_keys)
@@ -285,6 +290,7 @@ class Not(Mask):
         if inner.has_weight_factor:
             raise ValueError("masks with a weight factor (local_p) cannot be inverted with '~'")
         self.inner = inner
+        self.query_invariant = inner.query_invariant
 
     def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
         return ~self.inner.mask_mod(b, h, q_idx, kv_idx, num_queries, num_keys)

@@ -89,6 +89,8 @@ class KeyPadding(Mask):
     ``torch.nn.MultiheadAttention``'s ``key_padding_mask`` uses the opposite, ``True`` = pad).
     """
 
+    query_invariant = True
+
     def __init__(self, lengths_or_keep: Tensor):
         x = lengths_or_keep
         if not isinstance(x, torch.Tensor):
