@@ -101,8 +101,10 @@ class ALiBi(ScoreMod):
         """``-m_h (q_ref' - j)``: ALiBi is row-separable unless symmetric (see ``ScoreMod.key_bias``)."""
         if self.symmetric:
             return None
-        slope = self.slopes.to(device=h.device, dtype=torch.float32)[h]
-        return slope * (kv_idx - (q_ref + (num_keys - num_queries))).to(torch.float32)
+        # float64, as score_mod's slopes: the caller casts to its working dtype (a float32 slope
+        # would put float64 requests ~1e-7 off the reference for slopes that are not powers of 2)
+        slope = self.slopes.to(device=h.device)[h]
+        return slope * (kv_idx - (q_ref + (num_keys - num_queries))).to(torch.float64)
 
     def __repr__(self) -> str:
         return f"ALiBi(num_heads={self.num_heads}, symmetric={self.symmetric})"
