@@ -6,6 +6,7 @@ they name the argument, say what was received, and say what was expected (SPEC Â
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping
 
 import torch
@@ -53,8 +54,29 @@ def check_positive(name: str, x: object, *, integer: bool = False, allow_zero: b
     kinds = (int,) if integer else (int, float)
     if isinstance(x, bool) or not isinstance(x, kinds):
         raise TypeError(f"{name} must be {'an int' if integer else 'a number'}; got {type(x).__name__}")
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}; got {x}")
     if x < 0 or (x == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {x}")
+    return x
+
+
+def check_finite_number(name: str, x: object) -> float:
+    """A finite int or float (not a bool), as a float."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a number; got {type(x).__name__}")
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number; got {x}")
+    return float(x)
+
+
+def check_finite_tensor(name: str, x: Tensor) -> Tensor:
+    """Raise ``ValueError`` when a parameter tensor holds NaN or inf (with the first bad index)."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        where = tuple(torch.nonzero(bad)[0].tolist())
+        raise ValueError(f"{name} must be finite; got {x[where].item()} at index {where} "
+                         f"({int(bad.sum())} non-finite entries)")
     return x
 
 
@@ -90,6 +112,10 @@ def check_qkv(q: object, k: object, v: object, *, same_qk_dim: bool = False) -> 
     check_same(("q", "k", "v"), (q.device, k.device, v.device), "device")
     B, H = q.shape[:2]
     Hkv, Tk = k.shape[1:3]
+    if q.shape[-1] == 0 or k.shape[-1] == 0:
+        raise ValueError(f"q and k need at least one feature (D >= 1) to compare; got q {shape_str(q)}, k {shape_str(k)}")
+    if H == 0 or Hkv == 0:
+        raise ValueError(f"q and k need at least one head (H >= 1, Hkv >= 1); got q {shape_str(q)}, k {shape_str(k)}")
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"q, k and v must have the same batch size (dim 0); got q {shape_str(q)}, "
                          f"k {shape_str(k)}, v {shape_str(v)}")

@@ -6,6 +6,7 @@ import torch
 
 import dataclasses
 
+from . import nonfinite
 from . import recording as _capture
 from .backends import registry
 from .spec import WeightsRequest, canonicalize
@@ -65,20 +66,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normalizer
     spec = canonicalize(q, k, v, score=score, normalizer=normalizer, mask=mask, bias=bias, scale=scale,
                         dropout_p=dropout_p, return_weights=return_weights, generator=generator)
     choice = registry.choose(spec, backend)
+    # one NaN/inf policy for every backend (attnkit.nonfinite): non-finite inputs are zeroed
+    # here and the NaN is written back into exactly the rows that read them
+    q, k, v, spec, guard = nonfinite.quarantine(q, k, v, spec)
+    run = registry.REGISTRY[choice.backend]
     recs = _capture.recorders()
     if recs and not spec.normalizer.deterministic:
         # a sampling normalizer must not be run twice: take the weights from this very call
         full = dataclasses.replace(spec, return_weights=True, weights=WeightsRequest())
-        out, weights = registry.REGISTRY[choice.backend](q, k, v, full)
+        out, weights = run(q, k, v, full)
+        if guard is not None:
+            out, weights = guard.apply(out, weights, full)
         for rec in recs:
             _capture.record_given(rec, weights, spec, choice.backend)
         return (out, spec.weights.select(weights)) if spec.return_weights else out
-    out, weights = registry.REGISTRY[choice.backend](q, k, v, spec)
+    out, weights = run(q, k, v, spec)
+    if guard is not None:
+        out, weights = guard.apply(out, weights, spec)
     for rec in recs:
         if spec.return_weights and spec.weights == WeightsRequest():
             _capture.record_given(rec, weights, spec, choice.backend)  # the call computed them already
         else:
-            _capture.record(rec, q, k, v, spec, choice.backend)
+            _capture.record(rec, q, k, v, spec, choice.backend, guard)
     return (out, weights) if spec.return_weights else out
 
 

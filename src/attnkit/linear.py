@@ -29,7 +29,7 @@ from typing import Callable, Union
 import torch
 import torch.nn.functional as nnf
 
-from ._checks import check_positive, check_qkv, check_tensor, lookup, shape_str
+from ._checks import check_finite_tensor, check_positive, check_qkv, check_tensor, lookup, shape_str
 from .masks.basic import KeyPadding, causal as _causal_mask
 
 Tensor = torch.Tensor
@@ -426,6 +426,7 @@ def _check_projection(projection, dim: int) -> None:
         raise ValueError(f"projection must have shape (num_features > 0, D = {dim}); got {shape_str(projection)}")
     if not projection.is_floating_point():
         raise TypeError(f"projection must be a floating-point tensor; got dtype {projection.dtype}")
+    check_finite_tensor("projection", projection.detach())
 
 
 def performer_attention(q: Tensor, k: Tensor, v: Tensor, num_features: int = 256, causal: bool = False,
@@ -575,6 +576,7 @@ def linformer_attention(q: Tensor, k: Tensor, v: Tensor, E: Tensor, F: Tensor, *
             raise TypeError(f"{name} must be a floating-point tensor; got dtype {P.dtype}")
         if P.shape[1] != Tk or P.shape[0] == 0:
             raise ValueError(f"{name} must have shape (proj_len > 0, Tk = {Tk}); got {shape_str(P)}")
+        check_finite_tensor(name, P.detach())
     if E.shape[0] != F.shape[0]:
         raise ValueError(f"E and F must have the same proj_len (dim 0); got E {shape_str(E)}, F {shape_str(F)}")
     keep = _keep_mask(key_padding, q.shape[0], Tk, q.device)

@@ -258,8 +258,9 @@ def record_given(rec: Recorder, weights: Tensor, spec, backend: str) -> None:
         _store(rec, weights[:, list(heads)][:, :, list(rows)], name, index, heads, rows, spec, backend)
 
 
-def record(rec: Recorder, q: Tensor, k: Tensor, v: Tensor, spec, backend: str) -> None:
-    """Compute and store the weights of one call (called by ``attnkit.attention``)."""
+def record(rec: Recorder, q: Tensor, k: Tensor, v: Tensor, spec, backend: str, guard=None) -> None:
+    """Compute and store the weights of one call (called by ``attnkit.attention`` with its
+    quarantined inputs and their :class:`attnkit.nonfinite.Guard`, if any)."""
     from .backends import registry
     from .spec import WeightsRequest
 
@@ -275,6 +276,8 @@ def record(rec: Recorder, q: Tensor, k: Tensor, v: Tensor, spec, backend: str) -
             if b is not None and not b.not_supported_reasons(wspec):
                 _, w = b(qd, kd, vd, wspec)
                 break
+        if guard is not None:
+            w = guard.poison_weights(w, wspec)
     _store(rec, w, name, index, heads, rows, spec, backend)
 
 

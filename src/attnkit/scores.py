@@ -45,6 +45,8 @@ class Score(nn.Module):
     tile_is_dot: bool = True
     #: False when the score cannot be evaluated tile by tile
     tileable: bool = True
+    #: False when the scores ignore the key vectors (only their positions count)
+    reads_keys: bool = True
 
     def prepare(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Per-token work done once before tiling; ``tile(*prepare(q, k)) == forward(q, k)``."""
@@ -116,7 +118,7 @@ class Cosine(Score):
     def __init__(self, tau: float = 0.1, eps: float = 1e-8):
         super().__init__()
         self.tau = float(check_positive("tau", tau))
-        self.eps = eps
+        self.eps = float(check_positive("eps", eps))
 
     def prepare(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         qn = q / q.norm(dim=-1, keepdim=True).clamp_min(self.eps)
@@ -322,6 +324,7 @@ class Location(Score):
     name = "location"
     same_dim = False
     tileable = False  # the score of key j is column j of W_a q: it needs absolute key positions
+    reads_keys = False  # a NaN in a key does not reach the scores (attnkit.nonfinite)
 
     def __init__(self, query_dim: int, max_keys: int):
         super().__init__()

@@ -315,7 +315,19 @@ class FromMod(Mask):
         self.fn = fn
 
     def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
-        return self.fn(b, h, q_idx, kv_idx)
+        out = self.fn(b, h, q_idx, kv_idx)
+        name = f"mask_mod {getattr(self.fn, '__name__', self.fn)!r}"
+        if isinstance(out, bool):
+            out = torch.tensor(out, device=q_idx.device)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"{name} must return a bool tensor (True = may attend); got {type(out).__name__}")
+        if out.dtype != torch.bool:
+            raise TypeError(f"{name} must return a bool tensor (True = may attend); got dtype {out.dtype}")
+        target = torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape)
+        if not broadcastable(tuple(out.shape), tuple(target)):
+            raise ValueError(f"{name} returned shape {shape_str(out)}, which does not broadcast to "
+                             f"{shape_str(torch.empty(target))} (b, h, q_idx, kv_idx broadcast together)")
+        return out
 
     def __repr__(self):
         return f"from_mod({getattr(self.fn, '__name__', self.fn)!r})"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_positive, shape_str
+from .._checks import check_finite_tensor, check_positive, shape_str
 from .base import Mask
 from .basic import SlidingWindow
 
@@ -57,6 +57,7 @@ class LocalP(Mask):
         want = (batch, num_queries) if c.dim() == 2 else (batch, heads, num_queries)
         if tuple(c.shape) != want:
             raise ValueError(f"local_p centers have shape {shape_str(c)} but the inputs need {want}")
+        check_finite_tensor("local_p centers", c.detach())  # a NaN center would hide every key: no silent zero
 
     def _center(self, b, h, q_idx):
         c = self.centers.to(q_idx.device)

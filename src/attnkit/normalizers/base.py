@@ -13,9 +13,20 @@ import math
 
 import torch
 
-from .._checks import check_positive
+from .._checks import check_finite_number, check_positive
 
 Tensor = torch.Tensor
+
+
+def check_scores(scores: object, mask: object = None) -> None:
+    """``TypeError`` unless ``scores`` is a floating-point tensor and ``mask`` None or a bool tensor."""
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor (..., Tk); got {type(scores).__name__}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating-point tensor (float32, float64, bfloat16, ...); got {scores.dtype}")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool):
+        raise TypeError("mask must be a bool tensor (True = may attend); got "
+                        f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
 
 
 class Normalizer:
@@ -31,17 +42,26 @@ class Normalizer:
     def normalize(self, scores: Tensor) -> Tensor:
         raise NotImplementedError
 
+    #: each weight depends on its own score only (sigmoid); else a row's weights depend on the row
+    elementwise: bool = False
+
     def __call__(self, scores: Tensor, mask: Tensor | None = None) -> Tensor:
-        if mask is not None and mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = may attend); got {mask.dtype}")
+        check_scores(scores, mask)
+        finite = bool(torch.isfinite(scores).all())
+        if mask is None and finite:
+            return self.normalize(scores)
         hidden = torch.isneginf(scores)  # a -inf score (e.g. from a bias) hides its key as the mask does
         if mask is not None:
             hidden = hidden | ~mask
-        elif not hidden.any():
-            return self.normalize(scores)
         dead = hidden.all(dim=-1, keepdim=True)  # rows with no key to attend to
         s = scores.masked_fill(hidden, float("-inf")).masked_fill(dead, 0.0)
-        return self.normalize(s).masked_fill(hidden | dead, 0.0)
+        if finite:
+            return self.normalize(s).masked_fill(hidden | dead, 0.0)
+        # NaN or +inf on a live key: NaN weights (the whole row unless the normalizer is elementwise)
+        bad = (torch.isnan(scores) | torch.isposinf(scores)) & ~hidden
+        poison = (bad if self.elementwise else bad.any(-1, keepdim=True)) & ~hidden
+        s = s.masked_fill(poison, 0.0)
+        return self.normalize(s).masked_fill(hidden | dead, 0.0).masked_fill(poison, float("nan"))
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -85,12 +105,15 @@ class Sigmoid(Normalizer):
 
     name = "sigmoid"
     sums_to_one = False
+    elementwise = True
 
     def __init__(self, bias: float | str | None = None):
         if isinstance(bias, str) and bias != "log_n":
             raise ValueError(f"Sigmoid bias must be a number, None or 'log_n'; got {bias!r}")
-        if bias is not None and not isinstance(bias, (str, int, float)):
-            raise TypeError(f"Sigmoid bias must be a number, None or 'log_n'; got {type(bias).__name__}")
+        if bias is not None and not isinstance(bias, str):
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+                raise TypeError(f"Sigmoid bias must be a number, None or 'log_n'; got {type(bias).__name__}")
+            bias = check_finite_number("Sigmoid bias", bias)
         self.bias = bias
 
     def offset(self, num_keys: int) -> float:
@@ -127,8 +150,7 @@ class Normalize(Normalizer):
         return scores / den.masked_fill(den == 0, 1.0)
 
     def __call__(self, scores: Tensor, mask: Tensor | None = None) -> Tensor:
+        check_scores(scores, mask)
         if mask is None:
             return self.normalize(scores)
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = may attend); got {mask.dtype}")
         return self.normalize(scores.masked_fill(~mask, 0.0))

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import broadcastable, check_positive, shape_str
-from .base import Normalizer
+from .base import Normalizer, check_scores
 
 Tensor = torch.Tensor
 
 _NEG_INF = float("-inf")
+_NAN = float("nan")
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -263,15 +264,17 @@ class StochasticHard(Normalizer):
     def __call__(self, scores: Tensor, mask: Tensor | None = None) -> Tensor:
         # Unlike the base class, fully masked rows reach normalize() as all -inf, so that the
         # sample can record them (index -1, log_prob 0).
+        check_scores(scores, mask)
         if mask is not None:
-            if mask.dtype != torch.bool:
-                raise TypeError(f"mask must be a bool tensor (True = may attend); got {mask.dtype}")
             scores = scores.masked_fill(~mask, _NEG_INF)
         return self.normalize(scores)
 
     def normalize(self, scores: Tensor) -> Tensor:
         dtype = _compute_dtype(scores.dtype)
         s = scores.to(dtype)
+        # NaN or +inf on an allowed key: the row's sample is undefined (weights NaN, index -1)
+        poison = (torch.isnan(s) | torch.isposinf(s)).any(dim=-1, keepdim=True)
+        s = s.masked_fill(poison & (s > _NEG_INF) | torch.isnan(s), 0.0)
         dead = _dead(s)                                   # (..., 1)
         allowed = (s > _NEG_INF) & ~dead                  # (..., Tk)
         logp = torch.log_softmax(s.masked_fill(dead, 0.0), dim=-1)  # dead rows: uniform, finite
@@ -292,11 +295,17 @@ class StochasticHard(Normalizer):
             log_prob = logp.gather(-1, index.unsqueeze(-1)).squeeze(-1).masked_fill(dead.squeeze(-1), 0.0)
             index = index.masked_fill(dead.squeeze(-1), -1)
         entropy = -(probs * logp.masked_fill(~allowed, 0.0)).sum(dim=-1)
-        self.last_sample = HardSample(index=index, log_prob=log_prob.to(scores.dtype),
-                                      probs=probs.to(scores.dtype), entropy=entropy.to(scores.dtype))
         weights = torch.zeros(s.shape, dtype=scores.dtype, device=s.device)
         if s.shape[-1]:
             weights = weights.scatter(-1, index.clamp_min(0).unsqueeze(-1), 1.0).masked_fill(dead, 0.0)
+        if bool(poison.any()):
+            p1 = poison.squeeze(-1)
+            index = index.masked_fill(p1, -1)
+            log_prob, entropy = log_prob.masked_fill(p1, _NAN), entropy.masked_fill(p1, _NAN)
+            probs = probs.masked_fill(poison & allowed, _NAN)
+            weights = weights.masked_fill(poison & allowed, _NAN)
+        self.last_sample = HardSample(index=index, log_prob=log_prob.to(scores.dtype),
+                                      probs=probs.to(scores.dtype), entropy=entropy.to(scores.dtype))
         return weights
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_positive
-from .base import Normalizer
+from .base import Normalizer, check_scores
 
 Tensor = torch.Tensor
 
@@ -100,6 +100,7 @@ class _SparsemaxFunction(torch.autograd.Function):
 
 def sparsemax(scores: Tensor) -> Tensor:
     """Sparsemax along the last dim: ``p = [z - τ]_+`` with ``Σ p = 1`` (see :class:`Sparsemax`)."""
+    check_scores(scores)
     if scores.shape[-1] == 0:  # no keys at all
         return scores.clone()
     return _SparsemaxFunction.apply(scores)
@@ -137,6 +138,7 @@ class _Entmax15Function(torch.autograd.Function):
 
 def entmax15(scores: Tensor) -> Tensor:
     """Exact 1.5-entmax along the last dim (see :class:`Entmax15`)."""
+    check_scores(scores)
     if scores.shape[-1] == 0:  # no keys at all
         return scores.clone()
     return _Entmax15Function.apply(scores)
@@ -189,6 +191,7 @@ class _EntmaxBisectFunction(torch.autograd.Function):
 
 def entmax_bisect(scores: Tensor, alpha: float = 1.5, n_iter: int | None = None) -> Tensor:
     """α-entmax along the last dim by bisection (see :class:`Entmax`)."""
+    check_scores(scores)
     if scores.shape[-1] == 0:  # no keys at all
         return scores.clone()
     return _EntmaxBisectFunction.apply(scores, float(alpha), n_iter)

@@ -128,7 +128,17 @@ class FromScoreMod(ScoreMod):
         self.fn = fn
 
     def score_mod(self, score, b, h, q_idx, kv_idx, num_queries, num_keys):
-        return self.fn(score, b, h, q_idx, kv_idx)
+        out = self.fn(score, b, h, q_idx, kv_idx)
+        name = f"score_mod {getattr(self.fn, '__name__', self.fn)!r}"
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"{name} must return a tensor of scores; got {type(out).__name__}")
+        if not out.is_floating_point():
+            raise TypeError(f"{name} must return floating-point scores; got dtype {out.dtype}")
+        target = torch.broadcast_shapes(score.shape, b.shape, h.shape, q_idx.shape, kv_idx.shape)
+        if not broadcastable(tuple(out.shape), tuple(target)):
+            raise ValueError(f"{name} returned shape {shape_str(out)}, which does not broadcast to the scores "
+                             f"{shape_str(torch.empty(target))} (score, b, h, q_idx, kv_idx broadcast together)")
+        return out.to(score.dtype)
 
     def __repr__(self):
         return f"from_score_mod({getattr(self.fn, '__name__', self.fn)!r})"
