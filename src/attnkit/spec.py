@@ -20,7 +20,7 @@ from . import normalizers as _normalizers
 from . import scores as _scores
 from ._checks import check_probability, check_qkv
 from .masks.base import Mask, as_mask
-from .positions.base import ScoreMod, as_score_mod
+from .positions.base import FromScoreMod, ScoreMod, TensorBias, as_score_mod
 
 Tensor = torch.Tensor
 
@@ -87,6 +87,7 @@ class AttentionSpec:
     Dv: int
     dtype: torch.dtype
     device: torch.device
+    #: the output may need a gradient (see :func:`_needs_grad`)
     requires_grad: bool
 
     @property
@@ -143,5 +144,18 @@ def canonicalize(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normali
         score=score_obj, normalizer=norm_obj, mask=mask_obj, score_mods=mods, scale=float(scale),
         dropout_p=dropout_p, return_weights=return_weights, weights=weights, generator=generator,
         B=B, H=H, Hkv=Hkv, Tq=Tq, Tk=Tk, D=D, Dv=v.shape[-1], dtype=q.dtype, device=q.device,
-        requires_grad=torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)),
+        requires_grad=torch.is_grad_enabled() and _needs_grad((q, k, v), score_obj, mods),
     )
+
+
+def _needs_grad(qkv, score: "_scores.Score", mods: tuple[ScoreMod, ...]) -> bool:
+    """Whether the output may need a gradient: an input, a score parameter or a bias needs one, or a
+    user ``score_mod`` callable (which may close over tensors that do) is present."""
+    if any(x.requires_grad for x in qkv) or any(p.requires_grad for p in score.parameters()):
+        return True
+    for m in mods:
+        if isinstance(m, FromScoreMod) or (isinstance(m, TensorBias) and m.tensor.requires_grad):
+            return True
+        if isinstance(m, torch.nn.Module) and any(p.requires_grad for p in m.parameters()):
+            return True
+    return False

@@ -85,6 +85,8 @@ class SDPABackend:
         if spec.score_mods:
             bias = sum(mod.materialize_bias(spec.Tq, spec.Tk, spec.B, spec.H, device=q.device, dtype=q.dtype)
                        for mod in spec.score_mods)
+            if spec.normalizer.temperature != 1.0:  # softmax((s + bias) / T): the bias is divided too
+                bias = bias / spec.normalizer.temperature
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         kw = {}
         if spec.groups > 1:
