@@ -1,6 +1,5 @@
 """Checkpoints, the training loop, the task/model registries and the CLI plumbing."""
 
-import json
 import os
 
 import pytest
@@ -60,6 +59,10 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
 def test_corrupt_checkpoints_give_clear_errors(tmp_path, damage, msg):
     ck.save_checkpoint(tmp_path, model=torch.nn.Linear(2, 2), config={})
     damage(tmp_path)
+    # checkpoint.json catches the damage; without it (an earlier attnkit's folder) the parser does
+    with pytest.raises(ValueError, match="does not match checkpoint.json|has no model.safetensors"):
+        ck.load_checkpoint(tmp_path)
+    os.remove(tmp_path / "checkpoint.json")
     with pytest.raises(ValueError, match=msg):
         ck.load_checkpoint(tmp_path)
 
@@ -149,7 +152,7 @@ def test_cli_errors_are_one_line_messages(tmp_path, capsys):
     ck.save_checkpoint(tmp_path, model=torch.nn.Linear(1, 1), config={"task": "nope"})
     assert main(["eval", str(tmp_path)]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
-    (tmp_path / "config.json").write_text(json.dumps({"model": "x"}))
+    ck.save_checkpoint(tmp_path, model=torch.nn.Linear(1, 1), config={"model": "x"})
     assert main(["translate", str(tmp_path), "hello"]) == 2
     assert "names no task" in capsys.readouterr().err
 
@@ -158,5 +161,7 @@ def test_checkpoint_files_get_ordinary_permissions(tmp_path):
     ck.save_checkpoint(tmp_path, model=torch.nn.Linear(1, 1), config={}, trainer_state={})
     umask = os.umask(0)
     os.umask(umask)
-    for name in ("model.safetensors", "config.json", "trainer.pt"):
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint.json", "config.json", "model.safetensors", "trainer.json", "trainer.safetensors"]
+    for name in ("checkpoint.json", "model.safetensors", "config.json", "trainer.json", "trainer.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

@@ -1,12 +1,47 @@
 """Atomic file writes: write to a temporary file beside the target, then rename it into place,
-so an interrupted write never leaves a half-written file and never damages the previous one."""
+so an interrupted write never leaves a half-written file and never damages the previous one.
+
+:func:`write_durably` and :func:`fsync_dir` flush a file and a folder's entries to disk, for
+writers (checkpoints) whose renames must also survive a power cut, not only a killed process."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+
+def _ordinary_mode() -> int:
+    """``0666 & ~umask``: what ``open()`` gives a new file (mkstemp and some writers make 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (new names, renames) to disk; a no-op where folders cannot be
+    opened (Windows) or fsynced (some network and FUSE file systems)."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it (the file should be new: ``open`` gives it ordinary
+    permissions)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -18,9 +53,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, _ordinary_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -82,7 +82,7 @@ def test_task_trains_and_reports_sacrebleu(trained):
     assert result.extra["metrics"]["test_chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
     assert result.value > 25, result.summary  # the word-for-word mapping is (partly) learned
     assert result.metric == "test_bleu" and "test BLEU" in result.summary and "chrF" in result.summary
-    assert (root / "ck" / "best" / "model.safetensors").is_file() and (root / "ck" / "trainer.pt").is_file()
+    assert (root / "ck" / "best" / "model.safetensors").is_file() and (root / "ck" / "trainer.json").is_file()
 
 
 def test_evaluate_and_translate_from_the_checkpoint(trained, capsys):

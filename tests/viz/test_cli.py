@@ -156,6 +156,8 @@ def test_missing_or_corrupt_checkpoints_give_a_clear_error(dates_ckpt, tmp_path,
         else:
             cfg["model_config"]["hidden_dim"] = 64
         (ck / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    if breakage != "missing":  # hand-edited files: read as they are, not checked against checkpoint.json
+        (ck / "checkpoint.json").unlink()
     assert main([str(ck), "--text", "1 May 2000", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("attnkit viz: error: ") and re.search(message, err), err
