@@ -171,7 +171,7 @@ def test_malformed_data_files_give_clear_errors(tmp_path, content, msg):
 
 def test_too_few_pairs_to_split(tmp_path):
     with pytest.raises(ValueError, match="at least 3 distinct sources"):
-        split_pairs(read_pairs(_write(tmp_path / "d.tsv", "a\t1\na\t1\n")))
+        split_pairs(read_pairs(_write(tmp_path / "d.tsv", "a\t2019-01-01\na\t2019-01-01\n")))
 
 
 def _write(path, text):

@@ -205,7 +205,7 @@ def test_read_lines_gzip_crlf_and_bad_encoding(tmp_path):
     assert read_lines(p) == ["Zwei Männer", "ein Hund"]
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("Männer\n".encode("latin-1"))
-    with pytest.raises(ValueError, match="--train-src: .*latin1.txt' is not UTF-8"):
+    with pytest.raises(ValueError, match=r"--train-src: .*latin1.txt' line 1 is not UTF-8 text \(byte 0xe4 at col"):
         read_lines(bad, "--train-src")
     blank = tmp_path / "blank.txt"
     blank.write_text("\n\n", encoding="utf-8")

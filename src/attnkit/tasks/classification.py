@@ -18,7 +18,7 @@ import torch
 from .. import models
 from ..checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
 from ..training import fit, rng_state, set_rng_state
-from .base import Task, TrainResult
+from .base import Task, TrainResult, fraction, nonnegative_float, positive_float, positive_int
 
 Tensor = torch.Tensor
 Batch = tuple[Tensor, Tensor]
@@ -160,16 +160,16 @@ def build_model_config(args: argparse.Namespace, defaults: dict[str, dict[str, A
 def add_model_arguments(p: argparse.ArgumentParser, models_: Sequence[str], default: str) -> None:
     g = p.add_argument_group("model (defaults depend on --model)")
     g.add_argument("--model", default=default, choices=list(models_), help=f"model (default {default})")
-    g.add_argument("--dim", type=int, default=None, help="embedding / encoder width")
-    g.add_argument("--depth", type=int, default=None, help="encoder layers")
-    g.add_argument("--heads", type=int, default=None, help="attention heads of the Transformer encoder")
+    g.add_argument("--dim", type=positive_int, default=None, help="embedding / encoder width")
+    g.add_argument("--depth", type=positive_int, default=None, help="encoder layers")
+    g.add_argument("--heads", type=positive_int, default=None, help="attention heads of the Transformer encoder")
     g.add_argument("--encoder", default=None, choices=["transformer", "gru", "none"], help="sequence encoder")
     g.add_argument("--pooling", default=None, choices=["query", "mlp"], help="attention pooling (AttentionClassifier)")
-    g.add_argument("--dropout", type=float, default=None, help="dropout")
-    g.add_argument("--batch-size", type=int, default=None, help="training batch size")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW, warmup + cosine decay)")
-    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
-    g.add_argument("--label-smoothing", type=float, default=None, help="label smoothing of the cross-entropy")
+    g.add_argument("--dropout", type=fraction, default=None, help="dropout")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="training batch size")
+    g.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (AdamW, warmup + cosine decay)")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=None, help="AdamW weight decay")
+    g.add_argument("--label-smoothing", type=fraction, default=None, help="label smoothing of the cross-entropy")
 
 
 COMMON_OPTIONS = {"dim": "dim", "depth": "depth", "heads": "num_heads", "encoder": "encoder",

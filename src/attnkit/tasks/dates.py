@@ -14,6 +14,11 @@ year comes first, and two-digit years 50–99 mean 19xx, 00–49 mean 20xx. Real
 Tokens are characters (source and target). The model is :class:`attnkit.models.Seq2Seq`; the
 metric is exact match of the whole output string.
 
+``attnkit translate CKPT`` prints one line per input line: the model's output, marked when it is
+not a calendar date (``31/31/2020`` may give ``2020-31-31  [not a valid date]``; see
+:func:`is_iso_date`). An empty line gives an empty line; a line is read up to
+:data:`MAX_SOURCE_CHARS` characters (longer ones are cut, with a warning).
+
 Example::
 
     >>> splits = generate(n_train=5, n_valid=2, n_test=2, seed=0)
@@ -45,7 +50,8 @@ from .. import models
 from ..models.seq2seq import ATTENTIONS, Seq2Seq
 from ..checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
 from ..training import fit, rng_state, seed_everything, set_rng_state, set_threads
-from .base import Task, TrainResult, check_path
+from .base import (Task, TrainResult, check_path, fraction, positive_float, positive_int, read_text_lines,
+                   warn)
 from .vocab import Vocab, batch_indices, pad_batch
 
 Tensor = torch.Tensor
@@ -259,28 +265,52 @@ def generate(n_train: int = 20_000, n_valid: int = 1_000, n_test: int = 2_000, s
 # ---------------------------------------------------------------------------------------------
 
 def read_pairs(path: str | Path, option: str = "--data") -> list[Example]:
-    """Read ``source<TAB>target`` lines (UTF-8). Blank lines are skipped; a line without a tab, with
-    an empty side, or an empty file raise ``ValueError`` naming the option, the file and the line."""
+    """Read ``source<TAB>target`` lines (UTF-8), the target an ISO date ``YYYY-MM-DD``. Blank lines
+    are skipped. An empty file, bytes that are not UTF-8, and a line without exactly one tab, with
+    an empty side or with a target that is not a date raise ``ValueError`` naming the option, the
+    file and the line."""
     p = check_path(option, path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{option}: {str(p)!r} is not UTF-8 text ({e})") from None
+    where = f"{option}: {str(p)!r}"
     out = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(read_text_lines(p, where), 1):
         if not line.strip():
             continue
         if "\t" not in line:
-            raise ValueError(f"{option}: {str(p)!r} line {i} has no tab; expected 'source<TAB>target', "
-                             f"got {line[:60]!r}")
-        src, tgt = line.split("\t", 1)
-        if not src.strip() or not tgt.strip():
-            raise ValueError(f"{option}: {str(p)!r} line {i} has an empty {'source' if not src.strip() else 'target'}; "
+            raise ValueError(f"{where} line {i} has no tab; expected 'source<TAB>target', got {line[:60]!r}")
+        fields = line.split("\t")
+        if len(fields) != 2:
+            raise ValueError(f"{where} line {i}: expected 2 tab-separated columns (source, target); got "
+                             f"{len(fields)}: {line[:60]!r}")
+        src, tgt = (f.strip() for f in fields)
+        if not src or not tgt:
+            raise ValueError(f"{where} line {i} has an empty {'source' if not src else 'target'}; "
                              f"expected 'source<TAB>target', got {line[:60]!r}")
-        out.append(Example(src.strip(), tgt.strip()))
+        if not is_iso_date(tgt):
+            swapped = " (are the columns swapped?)" if is_iso_date(src) else ""
+            raise ValueError(f"{where} line {i}: the target {tgt[:40]!r} is not a date written YYYY-MM-DD"
+                             f"{swapped}; expected 'source<TAB>target' such as '3 March 2019<TAB>2019-03-03'")
+        out.append(Example(src, tgt))
     if not out:
-        raise ValueError(f"{option}: {str(p)!r} is empty; expected lines 'source<TAB>target'")
+        raise ValueError(f"{where} is empty; expected lines 'source<TAB>target'")
     return out
+
+
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def is_iso_date(text: str) -> bool:
+    """Whether ``text`` is a calendar date written ``YYYY-MM-DD`` (what the model should output).
+
+    >>> is_iso_date("2020-02-29"), is_iso_date("2019-02-29"), is_iso_date("2020-31-31"), is_iso_date("20200101")
+    (True, False, False, False)
+    """
+    if not _ISO_DATE.fullmatch(text):
+        return False
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def split_pairs(pairs: Sequence[Example], seed: int = 1234, valid_fraction: float = 0.05,
@@ -582,6 +612,11 @@ def _final_test(run: _Run, beam: int, device: str = "cpu") -> tuple[float, int, 
 # The task
 # ---------------------------------------------------------------------------------------------
 
+# attnkit translate: longer lines are cut (the longest date in the embedded corpus has about 45
+# characters); the cut keeps a pasted paragraph from running the encoder over thousands of steps.
+MAX_SOURCE_CHARS = 256
+NOT_A_DATE = "  [not a valid date]"  # appended to a translation that is not a calendar date
+
 DEMO_KINDS = ("en:{d} {MMMM} {yyyy}", "zh:{yyyy}年{m}月{d}日", "num:{mm}/{dd}/{yy}", "fr:le {d1} {MMMM} {yyyy}")
 
 
@@ -595,32 +630,42 @@ class DatesTask(Task):
 
     name = "dates"
     help = ("Normalize dates written in many forms and languages to ISO YYYY-MM-DD with an attention "
-            "encoder-decoder (character level). Embedded generated corpus, or --data FILE of 'source<TAB>target' lines.")
+            "encoder-decoder (character level). Embedded generated corpus, or --data FILE of 'source<TAB>target' "
+            "lines. "
+            f"attnkit translate marks an output that is not a calendar date with '{NOT_A_DATE.strip()}'.")
+    translates = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("data")
         g.add_argument("--data", default=None, help="tab-separated 'source<TAB>target' file (default: the embedded "
                                                      "generated corpus); split 85/5/10 into train/valid/test")
         g.add_argument("--data-seed", type=int, default=None, help=f"corpus/split seed (default {DATA_DEFAULTS['seed']})")
-        g.add_argument("--train-size", type=int, default=None, help="embedded corpus: training examples (default 20000)")
-        g.add_argument("--valid-size", type=int, default=None, help="embedded corpus: validation examples (default 1000)")
-        g.add_argument("--test-size", type=int, default=None, help="embedded corpus: test examples (default 2000)")
+        g.add_argument("--train-size", type=positive_int, default=None,
+                       help="embedded corpus: training examples (default 20000)")
+        g.add_argument("--valid-size", type=positive_int, default=None,
+                       help="embedded corpus: validation examples (default 1000)")
+        g.add_argument("--test-size", type=positive_int, default=None,
+                       help="embedded corpus: test examples (default 2000)")
         m = parser.add_argument_group("model")
         m.add_argument("--attention", default=None, choices=list(ATTENTIONS),
                        help=f"attention (default {MODEL_DEFAULTS['attention']})")
         m.add_argument("--rnn", default=None, choices=["gru", "lstm"], help="recurrent cell (default gru)")
         m.add_argument("--no-input-feeding", action="store_true", help="Luong attention without input feeding")
-        m.add_argument("--emb-dim", type=int, default=None, help=f"embedding size (default {MODEL_DEFAULTS['emb_dim']})")
-        m.add_argument("--hidden-dim", type=int, default=None,
+        m.add_argument("--emb-dim", type=positive_int, default=None,
+                       help=f"embedding size (default {MODEL_DEFAULTS['emb_dim']})")
+        m.add_argument("--hidden-dim", type=positive_int, default=None,
                        help=f"hidden size (default {MODEL_DEFAULTS['hidden_dim']})")
-        m.add_argument("--num-layers", type=int, default=None, help="RNN layers (default 1)")
-        m.add_argument("--dropout", type=float, default=None, help="dropout (default 0)")
+        m.add_argument("--num-layers", type=positive_int, default=None, help="RNN layers (default 1)")
+        m.add_argument("--dropout", type=fraction, default=None, help="dropout (default 0)")
         t = parser.add_argument_group("optimization")
-        t.add_argument("--batch-size", type=int, default=None, help=f"batch size (default {TRAIN_DEFAULTS['batch_size']})")
-        t.add_argument("--lr", type=float, default=None, help=f"peak Adam learning rate (default {TRAIN_DEFAULTS['lr']})")
+        t.add_argument("--batch-size", type=positive_int, default=None,
+                       help=f"batch size (default {TRAIN_DEFAULTS['batch_size']})")
+        t.add_argument("--lr", type=positive_float, default=None,
+                       help=f"peak Adam learning rate (default {TRAIN_DEFAULTS['lr']})")
         t.add_argument("--schedule", default=None, choices=["cosine", "constant"],
                        help="learning-rate schedule after warmup (default cosine)")
-        t.add_argument("--beam", type=int, default=1, help="beam size for the final test evaluation (default 1)")
+        t.add_argument("--beam", type=positive_int, default=1,
+                       help="beam size for the final test evaluation (default 1)")
 
     # -- attnkit train dates ----------------------------------------------------------------
     def train(self, args: argparse.Namespace) -> TrainResult:
@@ -651,12 +696,22 @@ class DatesTask(Task):
 
     # -- attnkit translate CKPT ---------------------------------------------------------------
     def translate(self, checkpoint: Checkpoint, lines: list[str], args: argparse.Namespace) -> list[str]:
+        """One output per input line, in order: the model's ``YYYY-MM-DD``, followed by
+        :data:`NOT_A_DATE` when it is not a calendar date (e.g. ``2020-31-31  [not a valid date]``).
+        An empty line gives an empty output; a line longer than :data:`MAX_SOURCE_CHARS` is cut to
+        that length, with a warning on stderr naming the line."""
         model, src_vocab, tgt_vocab, cfg = _rebuild(checkpoint)
         model.to(getattr(args, "device", "cpu"))
-        preds, _ = decode(model, [line.strip() for line in lines], src_vocab, tgt_vocab,
+        sources = [line.strip() for line in lines]
+        for i, src in enumerate(sources):
+            if len(src) > MAX_SOURCE_CHARS:
+                warn(f"input line {i + 1} has {len(src)} characters; the date model reads only the first "
+                     f"{MAX_SOURCE_CHARS}")
+                sources[i] = src[:MAX_SOURCE_CHARS]
+        preds, _ = decode(model, sources, src_vocab, tgt_vocab,
                           beam=int(getattr(args, "beam", 1) or 1), max_len=cfg.get("train", {}).get("max_len", 32),
                           device=getattr(args, "device", "cpu"))
-        return preds
+        return [p if not src or is_iso_date(p) else f"{p}{NOT_A_DATE}" for src, p in zip(sources, preds)]
 
     # -- attnkit demo -------------------------------------------------------------------------
     def demo(self, args: argparse.Namespace) -> int:
@@ -768,4 +823,4 @@ def _write_pictures(out: Path, test: Sequence[Example], preds: Sequence[str], we
 
 
 __all__ = ["DatesTask", "Example", "MONTHS", "TEMPLATES", "WEEKDAYS", "BudgetSchedule", "decode", "exact_match",
-           "generate", "read_pairs", "render", "split_pairs", "template"]
+           "generate", "is_iso_date", "read_pairs", "render", "split_pairs", "template"]

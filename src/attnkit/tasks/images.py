@@ -24,7 +24,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..training import seed_everything
-from .base import Task, TrainResult
+from .base import Task, TrainResult, nonnegative_int, positive_int
 from .classification import (COMMON_OPTIONS, Batch, accuracy, add_model_arguments, build_model_config, load_resume,
                              rebuild_model, train_classifier)
 from .vocab import batch_indices
@@ -107,8 +107,10 @@ class DigitsTask(Task):
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         add_model_arguments(p, sorted(DIGITS_MODELS), "AttentionClassifier")
         g = p.add_argument_group("digits")
-        g.add_argument("--patch-size", type=int, default=None, help="patch side (AttentionClassifier; default 2)")
-        g.add_argument("--split-seed", type=int, default=0, help="seed of the train/valid/test split (default 0)")
+        g.add_argument("--patch-size", type=positive_int, default=None,
+                       help="patch side (AttentionClassifier; default 2)")
+        g.add_argument("--split-seed", type=nonnegative_int, default=0,
+                       help="seed of the train/valid/test split (default 0)")
         g.add_argument("--augment", action="store_true",
                        help="random ±1 pixel shifts of the training images (off by default: on 8x8 images a "
                             "1-pixel shift is large and slows 2x2-patch models down)")
@@ -295,14 +297,15 @@ class MnistTask(Task):
         g = p.add_argument_group("mnist")
         g.add_argument("--data", default=DEFAULT_MNIST,
                        help=f"folder with the 4 MNIST idx files (default {DEFAULT_MNIST})")
-        g.add_argument("--patch-size", type=int, default=None, help="patch side (AttentionClassifier; default 7)")
-        g.add_argument("--memory-dim", type=int, default=None, help="memory width (AttentionMemoryClassifier)")
-        g.add_argument("--steps", type=int, default=None, help="memory steps (AttentionMemoryClassifier)")
-        g.add_argument("--gated-heads", type=int, default=None,
+        g.add_argument("--patch-size", type=positive_int, default=None,
+                       help="patch side (AttentionClassifier; default 7)")
+        g.add_argument("--memory-dim", type=positive_int, default=None, help="memory width (AttentionMemoryClassifier)")
+        g.add_argument("--steps", type=positive_int, default=None, help="memory steps (AttentionMemoryClassifier)")
+        g.add_argument("--gated-heads", type=nonnegative_int, default=None,
                        help="GatedAttentionHeads heads pooled beside the memory (AttentionMemoryClassifier; 0 = none)")
         g.add_argument("--augment", action="store_true", help="random ±1 pixel shifts of the training images")
-        g.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
-        g.add_argument("--valid-size", type=int, default=5000,
+        g.add_argument("--train-limit", type=positive_int, default=None, help="use only the first N training images")
+        g.add_argument("--valid-size", type=positive_int, default=5000,
                        help="hold out the last N training images for validation (default 5000)")
 
     def _batches(self, splits, batch_size: int, seed: int):

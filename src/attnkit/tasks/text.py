@@ -27,7 +27,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..training import seed_everything
-from .base import Task, TrainResult
+from .base import Task, TrainResult, positive_int, read_text_lines
 from .classification import (COMMON_OPTIONS, Batch, accuracy, add_model_arguments, build_model_config, load_resume,
                              rebuild_model, train_classifier)
 from .vocab import Vocab, batch_indices, pad_batch
@@ -51,8 +51,9 @@ def read_sst2_tsv(path: str | Path) -> tuple[list[list[str]], list[int]]:
     (tab-separated, in any order), then one example per line.
 
     Returns ``(token lists, labels)``. Raises ``ValueError`` naming the file (and the line number,
-    counting the header as line 1) for a missing or empty file, a header without those columns,
-    a line with the wrong number of fields, an empty sentence or a label other than 0/1.
+    counting the header as line 1) for a missing or empty file, bytes that are not UTF-8, a header
+    without those columns, a line with the wrong number of fields, an empty sentence or a label
+    other than 0/1.
 
     Example::
 
@@ -65,34 +66,30 @@ def read_sst2_tsv(path: str | Path) -> tuple[list[list[str]], list[int]]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"SST-2 file {str(p)!r} does not exist")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"SST-2 file {str(p)!r} is not UTF-8 text: {e}") from None
+    lines = read_text_lines(p, f"SST-2 file {str(p)!r}")
     if not lines or not any(line.strip() for line in lines):
         raise ValueError(f"SST-2 file {str(p)!r} is empty (expected a header 'sentence<TAB>label' and examples)")
-    header = lines[0].rstrip("\r").split("\t")
+    header = lines[0].split("\t")
     cols = [h.strip().lower() for h in header]
     if "sentence" not in cols or "label" not in cols:
-        raise ValueError(f"{str(p)!r} line 1: the header must name the columns 'sentence' and 'label' "
+        raise ValueError(f"SST-2 file {str(p)!r} line 1: the header must name the columns 'sentence' and 'label' "
                          f"(tab-separated, as GLUE's SST-2 train.tsv/dev.tsv); got {lines[0][:80]!r}")
     i_s, i_l = cols.index("sentence"), cols.index("label")
     sentences, labels = [], []
     for n, line in enumerate(lines[1:], start=2):
-        line = line.rstrip("\r")
         if not line.strip():
             continue
         fields = line.split("\t")
         if len(fields) != len(cols):
-            raise ValueError(f"{str(p)!r} line {n}: expected {len(cols)} tab-separated fields "
+            raise ValueError(f"SST-2 file {str(p)!r} line {n}: expected {len(cols)} tab-separated fields "
                              f"({', '.join(header)}); got {len(fields)}: {line[:80]!r}")
         label = fields[i_l].strip()
         if label not in LABELS:
-            raise ValueError(f"{str(p)!r} line {n}: unknown label {label!r}; expected one of 0 (negative), "
+            raise ValueError(f"SST-2 file {str(p)!r} line {n}: unknown label {label!r}; expected one of 0 (negative), "
                              "1 (positive)")
         tokens = tokenize(fields[i_s])
         if not tokens:
-            raise ValueError(f"{str(p)!r} line {n}: the sentence is empty")
+            raise ValueError(f"SST-2 file {str(p)!r} line {n}: the sentence is empty")
         sentences.append(tokens)
         labels.append(LABELS[label])
     if not sentences:
@@ -103,6 +100,8 @@ def read_sst2_tsv(path: str | Path) -> tuple[list[list[str]], list[int]]:
 def resolve_data_dir(data: str | Path) -> Path:
     """The folder holding ``train.tsv``/``dev.tsv``: ``data`` itself or ``data/glue``."""
     d = Path(data)
+    if d.is_file():
+        raise ValueError(f"--data: {str(d)!r} is a file; give the SST-2 folder that holds GLUE's train.tsv and dev.tsv")
     if not d.is_dir():
         raise ValueError(f"--data: SST-2 folder {str(d)!r} does not exist (it should hold GLUE's train.tsv and "
                          "dev.tsv, or a glue/ folder with them)")
@@ -163,9 +162,9 @@ class Sst2Task(Task):
         g = p.add_argument_group("sst2")
         g.add_argument("--data", default=DEFAULT_SST2,
                        help=f"folder with GLUE SST-2 train.tsv and dev.tsv, or a glue/ subfolder (default {DEFAULT_SST2})")
-        g.add_argument("--min-freq", type=int, default=2,
+        g.add_argument("--min-freq", type=positive_int, default=2,
                        help="keep training words seen at least this often (default 2)")
-        g.add_argument("--train-limit", type=int, default=None, help="use only the first N training items")
+        g.add_argument("--train-limit", type=positive_int, default=None, help="use only the first N training items")
 
     def _batches(self, data: dict, vocab: Vocab, batch_size: int, seed: int, hierarchical: bool):
         cache: dict[str, list[Batch]] = {}

@@ -33,7 +33,6 @@ uses ``tokenize="none"`` -- the "tokenized BLEU" most Multi30k papers report.
 from __future__ import annotations
 
 import argparse
-import gzip
 import math
 import sys
 import time
@@ -47,7 +46,8 @@ from .. import models
 from ..checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
 from ..models.transformer import Transformer, label_smoothed_cross_entropy
 from ..training import fit, rng_state, seed_everything, set_rng_state
-from .base import Task, TrainResult
+from .base import (Task, TrainResult, check_path, fraction, nonnegative_float, nonnegative_int, positive_float,
+                   positive_int, read_text_lines, warn)
 from .subword import KINDS, from_config, train_tokenizers
 from .vocab import pad_batch
 
@@ -73,21 +73,11 @@ def read_lines(path: str | Path, option: str = "file") -> list[str]:
     """The lines of a UTF-8 text file, plain or gzipped (without their line ends).
 
     Raises ``ValueError`` naming ``option`` and the path when the file is missing, unreadable,
-    not UTF-8, or has no lines.
+    not UTF-8 (with the line), or has no lines. Lines end at ``\\n`` (``\\r\\n`` too), so
+    line ``i`` is what editors and ``wc -l`` call line ``i``.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{option}: no such file {str(p)!r}")
-    try:
-        with open(p, "rb") as f:
-            gz = f.read(2) == b"\x1f\x8b"
-        opener = gzip.open if gz else open
-        with opener(p, "rt", encoding="utf-8", newline="") as f:
-            lines = [line.rstrip("\r\n") for line in f]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{option}: {str(p)!r} is not UTF-8 text ({e})") from None
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise ValueError(f"{option}: cannot read {str(p)!r} ({e})") from None
+    p = check_path(option, path)
+    lines = read_text_lines(p, f"{option}: {str(p)!r}")
     if not lines or all(not s.strip() for s in lines):
         raise ValueError(f"{option}: {str(p)!r} is empty (expected one sentence per line)")
     return lines
@@ -133,8 +123,7 @@ def resolve_files(args: argparse.Namespace, splits: Sequence[str] = ("train", "v
             raise ValueError(f"{given} was given without {other}: give both files of the {split} split")
         if explicit[0] is not None:
             for opt, p in zip((f"--{split}-src", f"--{split}-tgt"), explicit):
-                if not Path(p).is_file():
-                    raise ValueError(f"{opt}: no such file {str(p)!r}")
+                check_path(opt, p)
             out[split] = (Path(explicit[0]), Path(explicit[1]))
             continue
         if not folder.is_dir():
@@ -346,6 +335,7 @@ class Multi30kTask(Task):
     name = "multi30k"
     help = ("Translate Multi30k En->De (or any plain parallel text) with a Transformer or an attention RNN; "
             "BLEU/chrF with sacreBLEU.")
+    translates = True
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         d = p.add_argument_group("data")
@@ -358,47 +348,49 @@ class Multi30kTask(Task):
         for split in ("train", "valid", "test"):
             for side in ("src", "tgt"):
                 d.add_argument(f"--{split}-{side}", default=None, help=f"{split} {side} file (overrides --data)")
-        d.add_argument("--max-train", type=int, default=0, help="use only the first N training pairs (0: all)")
+        d.add_argument("--max-train", type=nonnegative_int, default=0,
+                       help="use only the first N training pairs (0: all)")
         d.add_argument("--tokenizer", default="bpe", choices=KINDS, help="bpe (default), unigram or word")
-        d.add_argument("--vocab-size", type=int, default=8000, help="subword vocabulary size (default 8000)")
+        d.add_argument("--vocab-size", type=positive_int, default=8000, help="subword vocabulary size (default 8000)")
         d.add_argument("--separate-vocab", dest="joint", action="store_false",
                        help="one tokenizer per language (default: one joint tokenizer)")
         d.add_argument("--lowercase", action="store_true", help="word tokenizer: lowercase the text")
 
         m = p.add_argument_group("model")
         m.add_argument("--model", default="transformer", choices=sorted(MODEL_NAMES), help="transformer or seq2seq")
-        m.add_argument("--d-model", type=int, default=256, help="Transformer width (default 256)")
-        m.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
-        m.add_argument("--kv-heads", type=int, default=None, help="key/value heads (grouped-query attention)")
-        m.add_argument("--encoder-layers", type=int, default=3)
-        m.add_argument("--decoder-layers", type=int, default=3)
-        m.add_argument("--ff", type=int, default=1024, help="feed-forward size (default 1024)")
+        m.add_argument("--d-model", type=positive_int, default=256, help="Transformer width (default 256)")
+        m.add_argument("--heads", type=positive_int, default=4, help="attention heads (default 4)")
+        m.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads (grouped-query attention)")
+        m.add_argument("--encoder-layers", type=positive_int, default=3)
+        m.add_argument("--decoder-layers", type=positive_int, default=3)
+        m.add_argument("--ff", type=positive_int, default=1024, help="feed-forward size (default 1024)")
         m.add_argument("--norm", default="pre", choices=["pre", "post"], help="pre-norm (default) or post-norm")
         m.add_argument("--positions", default="sinusoidal", choices=["sinusoidal", "learned", "rope"])
         m.add_argument("--tie", default=None, choices=["none", "decoder", "all"],
                        help="embedding tying (default: all with a joint vocabulary, else decoder)")
-        m.add_argument("--max-positions", type=int, default=256,
+        m.add_argument("--max-positions", type=positive_int, default=256,
                        help="longest sentence in tokens (longer training pairs are skipped)")
-        m.add_argument("--emb-dim", type=int, default=256, help="Seq2Seq embedding size")
-        m.add_argument("--hidden-dim", type=int, default=512, help="Seq2Seq hidden size")
+        m.add_argument("--emb-dim", type=positive_int, default=256, help="Seq2Seq embedding size")
+        m.add_argument("--hidden-dim", type=positive_int, default=512, help="Seq2Seq hidden size")
         m.add_argument("--rnn", default="gru", choices=["gru", "lstm"], help="Seq2Seq RNN")
         m.add_argument("--attention", default="bahdanau",
                        choices=["bahdanau", "luong-dot", "luong-general", "luong-concat"], help="Seq2Seq attention")
         m.add_argument("--no-input-feeding", dest="input_feeding", action="store_false",
                        help="Seq2Seq (Luong): no input feeding")
-        m.add_argument("--rnn-layers", type=int, default=1, help="Seq2Seq RNN layers")
-        m.add_argument("--dropout", type=float, default=None, help="dropout (default 0.1 transformer, 0.3 seq2seq)")
+        m.add_argument("--rnn-layers", type=positive_int, default=1, help="Seq2Seq RNN layers")
+        m.add_argument("--dropout", type=fraction, default=None, help="dropout (default 0.1 transformer, 0.3 seq2seq)")
 
         t = p.add_argument_group("recipe")
-        t.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per batch (default 2048)")
-        t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 7e-4 / 1e-3)")
-        t.add_argument("--warmup", type=int, default=None, help="warm-up updates (default 300)")
-        t.add_argument("--label-smoothing", type=float, default=0.1)
-        t.add_argument("--grad-clip", type=float, default=1.0)
-        t.add_argument("--valid-sentences", type=int, default=0,
+        t.add_argument("--batch-tokens", type=positive_int, default=2048, help="padded tokens per batch (default 2048)")
+        t.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default 7e-4 / 1e-3)")
+        t.add_argument("--warmup", type=nonnegative_int, default=None, help="warm-up updates (default 300)")
+        t.add_argument("--label-smoothing", type=fraction, default=0.1)
+        t.add_argument("--grad-clip", type=nonnegative_float, default=1.0)
+        t.add_argument("--valid-sentences", type=nonnegative_int, default=0,
                        help="validation BLEU on the first N sentences (0: all)")
-        t.add_argument("--beam", type=int, default=1, help="beam size of the final test decoding (1: greedy)")
-        t.add_argument("--length-penalty", type=float, default=0.6, help="GNMT length penalty alpha for beam search")
+        t.add_argument("--beam", type=positive_int, default=1, help="beam size of the final test decoding (1: greedy)")
+        t.add_argument("--length-penalty", type=nonnegative_float, default=0.6,
+                       help="GNMT length penalty alpha for beam search")
 
     # -- training ---------------------------------------------------------------------------------
     def train(self, args: argparse.Namespace) -> TrainResult:
@@ -616,13 +608,23 @@ class Multi30kTask(Task):
 
     def translate(self, checkpoint: Checkpoint, lines: list[str], args: argparse.Namespace) -> list[str]:
         """Translate ``lines`` (raw sentences for a ``--raw`` model; lowercased, tokenized text for a
-        ``tok/`` model). Empty lines give empty outputs."""
+        ``tok/`` model): one output per line, in order. Empty lines give empty outputs; a line of more
+        tokens than the model was trained on (``--max-positions``, default 256) is cut to them, with a
+        warning on stderr naming the line."""
         model, src_tok, tgt_tok = _rebuild(checkpoint)
         device = _get(args, "device", "cpu")
         model.to(device)
         dk = checkpoint.config.get("decode", {})
+        limit = int(checkpoint.config["model_config"].get("max_len", 256)) - 1  # the source's EOS is one
         keep = [i for i, s in enumerate(lines) if s.strip()]
-        enc = [src_tok.encode(lines[i]) + [src_tok.eos_id] for i in keep]
+        enc = []
+        for i in keep:
+            ids = src_tok.encode(lines[i])
+            if len(ids) > limit:
+                warn(f"input line {i + 1} has {len(ids)} tokens; the model reads at most {limit}, so only "
+                     "the first ones are translated")
+                ids = ids[:limit]
+            enc.append(ids + [src_tok.eos_id])
         outs = translate_ids(model, enc, beam=int(_get(args, "beam", 1)), max_len_a=dk.get("max_len_a", 1.5),
                              max_len_b=dk.get("max_len_b", 10),
                              length_penalty=float(_get(args, "length_penalty", dk.get("length_penalty", 0.6))),
