@@ -111,6 +111,10 @@ def expected_nonfinite(built: Built) -> tuple[torch.Tensor, torch.Tensor]:
     if r.score[0] == "location":  # the location score never reads the keys
         k_bad = torch.zeros_like(k_bad)
     row = (q_bad & live.any(-1)) | (live & k_bad.unsqueeze(2)).any(-1)      # (B, H, Tq)
+    for t, obj in zip(r.biases, built._objects["biases"]):                  # NaN or +inf in a bias tensor
+        if t[0] == "tensor":
+            x = obj.detach()
+            row |= (live & (torch.isnan(x) | torch.isposinf(x))).any(-1)
     out = row.unsqueeze(-1) | ((live.double() @ v_bad.double()) > 0)
     weights = row.unsqueeze(-1) & live
     return out, weights

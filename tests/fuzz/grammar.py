@@ -164,6 +164,8 @@ def requests(draw, *, max_len: int = 300) -> Request:
                                                    ("live", "k"), ("live", "v")]))
     if nonfinite is not None and nonfinite[1] == "q" and any(b[0] == "shaw" for b in biases):
         nonfinite = None  # Shaw's bias is computed from q outside attnkit: NaN would reach its table's gradient
+    if nonfinite is None and any(b[0] == "tensor" for b in biases) and draw(st.integers(0, 3)) == 0:
+        nonfinite = ("live", "bias")  # an entry of a bias tensor (live or masked, as the mask has it)
     if nonfinite is not None:
         nonfinite = nonfinite + (draw(st.sampled_from([float("nan"), float("inf"), float("-inf")])),)
     return Request(B, H, Hkv, Tq, Tk, D, Dv, dtype, score, normalizer, mask, biases, scale, dropout, weights,
@@ -179,6 +181,10 @@ class Built:
     params: list = field(default_factory=list)   # float64 leaves that need gradients
     req: Request = None
     _objects: dict = field(default_factory=dict)
+
+    def bias_tensor(self) -> Optional[torch.Tensor]:
+        """The first bias tensor of the request (None if it has none)."""
+        return next((o for t, o in zip(self.req.biases, self._objects["biases"]) if t[0] == "tensor"), None)
 
     def kwargs(self, q: torch.Tensor) -> dict:
         """The ``attention`` keyword arguments for one run (``q`` is that run's queries: Shaw's bias
@@ -383,6 +389,7 @@ def _inject(built: Built) -> None:
             x.masked_fill_(unread.unsqueeze(-1), value) if name == "k" else \
                 x[..., :1].masked_fill_(unread.unsqueeze(-1), value)
         return
-    x = getattr(built, names)
+    x = built.bias_tensor() if names == "bias" else getattr(built, names)
     idx = tuple(int(torch.randint(0, n, (1,), generator=g)) for n in x.shape)
-    x[idx] = value
+    with torch.no_grad():
+        x[idx] = value
