@@ -2,10 +2,11 @@
 
 Each run is ``python -m attnkit train TASK ...`` in a subprocess; the script prints the command,
 the evaluation split, the wall time, the epochs trained and the accuracy, and appends one JSON
-line per run to ``--results`` (default ``OUT/results.jsonl``).
+line per run to ``--results`` (default ``OUT/results.jsonl``), with this script's command line,
+the date and the machine. These are single runs (long trainings): the docs mark them "1 run".
 
     python benchmarks/classifiers.py                   # all three (MNIST and SST-2 need ../shared/data)
-    python benchmarks/classifiers.py --task digits --threads 1
+    python benchmarks/classifiers.py --task digits --threads 1 --results benchmarks/results/classifiers.jsonl
 
 Wall times depend on the machine and on what else runs on it: the script records ``os.getloadavg()``
 before and after each run.
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -75,9 +77,13 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = Path(a.results) if a.results else out / "results.jsonl"
+    from attnkit.bench import header
+
     ok = True
     for task in a.task or list(RUNS):
-        r = run(task, out, a.threads, a.seed, a.extra)
+        head = header("python benchmarks/classifiers.py " + shlex.join(sys.argv[1:]), a.threads)
+        r = {**run(task, out, a.threads, a.seed, a.extra), "wrapper_command": head["command"],
+             "date": head["date"], "machine": head["machine"]}
         with results.open("a", encoding="utf-8") as f:
             f.write(json.dumps(r) + "\n")
         ok &= r["rc"] == 0

@@ -2,12 +2,13 @@
 demo's time budget and after a longer ``attnkit train dates --epochs N`` run.
 
 Each run is a fresh subprocess (so the wall time includes Python and torch start-up), on the
-embedded corpus's test split (2,000 examples, corpus seed 1234). The script prints, for each
-run, the command, the split, the wall time, the epochs and the accuracy, with the machine load
-(``os.getloadavg``) before and after, and writes them as JSON to ``--report``.
+embedded corpus's test split (2,000 examples, corpus seed 1234), repeated ``--repeat`` times
+(demo, train, demo, train, ...). The script prints, for each run, the command, the split, the
+wall time, the epochs and the accuracy, with the machine load (``os.getloadavg``) before and
+after, and writes every run to ``--out`` with the command line, the date and the machine.
 
-    python benchmarks/demo_quality.py                      # both runs, 1 thread
-    python benchmarks/demo_quality.py --runs train --epochs 10 --threads 2
+    python benchmarks/demo_quality.py --threads 1 --repeat 3 --out benchmarks/results/demo_quality.json
+    python benchmarks/demo_quality.py --repeat 1 --max-seconds 5 --epochs 1 --out /tmp/dq.json   # smoke run
 
 Targets: ≥ 95% for the demo within 3 minutes of wall time on 2 CPU cores, ≥ 99.5% for the
 longer run. Other processes on the machine make the wall times pessimistic; the load is
@@ -17,10 +18,9 @@ recorded so that the figures can be judged.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -32,16 +32,8 @@ EPOCH = re.compile(r"^epoch (\d+)/\d+", re.M)
 
 
 def _demo_command(out: str, threads: int, max_seconds: float) -> list[str]:
-    """``attnkit demo`` when the CLI has it wired to the dates task, else the same call in Python."""
-    help_text = subprocess.run([sys.executable, "-m", "attnkit", "demo", "--help"], capture_output=True,
-                               text=True).stdout
-    if "--max-seconds" in help_text:
-        return [sys.executable, "-m", "attnkit", "demo", "--out", out, "--threads", str(threads),
-                "--max-seconds", str(max_seconds), "--no-progress"]
-    code = ("import argparse, sys; from attnkit.tasks.dates import DatesTask; "
-            f"sys.exit(DatesTask().demo(argparse.Namespace(out={out!r}, seed=0, threads={threads}, "
-            f"max_seconds={max_seconds}, progress=False)))")
-    return [sys.executable, "-c", code]
+    return [sys.executable, "-m", "attnkit", "demo", "--out", out, "--threads", str(threads),
+            "--max-seconds", f"{max_seconds:g}", "--no-progress"]
 
 
 def _run(name: str, cmd: list[str]) -> dict:
@@ -75,26 +67,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads for each run (default 1)")
     p.add_argument("--max-seconds", type=float, default=150, help="the demo's training budget (default 150)")
     p.add_argument("--epochs", type=int, default=10, help="epochs of the longer run (default 10)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each kind, each a fresh process (default 3)")
     p.add_argument("--work", default=None, help="folder for the checkpoints (default: a temporary folder)")
-    p.add_argument("--report", default=str(Path(__file__).with_name("results") / "demo_quality.json"),
-                   help="JSON file to write the results to")
+    p.add_argument("--out", "--report", dest="out",
+                   default=str(Path(__file__).with_name("results") / "demo_quality.json"),
+                   help="JSON file for every run's figures (default benchmarks/results/demo_quality.json)")
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)
     work = Path(a.work or tempfile.mkdtemp(prefix="attnkit-demo-quality-"))
-    import torch
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from attnkit.bench import header, write_json
 
-    results = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                           "cpus": os.cpu_count(), "platform": platform.platform()},
-               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": a.threads, "runs": []}
-    if a.runs in ("demo", "both"):
-        results["runs"].append(_run("demo", _demo_command(str(work / "demo"), a.threads, a.max_seconds)))
-    if a.runs in ("train", "both"):
-        cmd = [sys.executable, "-m", "attnkit", "train", "dates", "--epochs", str(a.epochs), "--out",
-               str(work / "train"), "--threads", str(a.threads), "--no-progress"]
-        results["runs"].append(_run("train", cmd))
-    report = Path(a.report)
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {report}")
+    head, runs = header("python benchmarks/demo_quality.py " + shlex.join(argv), a.threads), []
+
+    def run(name: str, cmd: list[str], i: int) -> None:  # the file is rewritten after every run
+        runs.append({"repeat": i + 1, **_run(name, cmd)})
+        write_json(str(out), head, {"threads": a.threads, "repeat": a.repeat, "max_seconds": a.max_seconds,
+                                    "epochs": a.epochs, "runs": runs})
+
+    for i in range(a.repeat):
+        if a.runs in ("demo", "both"):
+            run("demo", _demo_command(str(work / f"demo{i}"), a.threads, a.max_seconds), i)
+        if a.runs in ("train", "both"):
+            run("train", [sys.executable, "-m", "attnkit", "train", "dates", "--epochs", str(a.epochs), "--out",
+                          str(work / f"train{i}"), "--threads", str(a.threads), "--no-progress"], i)
+    print(f"wrote {out}")
     return 0
 
 

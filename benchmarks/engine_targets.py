@@ -1,132 +1,109 @@
-"""Issue #4's engine targets, checked from ``attnkit bench --json`` results.
+"""Issue #4's engine targets: the cases to measure and how each target is judged.
 
-Runs the harness (or reads JSON files it wrote) and prints one markdown row per target: the
-figures, the ratio and met / missed. Later files override earlier ones case by case, so a
-re-run of a single case can be layered over a full run.
+``--run`` runs the ``attnkit bench`` harness on ``CASES`` (every repeat of every variant a fresh
+process, round-robin) and writes every repeat's seconds and peak memory to ``--json``, with the
+command line, the date and the machine. The table (median and min–max over the repeats, ratios
+taken repeat by repeat) is rendered by ``benchmarks/report.py``, which also writes it into the docs.
 
 Usage (from the repository root)::
 
-    python benchmarks/engine_targets.py --run --threads 2 --json benchmarks/results/engine_2threads.json
-    python benchmarks/engine_targets.py benchmarks/results/engine_1thread_fused.json
+    python benchmarks/engine_targets.py --run --threads 2 --repeat 3 --json benchmarks/results/engine_2threads.json
+    python benchmarks/engine_targets.py benchmarks/results/engine_2threads.json     # print its table again
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
+import shlex
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 #: the cases ``--run`` measures (``attnkit bench`` name prefixes)
 CASES = ["window256_fwdbwd", "window256_fwd_", "window256_scaling", "alibi", "blocksparse",
-         "additive_fwdbwd_T1024", "softmax"]
+         "additive_fwdbwd_T1024", "additive_fwdbwd_T4096", "softmax", "mha"]
 
 
-def load(paths: list[str]) -> dict[tuple[str, str], dict]:
-    results: dict[tuple[str, str], dict] = {}
-    for path in paths:
-        with open(path) as f:
-            report = json.load(f)
-        for r in report["results"]:
-            results[(r["case"], r["variant"])] = r
-    return results
+@dataclass(frozen=True)
+class Target:
+    """One row: ``ours`` and ``anchor`` are ``(case, variant)`` of the same run; ``kind`` says how they
+    compare, repeat by repeat: ``faster`` = anchor / ours, ``ratio`` = ours / anchor, ``fraction`` =
+    ours / anchor shown as 1/x. ``ok`` judges that ratio (or the value itself when there is no anchor)."""
+
+    label: str
+    metric: str  # "seconds" or "peak_mib"
+    ours: tuple[str, str]
+    anchor: tuple[str, str] | None = None
+    kind: str = "ratio"
+    target: str = "—"
+    ok: Callable[[float], bool] | None = None
+    ours_label: str = ""
+    anchor_label: str = ""
 
 
-def _get(res, case: str, variant: str, key: str) -> float | None:
-    r = res.get((case, variant))
-    return None if r is None or r.get("error") else r[key]
-
-
-def rows(res) -> list[tuple[str, str, str, str, str, bool | None]]:
-    """``(case, attnkit, anchor, ratio, target, met)`` for each target with data."""
-    out = []
-
-    def add(name, ours, anchor, ratio, target, ok):
-        out.append((name, ours, anchor, ratio, target, ok))
-
-    t = _get(res, "window256_fwdbwd_N16384", "attnkit tiled", "seconds")
-    a = _get(res, "window256_fwdbwd_N16384", "sdpa dense mask", "seconds")
-    if t and a:
-        add("window w=256 causal N=16384 fwd+bwd: time", f"{t:.3f} s", f"SDPA dense mask {a:.1f} s",
-            f"{a / t:.1f}× faster", "≥ 20×", a / t >= 20)
-    m = _get(res, "window256_fwdbwd_N16384", "attnkit tiled", "peak_mib")
-    a = _get(res, "window256_fwdbwd_N16384", "sdpa no mask", "peak_mib")
-    if m and a:
-        add("same: peak memory", f"+{m:.0f} MiB", f"SDPA no mask +{a:.0f} MiB", f"{m / a:.2f}×", "≤ 1.5×", m / a <= 1.5)
-    t = _get(res, "window256_fwd_N8192", "attnkit tiled", "seconds")
-    a = _get(res, "window256_fwd_N8192", "flex compiled", "seconds")
-    if t and a:
-        add("window forward only N=8192", f"{t:.3f} s", f"compiled flex {a:.3f} s", f"{a / t:.2f}× flex's speed",
-            "≥ flex", t <= a)
-    t = _get(res, "alibi_causal_fwdbwd_N8192", "attnkit tiled", "seconds")
-    a = _get(res, "alibi_causal_fwdbwd_N8192", "sdpa dense bias", "seconds")
-    c = _get(res, "alibi_causal_fwdbwd_N8192", "sdpa is_causal, no bias", "seconds")
-    if t and a:
-        bound = f"; SDPA is_causal, no bias {c:.2f} s" if c else ""
-        add("ALiBi + causal N=8192 fwd+bwd: time", f"{t:.2f} s", f"SDPA dense bias {a:.2f} s{bound}",
-            f"{a / t:.2f}× faster", "≥ 3×", a / t >= 3)
-    m = _get(res, "alibi_causal_fwdbwd_N8192", "attnkit tiled", "peak_mib")
-    a = _get(res, "alibi_causal_fwdbwd_N8192", "sdpa dense bias", "peak_mib")
-    if m and a:
-        add("same: peak memory", f"+{m:.0f} MiB", f"+{a:.0f} MiB", f"1/{a / m:.1f}", "≤ 1/4", m * 4 <= a)
-    t = _get(res, "blocksparse_fwdbwd_N16384", "attnkit tiled 10%", "seconds")
-    a = _get(res, "blocksparse_fwdbwd_N16384", "attnkit tiled 100%", "seconds")
-    if t and a:
-        add("block sparse 11% vs 100%, N=16384 fwd+bwd", f"{t:.2f} s", f"100%: {a:.1f} s", f"{t / a:.3f}", "≤ 0.2",
-            t / a <= 0.2)
-    t = _get(res, "additive_fwdbwd_T1024", "attnkit tiled", "seconds")
-    a = _get(res, "additive_fwdbwd_T1024", "naive (B,T,T,d)", "seconds")
-    m = _get(res, "additive_fwdbwd_T1024", "attnkit tiled", "peak_mib")
-    am = _get(res, "additive_fwdbwd_T1024", "naive (B,T,T,d)", "peak_mib")
-    if m and am:
-        add("additive B=4 d=128 T=1024 fwd+bwd: peak memory", f"+{m:.0f} MiB", f"naive +{am:.0f} MiB",
-            f"1/{am / m:.0f}", "≤ 1/20", m * 20 <= am)
-    if t and a:
-        add("same: time", f"{t:.2f} s", f"naive {a:.2f} s", f"{t / a:.2f}×", "≤ 0.7×", t / a <= 0.7)
-    t = _get(res, "softmax_auto_fwd_N4096", "attnkit auto", "seconds")
-    a = _get(res, "softmax_auto_fwd_N4096", "sdpa direct", "seconds")
-    if t and a:
-        add("plain softmax via auto, N=4096 forward", f"{t:.3f} s", f"SDPA direct {a:.3f} s", f"{t / a:.3f}",
-            "≤ 1.05", t / a <= 1.05)
-    return out
-
-
-def scaling(paths: list[str]) -> tuple[float, float] | None:
-    times = {}
-    for path in paths:
-        with open(path) as f:
-            for r in json.load(f)["results"]:
-                if r["case"].startswith("window256_scaling_N") and not r.get("error"):
-                    times[int(r["case"].rsplit("N", 1)[1])] = r["seconds"]
-    return (times[16384], times[65536]) if 16384 in times and 65536 in times else None
+W16, W8 = "window256_fwdbwd_N16384", "window256_fwd_N8192"
+AL, BS, AD = "alibi_causal_fwdbwd_N8192", "blocksparse_fwdbwd_N16384", "additive_fwdbwd_T1024"
+TARGETS = [
+    Target("sliding window w=256, causal, N=16384, fwd+bwd: time", "seconds", (W16, "attnkit tiled"),
+           (W16, "sdpa dense mask"), "faster", "≥ 20×", lambda r: r >= 20, anchor_label="SDPA + dense mask"),
+    Target("same: peak memory", "peak_mib", (W16, "attnkit tiled"), (W16, "sdpa no mask"), "ratio", "≤ 1.5×",
+           lambda r: r <= 1.5, anchor_label="SDPA without mask"),
+    Target("sliding window, forward only, N=8192: time", "seconds", (W8, "attnkit tiled"), (W8, "flex compiled"),
+           "faster", "≥ 1× (flex's speed)", lambda r: r >= 1, anchor_label="compiled flex"),
+    Target("sliding window cost linear: time(N=65536) / time(N=16384)", "seconds",
+           ("window256_scaling_N65536", "attnkit tiled"), ("window256_scaling_N16384", "attnkit tiled"), "ratio",
+           "≤ 4.5", lambda r: r <= 4.5, ours_label="N=65536: ", anchor_label="N=16384:"),
+    Target("ALiBi + causal, N=8192, fwd+bwd: time", "seconds", (AL, "attnkit tiled"), (AL, "sdpa dense bias"),
+           "faster", "≥ 3×", lambda r: r >= 3, anchor_label="SDPA + dense bias"),
+    Target("bound of the above: torch's causal kernel without the bias vs SDPA + dense bias", "seconds",
+           (AL, "sdpa is_causal, no bias"), (AL, "sdpa dense bias"), "faster", ours_label="SDPA `is_causal`: ",
+           anchor_label="SDPA + dense bias"),
+    Target("ALiBi + causal: peak memory", "peak_mib", (AL, "attnkit tiled"), (AL, "sdpa dense bias"), "fraction",
+           "≤ 1/4", lambda r: r <= 0.25, anchor_label="SDPA + dense bias"),
+    Target("block sparse (a tenth of the 128-blocks drawn at random, plus the diagonal) vs all of them, N=16384, "
+           "fwd+bwd: time", "seconds", (BS, "attnkit tiled 10%"),
+           (BS, "attnkit tiled 100%"), "ratio", "≤ 0.2", lambda r: r <= 0.2, anchor_label="same layout at 100%"),
+    Target("additive, B=4, d=128, T=1024, fwd+bwd: peak memory", "peak_mib", (AD, "attnkit tiled"),
+           (AD, "naive (B,T,T,d)"), "fraction", "≤ 1/20", lambda r: r <= 0.05, anchor_label="naive (B,T,T,d)"),
+    Target("same: time", "seconds", (AD, "attnkit tiled"), (AD, "naive (B,T,T,d)"), "ratio", "≤ 0.7×",
+           lambda r: r <= 0.7, anchor_label="naive"),
+    Target(f"additive, T=4096, fwd+bwd: peak memory (naive: one (B,T,T,d) float32 tensor is "
+           f"{4 * 4096 * 4096 * 128 * 4 / 2 ** 30:.0f} GiB)", "peak_mib",
+           ("additive_fwdbwd_T4096", "attnkit tiled"), target="< 2 GiB", ok=lambda v: v < 2048),
+    Target("plain softmax through `auto`, N=4096, forward: time", "seconds", ("softmax_auto_fwd_N4096", "attnkit auto"),
+           ("softmax_auto_fwd_N4096", "sdpa direct"), "ratio", "≤ 1.05 (within 5%)", lambda r: r <= 1.05,
+           anchor_label="SDPA called directly"),
+    Target("causal self-attention module, N=2048, E=512, fwd+bwd: time", "seconds",
+           ("mha_causal_fwdbwd_N2048", "attnkit nn.MultiheadAttention"),
+           ("mha_causal_fwdbwd_N2048", "torch nn.MultiheadAttention"), "faster",
+           ours_label="`attnkit.nn.MultiheadAttention` ", anchor_label="`torch.nn.MultiheadAttention`"),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("json_files", nargs="*", help="results of `attnkit bench --json`, later ones override")
+    p.add_argument("json_file", nargs="?", help="a file written by --run: print its table")
     p.add_argument("--run", action="store_true", help="run `attnkit bench` on the target cases first")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3, help="fresh processes per variant (default 3)")
+    p.add_argument("--quick", action="store_true", help="every size divided by 4 (smoke run; the docs ignore it)")
     p.add_argument("--json", default="engine_targets.json", help="where --run writes its results")
     args = p.parse_args(argv)
-    paths = list(args.json_files)
+    path = args.json_file
     if args.run:
-        cmd = [sys.executable, "-c", "import sys, attnkit.cli; sys.exit(attnkit.cli.main(sys.argv[1:]))", "bench", *CASES, "--threads", str(args.threads),
-               "--repeat", str(args.repeat), "--json", args.json]
-        print("$", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-        paths.append(args.json)
-    if not paths:
-        p.error("give JSON files or --run")
-    res = load(paths)
-    print("| case (issue #4 target) | attnkit | anchor (same run) | ratio | target | |")
-    print("|---|---|---|---|---|---|")
-    for name, ours, anchor, ratio, target, ok in rows(res):
-        print(f"| {name} | {ours} | {anchor} | {ratio} | {target} | {'met' if ok else '**missed**'} |")
-    s = scaling(paths)
-    if s:
-        print(f"| window cost linear: time(N=65536) / time(N=16384) | {s[1]:.2f} s / {s[0]:.3f} s | — | "
-              f"{s[1] / s[0]:.2f} | ≤ 4.5 | {'met' if s[1] / s[0] <= 4.5 else '**missed**'} |")
+        from attnkit import bench
+
+        head = bench.header("python benchmarks/engine_targets.py " + shlex.join(argv), args.threads)
+        bench.write_json(args.json, head, bench.run(CASES, threads=args.threads, repeat=args.repeat, quick=args.quick))
+        path = args.json
+    if not path:
+        p.error("give a JSON file or --run")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import report as rep
+
+    print(rep.engine_table(rep.read_json(Path(path)), f"python benchmarks/engine_targets.py {path}"))
     return 0
 
 

@@ -1,12 +1,14 @@
 """Benchmark harness: attnkit against the anchors (SDPA with a dense mask or bias, compiled flex,
 the naive materializing version, ``nn.MultiheadAttention``), in the same run.
 
-Each variant runs in a fresh subprocess, so the peak memory reported is that variant's own: the
-growth of the process's peak resident set over its size once the inputs exist. Time is the
-median of ``repeat`` runs after one warm-up. GFLOP/s count only live work (pairs the mask
-allows): ``4·B·H·pairs·D`` for the forward and 2.5 times that for the backward (FlashAttention's
-convention). The matmul ceiling (float32 GEMM) is measured in the same run, and attnkit's
-throughput is printed as a fraction of it.
+Each repeat of a variant is a fresh subprocess (one warm-up call, then one timed call), so the
+peak memory is that process's own: the growth of its peak resident set over its size once the
+inputs exist. The repeats of a case run round-robin over its variants, so that a slow spell of
+the machine hits every variant alike. ``--json`` stores every repeat's seconds and peak memory
+(never only a summary), with the command line, the date and the machine; the median and the
+spread are computed by whoever reads the file (``benchmarks/report.py``). GFLOP/s count only
+live work (pairs the mask allows): ``4·B·H·pairs·D`` for the forward and 2.5 times that for the
+backward (FlashAttention's convention). The float32 matmul ceiling is measured in the same run.
 
 Example::
 
@@ -19,11 +21,14 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
+import platform
 import resource
+import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -49,12 +54,44 @@ def live_pairs(mask, Tq: int, Tk: int, block: int = 1024) -> int:
     return total
 
 
-def matmul_ceiling(n: int = 2048, repeat: int = 5) -> float:
-    """Best float32 GEMM throughput (GFLOP/s) of this process's threads."""
+def matmul_gflops(n: int = 2048, repeat: int = 5) -> list[float]:
+    """Float32 GEMM throughput (GFLOP/s) of this process's threads, one value per repeat."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeat))
-    return 2 * n ** 3 / best / 1e9
+    return [2 * n ** 3 / _timed(lambda: a @ b) / 1e9 for _ in range(repeat)]
+
+
+def matmul_ceiling(n: int = 2048, repeat: int = 5) -> float:
+    """Best float32 GEMM throughput (GFLOP/s) of this process's threads."""
+    return max(matmul_gflops(n, repeat))
+
+
+def machine(threads: int | None = None) -> dict:
+    """What a stored result needs to be judged: CPU model, cores, threads used, versions, load."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads if threads is not None else torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+
+
+def header(command: str, threads: int | None = None) -> dict:
+    """The head of a results file, taken as the run starts: the command line, the date, the machine."""
+    return {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(threads)}
+
+
+def write_json(path: str, head: dict, report: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({**head, **report}, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def command_line(prog: str, argv: list[str]) -> str:
+    return " ".join([prog, shlex.join(argv)]) if argv else prog
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -120,7 +157,7 @@ class Case:
     variants: list[Variant] = field(default_factory=list)
 
 
-def _child(conn, case_name: str, variant_name: str, threads: int, repeat: int, quick: bool) -> None:
+def _child(conn, case_name: str, variant_name: str, threads: int, quick: bool) -> None:
     try:
         torch.set_num_threads(threads)
         case = {c.name: c for c in cases(quick)}[case_name]
@@ -129,19 +166,20 @@ def _child(conn, case_name: str, variant_name: str, threads: int, repeat: int, q
         base = _rss_bytes()
         _reset_peak()
         fn()  # warm-up (compiles flex, fills caches)
-        times = [_timed(fn) for _ in range(repeat)]
-        conn.send((statistics.median(times), max(0, _peak_bytes() - base), note, None))
+        seconds = _timed(fn)
+        conn.send((seconds, max(0, _peak_bytes() - base), note, None))
     except BaseException as e:  # noqa: BLE001 - report any failure (OOM, unsupported) as a result
         conn.send((None, None, "", f"{type(e).__name__}: {e}"[:300]))
     finally:
         conn.close()
 
 
-def run_variant(case: Case, variant: Variant, *, threads: int, repeat: int, quick: bool,
-                timeout: float = 1800) -> Result:
+def run_variant(case: Case, variant: Variant, *, threads: int, quick: bool, timeout: float = 1800,
+                flops: int | None = None) -> Result:
+    """One repeat: a fresh process runs the variant once to warm up, then once timed."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_child, args=(child, case.name, variant.name, threads, repeat, quick))
+    p = ctx.Process(target=_child, args=(child, case.name, variant.name, threads, quick))
     p.start()
     child.close()
     seconds = peak = None
@@ -157,7 +195,8 @@ def run_variant(case: Case, variant: Variant, *, threads: int, repeat: int, quic
     p.join()
     if error is None and p.exitcode not in (0, None):
         error = f"exit code {p.exitcode}"
-    gflops = (variant.flops or case.flops)() / seconds / 1e9 if seconds else None
+    flops = (variant.flops or case.flops)() if flops is None and seconds else flops
+    gflops = flops / seconds / 1e9 if seconds else None
     return Result(case.name, variant.name, seconds, None if peak is None else peak / 2 ** 20, gflops, error, note)
 
 
@@ -382,31 +421,44 @@ def _attnkit_mha(grad, B, H, T, D):
     return setup
 
 
+def _spread(values: list[float | None], fmt: str) -> str:
+    ok = [v for v in values if v is not None]
+    if not ok:
+        return "—"
+    return f"{statistics.median(ok):{fmt}} ({min(ok):{fmt}}–{max(ok):{fmt}}, n={len(ok)})"
+
+
 def run(selected: list[str] | None = None, *, threads: int = 2, repeat: int = 3, quick: bool = False,
         log: Callable[[str], None] = print) -> dict:
-    """Run the cases whose names start with one of ``selected`` (all when None); return a report."""
+    """Run the cases whose names start with one of ``selected`` (all when None), ``repeat`` fresh
+    processes per variant; return every repeat's figures (lists, one entry per repeat)."""
     torch.set_num_threads(threads)
-    ceiling = matmul_ceiling()
-    log(f"machine: {torch.get_num_threads()} threads, float32 matmul ceiling {ceiling:.0f} GFLOP/s, "
-        f"torch {torch.__version__}")
-    results = []
+    gemm = matmul_gflops()
+    log(f"machine: {torch.get_num_threads()} threads, float32 matmul {_spread(gemm, '.0f')} GFLOP/s, "
+        f"torch {torch.__version__}; {repeat} repeats per variant")
+    records = []
     for case in cases(quick):
         if selected and not any(case.name.startswith(s) for s in selected):
             continue
         log(f"\n{case.name}: {case.description}")
-        rows = [run_variant(case, v, threads=threads, repeat=repeat, quick=quick) for v in case.variants]
-        base = rows[0]
-        for r in rows:
-            if r.error:
-                log(f"  {r.variant:<30} failed: {r.error}")
-                continue
-            ratio = (r.seconds / base.seconds) if base.seconds else float("nan")
-            mem_ratio = (r.peak_mib / base.peak_mib) if base.peak_mib else float("nan")
-            log(f"  {r.variant:<30} {r.seconds:9.3f} s  {r.gflops:7.1f} GFLOP/s ({r.gflops / ceiling:5.1%} of matmul)"
-                f"  peak +{r.peak_mib:8.1f} MiB   time x{ratio:6.2f}  mem x{mem_ratio:6.2f} vs first  {r.note}")
-        results.extend(rows)
-    return {"threads": threads, "matmul_gflops": ceiling, "torch": torch.__version__,
-            "results": [asdict(r) for r in results]}
+        rows = [{"case": case.name, "variant": v.name, "flops": (v.flops or case.flops)(), "note": "",
+                 "seconds": [], "peak_mib": [], "errors": []} for v in case.variants]
+        for i in range(repeat):  # round-robin: repeat i of every variant before repeat i + 1
+            for v, row in zip(case.variants, rows):
+                r = run_variant(case, v, threads=threads, quick=quick, flops=row["flops"])
+                row["seconds"].append(r.seconds)
+                row["peak_mib"].append(r.peak_mib)
+                row["errors"].append(r.error)
+                row["note"] = r.note or row["note"]
+                log(f"  [{i + 1}/{repeat}] {v.name:<30} " + (f"failed: {r.error}" if r.error else
+                    f"{r.seconds:9.3f} s  peak +{r.peak_mib:8.1f} MiB"))
+        for row in rows:
+            ok = [t for t in row["seconds"] if t is not None]
+            gf = f"{row['flops'] / statistics.median(ok) / 1e9:7.1f} GFLOP/s" if ok else ""
+            log(f"  {row['variant']:<30} {_spread(row['seconds'], '.3f')} s  {gf}  "
+                f"peak +{_spread(row['peak_mib'], '.0f')} MiB  {row['note']}")
+        records.extend(rows)
+    return {"threads": threads, "repeat": repeat, "quick": quick, "matmul_gflops": gemm, "results": records}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,18 +468,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("cases", nargs="*", help="case name prefixes (default: all); see --list")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3, help="fresh processes per variant (default 3)")
     p.add_argument("--quick", action="store_true", help="every size divided by 4 (smoke run)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--json", default=None, help="also write every repeat's figures to this JSON file")
     args = p.parse_args(argv)
     if args.list:
         for c in cases(args.quick):
             print(f"{c.name:<28} {c.description}")
         return 0
+    head = header(command_line("attnkit bench", list(sys.argv[1:] if argv is None else argv)), args.threads)
     report = run(args.cases or None, threads=args.threads, repeat=args.repeat, quick=args.quick)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, head, report)
     return 0
 
 

@@ -1,0 +1,409 @@
+"""Regenerate the measured figures of docs/benchmarks.md and README.md from benchmarks/results/.
+
+    python benchmarks/report.py           # rewrite the generated blocks in place
+    python benchmarks/report.py --check   # exit 1 if a block is stale or the prose holds a typed figure
+
+A generated block sits between ``<!-- generated:NAME -->`` and ``<!-- /generated -->``; the prose
+around it is written by hand and must not hold measured figures (``--check`` looks for numbers
+with units outside the blocks). A measured cell reads ``median (min–max, n=N)`` over the
+repeats stored in the JSON; with fewer than 3 repeats, or no file, it reads "not yet measured
+with 3 repeats — run: COMMAND". Quality figures from long training runs (Multi30k, the
+classifiers) are shown from their single stored run and marked "1 run".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import engine_targets  # noqa: E402
+
+MIN_REPEATS = 3
+IN_ROW = "the command in this row"
+RES = "benchmarks/results/"
+
+#: repeated results: file -> the command that writes it (run_all.py runs them in this order)
+COMMANDS = {
+    "engine_2threads.json": f"python benchmarks/engine_targets.py --run --threads 2 --repeat 3 --json {RES}engine_2threads.json",
+    "causal_64k.json": f"python benchmarks/causal_64k_memory.py --threads 2 --repeat 3 --out {RES}causal_64k.json",
+    "demo_quality.json": f"python benchmarks/demo_quality.py --threads 1 --repeat 3 --out {RES}demo_quality.json",
+    "engine_1thread.json": f"python benchmarks/engine_targets.py --run --threads 1 --repeat 3 --json {RES}engine_1thread.json",
+}
+#: the settings a stored file must have for the docs to use it (a smoke run with other sizes is ignored)
+EXPECT = {"engine_2threads.json": {"threads": 2, "quick": False}, "engine_1thread.json": {"threads": 1, "quick": False},
+          "causal_64k.json": {"threads": 2, "n": 65536},
+          "demo_quality.json": {"threads": 1, "max_seconds": 150, "epochs": 10}}
+#: single-run quality results (long training, not repeated) and the command that appends or writes them
+ONE_RUN = {"classifiers.jsonl": "python benchmarks/classifiers.py --task TASK --threads 1 --results "
+                                f"{RES}classifiers.jsonl",
+           "multi30k_transformer.json": "python benchmarks/multi30k.py --model transformer --threads 1 --out DIR "
+                                        f"--results {RES}multi30k_transformer.json",
+           "multi30k_seq2seq.json": "python benchmarks/multi30k.py --model seq2seq --threads 1 --out DIR "
+                                    f"--results {RES}multi30k_seq2seq.json"}
+
+
+# -- numbers -------------------------------------------------------------------------------------
+
+def fmt(v: float, unit: str = "") -> str:
+    if unit == "s":
+        f = ",.0f" if v >= 100 else ".1f" if v >= 10 else ".2f" if v >= 1 else ".3f"
+    elif unit in ("MiB", "GFLOP/s", "epochs"):
+        f = ",.0f"
+    elif unit == "GiB":
+        f = ".2f"
+    elif unit == "%":
+        f = ".1f"
+    elif unit == "fraction":  # the x of 1/x
+        f = ".0f" if v >= 10 else ".1f"
+    else:  # ratios
+        f = ".1f" if v >= 10 else ".2f" if v >= 0.995 else ".3f"
+    return format(v, f)
+
+
+def measured(values, unit: str = "", plus: str = "") -> str | None:
+    """``median unit (min–max, n=N)`` over the values that are not None; None with fewer than 3."""
+    xs = [x for x in values or [] if x is not None]
+    if len(xs) < MIN_REPEATS:
+        return None
+    sep = "" if unit in ("", "%", "×") else " "
+    return (f"{plus}{fmt(statistics.median(xs), unit)}{sep}{unit} "
+            f"({fmt(min(xs), unit)}–{fmt(max(xs), unit)}, n={len(xs)})")
+
+
+def pending(cmd: str | None = None, where: str = "the command above") -> str:
+    return f"not yet measured with 3 repeats — run: {f'`{cmd}`' if cmd else where}"
+
+
+def judge(ok, values: list[float]) -> str:
+    """met / missed on the median, with how many repeats agree when they do not all."""
+    if ok is None:
+        return "—"
+    k = sum(bool(ok(v)) for v in values)
+    text = "met" if ok(statistics.median(values)) else "**missed**"
+    return text + (f" ({k} of {len(values)} repeats meet it)" if 0 < k < len(values) else "")
+
+
+def read_json(path: Path):
+    text = path.read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
+
+
+def load(results: Path, name: str):
+    """The stored file, or None when it is absent or was run with other settings than the docs'."""
+    path = results / name
+    if not path.exists():
+        return None
+    data = read_json(path)
+    return None if any(data.get(k) != v for k, v in EXPECT.get(name, {}).items()) else data
+
+
+def provenance(data, name: str, cmd: str) -> str:
+    if not data:
+        return f"Not yet measured with 3 repeats — run: `{cmd}` (writes `{RES}{name}`), then `python benchmarks/report.py`."
+    line = f"Command: `{cmd}` → `{RES}{name}`"
+    m = data.get("machine") or {}
+    load = (m.get("loadavg") or ["?"])[0]
+    return (line + f"; run {data.get('date', '?')} on {m.get('cpu', '?')} ({m.get('cores', '?')} cores), "
+            f"{m.get('threads', '?')} thread(s), torch {m.get('torch', '?')}, load average {load} at start.")
+
+
+# -- the engine ----------------------------------------------------------------------------------
+
+def _index(data) -> dict:
+    return {} if not data else {(r["case"], r["variant"]): r for r in data["results"]}
+
+
+def engine_table(data, cmd: str, name: str = "") -> str:
+    idx = _index(data)
+    out = [provenance(data, name, cmd) if name else f"Source: `{cmd}`."]
+    if data and measured(data.get("matmul_gflops"), "GFLOP/s"):
+        out[0] += f" Float32 matmul in the same run: {measured(data['matmul_gflops'], 'GFLOP/s')}."
+    out += ["", "| case (issue #4 target) | attnkit | anchor (same run) | ratio, repeat by repeat | target | |",
+            "|---|---|---|---|---|---|"]
+    for t in engine_targets.TARGETS:
+        unit, plus = ("s", "") if t.metric == "seconds" else ("MiB", "+")
+        ours = (idx.get(t.ours) or {}).get(t.metric)
+        anchor = (idx.get(t.anchor) or {}).get(t.metric) if t.anchor else None
+        a, b = measured(ours, unit, plus), measured(anchor, unit, plus) if t.anchor else "—"
+        pairs = [(x, y) for x, y in zip(ours or [], anchor or ours or []) if x is not None and y is not None]
+        ratios = [y / x if t.kind == "faster" else x / y for x, y in pairs] if t.anchor else [x for x, _ in pairs]
+        if a is None or b is None or (t.anchor and measured(ratios) is None):
+            out.append(f"| {t.label} | {pending()} | — | — | {t.target} | — |")
+            continue
+        if not t.anchor:
+            ratio = "—"
+        elif t.kind == "fraction":
+            inv = [1 / r for r in ratios]  # anchor / ours, shown as 1/x
+            ratio = (f"1/{fmt(statistics.median(inv), 'fraction')} (1/{fmt(min(inv), 'fraction')}–"
+                     f"1/{fmt(max(inv), 'fraction')}, n={len(inv)})")
+        else:
+            ratio = ("speed-up " if t.kind == "faster" else "") + measured(ratios, "×" if t.kind == "faster" else "")
+        anchor_cell = f"{t.anchor_label} {b}".strip() if t.anchor else "—"
+        out.append(f"| {t.label} | {t.ours_label}{a} | {anchor_cell} | {ratio} | {t.target} | {judge(t.ok, ratios)} |")
+    return "\n".join(out)
+
+
+def threads_table(one, two) -> str:
+    if not one or not two:
+        missing = [n for n, d in (("engine_1thread.json", one), ("engine_2threads.json", two)) if not d]
+        return "\n".join(f"* `{RES}{n}`: {pending(COMMANDS[n])}" for n in missing)
+    i1, i2 = _index(one), _index(two)
+    out = [f"From `{RES}engine_1thread.json` and `{RES}engine_2threads.json` (commands above); the speed-up "
+           "from the second thread is taken over every pairing of a 1-thread and a 2-thread repeat.", "",
+           "| case | variant | 1 thread | 2 threads | speed-up from the second thread |", "|---|---|---|---|---|"]
+    for key, r1 in i1.items():
+        r2 = i2.get(key)
+        s1, s2 = [x for x in r1["seconds"] if x], [x for x in (r2 or {}).get("seconds", []) if x]
+        if measured(s1) and measured(s2):
+            out.append(f"| {key[0]} | {key[1]} | {measured(s1, 's')} | {measured(s2, 's')} | "
+                       f"{measured([x / y for x in s1 for y in s2], '×')} |")
+    return "\n".join(out)
+
+
+def causal_table(data) -> str:
+    name = "causal_64k.json"
+    runs = (data or {}).get("runs", [])
+    cells = [measured([r.get(k) for r in runs], unit) for k, unit in
+             (("total_s", "s"), ("forward_s", "s"), ("peak_gib", "GiB"), ("growth_gib", "GiB"))]
+    out = [provenance(data, name, COMMANDS[name]), "",
+           "| case (issue #4 target) | fwd+bwd time | of which forward | process peak memory | growth over the inputs "
+           "| target | |", "|---|---|---|---|---|---|---|"]
+    label = "exact causal attention, N=65536, B=1, H=8, D=64, fwd+bwd (tiled)"
+    if None in cells:
+        out.append(f"| {label} | {pending()} | — | — | — | process peak < 4 GiB | — |")
+    else:
+        peaks = [r["peak_gib"] for r in runs if r.get("peak_gib") is not None]
+        out.append(f"| {label} | {' | '.join(cells)} | process peak < 4 GiB | {judge(lambda v: v < 4, peaks)} |")
+    return "\n".join(out)
+
+
+# -- quality -------------------------------------------------------------------------------------
+
+DEMO_MODEL = "`Seq2Seq`, Luong general + input feeding, GRU 128"
+CLASSIFIERS = {  # task -> (label, model)
+    "digits": ("digits", "`AttentionClassifier`, 2×2 patches, 2-layer Transformer, query pooling"),
+    "mnist": ("MNIST", "`AttentionMemoryClassifier` (seed 001), bi-GRU over rows, 4 memory steps"),
+    "sst2": ("SST-2", "`AttentionClassifier`, bi-GRU 128, MLP pooling, from scratch"),
+}
+M30K = {"transformer": ("`Transformer` d=256, 3+3 layers, BPE 8k", 35.0),
+        "seq2seq": ("`Seq2Seq`, bi-GRU 512, Bahdanau attention, input feeding", 30.0)}
+HEADER = ["| task | model | command | split | result | target | wall time | epochs | repeats, conditions |",
+          "|---|---|---|---|---|---|---|---|---|"]
+
+
+def demo_rows(data) -> list[str]:
+    rows = []
+    for run, label, target in (("demo", "dates (demo)", "≥ 95% within 3 minutes"), ("train", "dates (10 epochs)", "≥ 99.5%")):
+        runs = [r for r in (data or {}).get("runs", []) if r["run"] == run]
+        acc = measured([r["test_exact_match_percent"] for r in runs], "%")
+        wall = measured([r["wall_seconds"] for r in runs], "s")
+        ep = measured([r["epochs"] for r in runs], "epochs")
+        cmd = COMMANDS["demo_quality.json"]
+        if None in (acc, wall, ep):
+            rows.append(f"| {label} | {DEMO_MODEL} | `{cmd}` | — | {pending(where=IN_ROW)} | {target} | — | — | — |")
+            continue
+        loads = measured([r["load_before"][0] for r in runs])
+        rows.append(f"| {label} | {DEMO_MODEL} | `{runs[0]['command']}` (each repeat), from `{data['command']}` | "
+                    f"{runs[0]['split']} | **{acc}** exact match | {target} | {wall} | {ep} | "
+                    f"{len(runs)} repeats, {data['threads']} thread; load average at start {loads} |")
+    return rows
+
+
+def classifier_rows(records) -> list[str]:
+    last = {r["task"]: r for r in records or [] if r.get("rc") == 0}
+    rows = []
+    for task, (label, model) in CLASSIFIERS.items():
+        r = last.get(task)
+        if r is None:
+            rows.append(f"| {label} | {model} | — | — | no stored run: `{ONE_RUN['classifiers.jsonl'].replace('TASK', task)}` | — | — | — | — |")
+            continue
+        threads = re.search(r"--threads (\d+)", r["command"])
+        rows.append(f"| {label} | {model} | `{r['command']}` | {r['split']} | **{100 * r['accuracy']:.1f}%** (1 run) | "
+                    f"≥ {100 * r['target']:.1f}% | {fmt(r['wall_s'], 's')} s (1 run) | {r['epochs']} | "
+                    f"1 run, {threads.group(1) if threads else '?'} thread; load average "
+                    f"{r['loadavg_before'][0]:.1f} at start, {r['loadavg_after'][0]:.1f} at end |")
+    return rows
+
+
+def _m30k_command(d) -> str:
+    return d.get("command") or "python benchmarks/multi30k.py " + " ".join(d["overrides"])
+
+
+def m30k_row(model: str, d) -> str:
+    desc, target = M30K[model]
+    if d is None:
+        return f"| Multi30k En→De | {desc} | — | — | no stored run: `{ONE_RUN[f'multi30k_{model}.json']}` | ≥ {target:.0f} BLEU | — | — | — |"
+    t, train = d["test"], sum(r["seconds"] for r in d["history"])
+    return (f"| Multi30k En→De | {desc} | `{_m30k_command(d)}` (last invocation) | test2016 (1,000) | "
+            f"**{t['test_bleu']:.2f} BLEU**, chrF {t['test_chrf']:.2f} (beam {t['beam']}; 1 run) | ≥ {target:.0f} BLEU | "
+            f"{fmt(train, 's')} s of training (1 run) | {len(d['history'])} | 1 run, {d['threads']} thread |")
+
+
+def quality_table(results: Path) -> str:
+    return "\n".join(HEADER + demo_rows(load(results, "demo_quality.json"))
+                     + classifier_rows(load(results, "classifiers.jsonl"))
+                     + [m30k_row(m, load(results, f"multi30k_{m}.json")) for m in M30K])
+
+
+def m30k_block(results: Path, model: str) -> str:
+    name = f"multi30k_{model}.json"
+    d = load(results, name)
+    if d is None:
+        return f"No stored run: `{ONE_RUN[name]}`."
+    t, g, hist = d["test"], d["test_greedy"], d["history"]
+    train, target = sum(r["seconds"] for r in hist), M30K[model][1]
+    out = [f"Command (the run's last invocation, as stored): `{_m30k_command(d)}`; file `{RES}{name}`. "
+           "**1 run**: a training of hours is not repeated, so these figures have no spread.", "",
+           f"test2016 with the epoch-{t['best_epoch']} checkpoint (best valid BLEU): **BLEU {t['test_bleu']:.2f}**, "
+           f"chrF {t['test_chrf']:.2f} (beam {t['beam']}); greedy BLEU {g['bleu']:.2f}, chrF {g['chrf']:.2f}. "
+           f"Target ≥ {target:.0f} BLEU: {'met' if t['test_bleu'] >= target else '**missed**'}. "
+           f"Training wall time {fmt(train, 's')} s ({train / 3600:.1f} h, the sum of the epochs below) for "
+           f"{len(hist)} epochs on {d['threads']} thread; decoding the test set with beam {t['beam']}: "
+           f"{fmt(t['decode_s'], 's')} s.", "",
+           "| epoch | train loss | valid BLEU (greedy) | valid chrF | epoch wall time |", "|---|---|---|---|---|"]
+    best = max(r["valid_bleu"] for r in hist)
+    for r in hist:
+        bleu = f"{r['valid_bleu']:.1f}"
+        out.append(f"| {r['epoch']} | {r['loss']:.2f} | {f'**{bleu}**' if r['valid_bleu'] == best else bleu} | "
+                   f"{r['valid_chrf']:.1f} | {fmt(r['seconds'], 's')} s |")
+    return "\n".join(out)
+
+
+def readme_quality(results: Path) -> str:
+    demo = [r for r in (load(results, "demo_quality.json") or {}).get("runs", []) if r["run"] == "demo"]
+    acc, wall = measured([r["test_exact_match_percent"] for r in demo], "%"), measured([r["wall_seconds"] for r in demo], "s")
+    demo_text = (f"demo {acc} test exact match in {wall} wall time (`attnkit demo`, 1 thread)" if acc and wall
+                 else f"demo (`attnkit demo`): {pending(COMMANDS['demo_quality.json'])}")
+    last = {r["task"]: r for r in load(results, "classifiers.jsonl") or [] if r.get("rc") == 0}
+    parts = [demo_text] + [f"{label} {100 * last[t]['accuracy']:.1f}%{' dev' if t == 'sst2' else ''} (1 run)"
+                           for t, (label, _) in CLASSIFIERS.items() if t in last]
+    m30k = []
+    for model, name in (("transformer", "Transformer"), ("seq2seq", "Seq2Seq with Bahdanau attention")):
+        d = load(results, f"multi30k_{model}.json")
+        if d:
+            h = d["history"]
+            m30k.append(f"{name} **{d['test']['test_bleu']:.1f} BLEU** ({len(h)} epochs, "
+                        f"{sum(r['seconds'] for r in h) / 3600:.1f} h on {d['threads']} CPU thread)")
+    text = "Quality reached so far (commands, conditions and raw JSON in [docs/benchmarks.md](docs/benchmarks.md)): "
+    text += "; ".join(parts)
+    if m30k:
+        text += "; Multi30k En→De test2016, 1 run each: " + "; ".join(m30k)
+    return text + "."
+
+
+def sources(results: Path) -> str:
+    out = ["| file | written by | date | machine | repeats |", "|---|---|---|---|---|"]
+    for name, cmd in COMMANDS.items():
+        d = load(results, name)
+        if d is None:
+            out.append(f"| `{RES}{name}` | `{cmd}` | — | — | {pending(where=IN_ROW)} |")
+        else:
+            m = d["machine"]
+            out.append(f"| `{RES}{name}` | `{d['command']}` | {d['date']} | {m['cpu']}, {m['cores']} cores, "
+                       f"{m['threads']} thread(s), torch {m['torch']} | {d['repeat']} |")
+    for name, cmd in ONE_RUN.items():
+        d = load(results, name)
+        last = (d[-1] if isinstance(d, list) else d) if d else None
+        if last:
+            m = last.get("machine") or {}
+            machine = f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}" if m else "not recorded"
+            out.append(f"| `{RES}{name}` | `{cmd}` (the stored run's own command: quality table) | "
+                       f"{last.get('date', 'not recorded')} | {machine} | 1 run (long training, not repeated) |")
+    return "\n".join(out)
+
+
+def render(results: Path) -> dict[str, dict[str, str]]:
+    two, one = load(results, "engine_2threads.json"), load(results, "engine_1thread.json")
+    causal = load(results, "causal_64k.json")
+    engine2 = engine_table(two, COMMANDS["engine_2threads.json"], "engine_2threads.json")
+    return {
+        "docs/benchmarks.md": {
+            "sources": sources(results), "quality": quality_table(results),
+            "multi30k-transformer": m30k_block(results, "transformer"),
+            "multi30k-seq2seq": m30k_block(results, "seq2seq"),
+            "engine-2threads": engine2,
+            "engine-1thread": engine_table(one, COMMANDS["engine_1thread.json"], "engine_1thread.json"),
+            "causal-64k": causal_table(causal), "threads": threads_table(one, two)},
+        "README.md": {"readme-quality": readme_quality(results),
+                      "readme-engine": engine2 + "\n\n" + causal_table(causal)},
+    }
+
+
+# -- the files -----------------------------------------------------------------------------------
+
+BLOCK = re.compile(r"(<!-- generated:([\w-]+) -->\n)(.*?)(<!-- /generated -->)", re.S)
+FIGURE = re.compile(r"(?<![\w.,/])\d[\d,]*(?:\.\d+)?\s?(?:ms|s|h|min|minutes|MiB|GiB|GB|GFLOP/s|%|×|BLEU)(?![\w])"
+                    r"|\b(?:BLEU|chrF) \d+\.\d")
+#: README sections whose prose this script polices (other sections are others')
+README_SECTIONS = ("## The tiled engine and the benchmark table",)
+
+
+def fill(text: str, blocks: dict[str, str], fname: str) -> tuple[str, list[str], list[str]]:
+    """``text`` with its blocks regenerated; the names of the stale blocks; errors."""
+    stale, errors, seen = [], [], set()
+
+    def sub(m):
+        name = m.group(2)
+        if name not in blocks:
+            errors.append(f"{fname}: unknown generated block {name!r}")
+            return m.group(0)
+        seen.add(name)
+        new = blocks[name].rstrip("\n") + "\n"
+        if m.group(3) != new:
+            stale.append(name)
+        return m.group(1) + new + m.group(4)
+
+    out = BLOCK.sub(sub, text)
+    errors += [f"{fname}: block {name!r} has no <!-- generated:{name} --> marker" for name in blocks if name not in seen]
+    return out, stale, errors
+
+
+def typed_figures(text: str, fname: str) -> list[str]:
+    """Measured-looking figures (a number with a unit) in the hand-written prose: not allowed."""
+    text = BLOCK.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    text = re.sub(r"`[^`\n]*`", "``", text)
+    lines = text.splitlines()
+    if fname == "README.md":  # only the sections this script owns
+        keep, owned = [], False
+        for line in lines:
+            owned = line.startswith(README_SECTIONS) or (owned and not line.startswith("## "))
+            keep.append(line if owned else "")
+        lines = keep
+    found = []
+    for n, line in enumerate(lines, 1):
+        for m in FIGURE.finditer(line):
+            if not line[:m.start()].rstrip().endswith(("≥", "≤", "<", ">")):  # targets are not measurements
+                found.append(f"{fname}:{n}: typed figure {m.group(0)!r} outside a generated block")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if anything is stale")
+    p.add_argument("--root", default=str(HERE.parent), help="repository root (default: this one)")
+    a = p.parse_args(argv)
+    root = Path(a.root)
+    problems = []
+    for fname, blocks in render(root / "benchmarks" / "results").items():
+        path = root / fname
+        text = path.read_text(encoding="utf-8")
+        new, stale, errors = fill(text, blocks, fname)
+        problems += errors + typed_figures(new, fname)
+        if stale and a.check:
+            problems.append(f"{fname}: stale generated blocks {', '.join(stale)}: run python benchmarks/report.py")
+        elif new != text:
+            path.write_text(new, encoding="utf-8")
+            print(f"wrote {fname} ({', '.join(stale)})")
+    for line in problems:
+        print(line, file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
