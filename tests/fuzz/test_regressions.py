@@ -61,3 +61,14 @@ def test_alibi_slopes_stay_float64_on_the_prescaled_tiled_path():
     q, k, v = make_qkv(2, 12, 37, 41, D=5, Hkv=4, dtype=torch.float64)
     kw = dict(mask=masks.causal(), bias=P.ALiBi(12))
     assert_close(attnkit.attention(q, k, v, backend="tiled", **kw), attnkit.attention(q, k, v, backend="reference", **kw))
+
+
+def test_chunked_linear_attention_keeps_the_scale_of_its_scores():
+    # kernel score + Normalize with scale c: c·s / (c·Σs + eps) differs from s / (Σs + eps); the
+    # tiled backend's O(T) chunked form dropped the scale (off by ~eps / Σs)
+    q, k, v = make_qkv(1, 2, 9, D=3, dtype=torch.float64)
+    for mask in (None, masks.causal()):
+        kw = dict(score=S.Kernel(), normalizer=N.Normalize(eps=0.5), scale=0.05, mask=mask)
+        assert_close(attnkit.attention(q, k, v, backend="tiled", **kw), attnkit.attention(q, k, v, backend="reference", **kw))
+    check(Request(B=1, H=1, Hkv=1, Tq=1, Tk=1, D=1, Dv=1, dtype=torch.float64, score=("kernel",),
+                  normalizer=("normalize",), mask=None, scale=0.05, seed=0))

@@ -108,8 +108,9 @@ class TiledBackend:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
         if self.chunked_linear(spec):
+            # c·s / (c·Σs + eps) = s / (Σs + eps / c): the scale only moves eps
             out = linear_attention(q, k, v, feature_map=spec.score.feature_map, causal=spec.mask is not None,
-                                   eps=spec.normalizer.eps)
+                                   eps=spec.normalizer.eps / spec.scale)
             return out, None
         qp, kp = spec.score.prepare(q, k)
         dtype = v.dtype
