@@ -24,22 +24,16 @@ of the causal form would lose too many digits otherwise.
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from typing import Callable
 
 import torch
 import torch.nn.functional as nnf
 
-from ._checks import check_finite_tensor, check_positive, check_qkv, check_tensor, lookup, shape_str
+from ._checks import check_finite_tensor, check_positive, check_qkv, check_tensor, shape_str
 from .masks.basic import KeyPadding, causal as _causal_mask
+from .scores import FEATURE_MAPS, FeatureMap, feature_map_fn as _feature_map
 
 Tensor = torch.Tensor
-FeatureMap = Union[str, Callable[[Tensor], Tensor]]
-
-#: named feature maps ``φ`` for :func:`linear_attention` (values must be >= 0)
-FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
-    "elu+1": lambda x: nnf.elu(x) + 1.0,
-    "relu": nnf.relu,
-}
 
 #: default chunk length of the causal form
 DEFAULT_CHUNK = 64
@@ -72,15 +66,6 @@ def _zero_padded(x: Tensor, keep: Tensor | None) -> Tensor:
     if keep is None:
         return x
     return torch.where(keep[:, None, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def _feature_map(feature_map: FeatureMap) -> Callable[[Tensor], Tensor]:
-    if callable(feature_map):
-        return feature_map
-    if not isinstance(feature_map, str):
-        raise TypeError(f"feature_map must be a name ({', '.join(map(repr, FEATURE_MAPS))}) or a callable; "
-                        f"got {type(feature_map).__name__}")
-    return lookup("feature_map", feature_map, FEATURE_MAPS)
 
 
 def _check_eps(eps: float) -> float:

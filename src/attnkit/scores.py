@@ -23,7 +23,7 @@ Location (Luong)        ``(W_a q_i)_j`` (ignores the keys)            1
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -342,6 +342,25 @@ class Location(Score):
         return F.linear(q, self.proj.weight.to(q.dtype), self.proj.bias.to(q.dtype))[..., : k.shape[-2]]
 
 
+FeatureMap = Union[str, Callable[[Tensor], Tensor]]
+
+#: named feature maps ``φ`` of :class:`Kernel` and :func:`attnkit.linear.linear_attention` (values >= 0)
+FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
+    "elu+1": lambda x: F.elu(x) + 1.0,
+    "relu": F.relu,
+}
+
+
+def feature_map_fn(feature_map: FeatureMap) -> Callable[[Tensor], Tensor]:
+    """The function ``φ`` named by ``feature_map`` (a key of :data:`FEATURE_MAPS`), or the callable itself."""
+    if callable(feature_map):
+        return feature_map
+    if not isinstance(feature_map, str):
+        raise TypeError(f"feature_map must be a name ({', '.join(map(repr, FEATURE_MAPS))}) or a callable; "
+                        f"got {type(feature_map).__name__}")
+    return lookup("feature_map", feature_map, FEATURE_MAPS)
+
+
 class Kernel(Score):
     """Kernelized score ``s_ij = φ(q_i) · φ(k_j)`` (Katharopoulos et al. 2020,
     https://arxiv.org/abs/2006.16236), non-negative for φ = elu+1. With
@@ -360,11 +379,9 @@ class Kernel(Score):
 
     def __init__(self, feature_map="elu+1"):
         super().__init__()
-        from .linear import _feature_map
-
         self.feature_map_name = feature_map if isinstance(feature_map, str) else getattr(feature_map, "__name__", "φ")
         self.feature_map = feature_map
-        self.phi = _feature_map(feature_map)
+        self.phi = feature_map_fn(feature_map)
 
     def prepare(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         return self.phi(q), self.phi(k)
