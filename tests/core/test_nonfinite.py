@@ -264,3 +264,19 @@ def test_empty_shapes_give_a_clear_error_or_a_correct_empty_result(backend):
     no_keys = attnkit.attention(torch.randn(1, 2, 3, 2), torch.randn(1, 2, 0, 2), torch.randn(1, 2, 0, 3),
                                 backend=backend)
     assert no_keys.shape == (1, 2, 3, 3) and (no_keys == 0).all()  # a row with no key gives zeros
+
+
+@pytest.mark.skipif(not attnkit.backends.flex.available(), reason="torch has no flex_attention")
+def test_compiled_flex_follows_the_same_policy():
+    import warnings
+
+    q, k, v = make_qkv(1, 2, 16, 20, D=8)
+    k[0, :, 18:] = NAN            # padding
+    q[0, 1, 3, 0] = NAN           # a live query row
+    m = masks.key_padding(torch.tensor([18])) & masks.causal()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        out = attnkit.attention(q, k, v, mask=m, backend="flex")
+    ref = attnkit.attention(q, k, v, mask=m, backend="reference")
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().sum() == out.shape[-1]
+    assert_close(out.nan_to_num(), ref.nan_to_num(), scale=10)
