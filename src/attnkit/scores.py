@@ -324,6 +324,7 @@ class Location(Score):
     name = "location"
     same_dim = False
     tileable = False  # the score of key j is column j of W_a q: it needs absolute key positions
+    tile_is_dot = False
     reads_keys = False  # a NaN in a key does not reach the scores (attnkit.nonfinite)
 
     def __init__(self, query_dim: int, max_keys: int):

@@ -72,3 +72,15 @@ def test_chunked_linear_attention_keeps_the_scale_of_its_scores():
         assert_close(attnkit.attention(q, k, v, backend="tiled", **kw), attnkit.attention(q, k, v, backend="reference", **kw))
     check(Request(B=1, H=1, Hkv=1, Tq=1, Tk=1, D=1, Dv=1, dtype=torch.float64, score=("kernel",),
                   normalizer=("normalize",), mask=None, scale=0.05, seed=0))
+
+
+def test_flex_refuses_the_location_score():
+    # Location's scores are columns of W_a q, not a dot product, but it inherited tile_is_dot: flex
+    # served it as q·k (found by the long fuzz run)
+    loc = S.Location(4, 8)
+    q, k, v = make_qkv(1, 1, 2, 3, D=4)
+    with torch.no_grad():
+        reasons = attnkit.backends.REGISTRY["flex"].not_supported_reasons(attnkit.spec.canonicalize(q, k, v, score=loc))
+    assert any("not a dot product" in r for r in reasons)
+    check(Request(B=1, H=1, Hkv=1, Tq=1, Tk=2, D=1, Dv=1, dtype=torch.float32, score=("location", False),
+                  normalizer=("softmax",), mask=None, grad=False, seed=0))

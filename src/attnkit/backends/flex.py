@@ -46,7 +46,7 @@ class FlexBackend:
             return ["torch.nn.attention.flex_attention is not available in this torch"]
         if type(spec.normalizer) is not Softmax:
             why.append(f"normalizer {spec.normalizer.name!r} is not softmax")
-        if not spec.score.tile_is_dot:
+        if not (spec.score.tile_is_dot and spec.score.tileable):
             why.append(f"score {spec.score.name!r} is not a dot product (mask_mod/score_mod cannot express it)")
         if spec.return_weights:
             why.append("weights were requested and flex does not return them")
