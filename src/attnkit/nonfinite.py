@@ -20,8 +20,7 @@ any backend runs, so that the reference, SDPA, flex and the tiled kernels all gi
 IEEE arithmetic (``NaN + -inf = NaN``) it does not shield the row from a NaN key or value.
 A bias of ``+inf`` or NaN on a live position (a bias tensor) poisons that row too.
 
-The checks cost one pass over q, k and v (``isfinite``); when everything is finite nothing
-else happens.
+The check costs one summation of q, k and v; when everything is finite nothing else happens.
 
 Example::
 
@@ -119,10 +118,10 @@ def quarantine(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
     Returns ``(q, k, v, spec, guard)``; ``guard`` is None when every input is finite (then the
     inputs come back untouched), else a :class:`Guard` whose :meth:`Guard.apply` writes the NaN
     back into the result."""
-    bad = [None if bool(torch.isfinite(x).all()) else ~torch.isfinite(x) for x in (q, k, v)]
+    bad = [None if all_finite(x) else ~torch.isfinite(x) for x in (q, k, v)]
     bias_bad, mods = None, list(spec.score_mods)
     for i, m in enumerate(mods):
-        if isinstance(m, TensorBias):
+        if isinstance(m, TensorBias) and not all_finite(m.tensor):
             t = m.tensor
             b = torch.isnan(t) | torch.isposinf(t)  # -inf hides a key: that is a mask, not an error
             if bool(b.any()):
@@ -137,6 +136,14 @@ def quarantine(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
                   k_keys=None if bad[1] is None or not spec.score.reads_keys else bad[1].any(-1),
                   v_bad=bad[2], bias_bad=bias_bad)
     return q, k, v, spec, guard
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether ``x`` holds no NaN or inf. A finite sum proves it in one pass without allocating
+    (an inf or NaN entry makes the sum inf or NaN); only a sum that is not finite (a bad entry, or
+    finite entries whose sum overflows) pays for the exact check."""
+    with torch.no_grad():
+        return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _expand(x: Tensor, groups: int) -> Tensor:

@@ -280,3 +280,19 @@ def test_compiled_flex_follows_the_same_policy():
     ref = attnkit.attention(q, k, v, mask=m, backend="reference")
     assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().sum() == out.shape[-1]
     assert_close(out.nan_to_num(), ref.nan_to_num(), scale=10)
+
+
+def test_the_finiteness_screen_is_exact():
+    from attnkit.nonfinite import all_finite
+
+    big = torch.full((4,), 3e38)  # finite entries whose float32 sum overflows: the exact check decides
+    assert all_finite(big) and all_finite(torch.zeros(0)) and all_finite(torch.randn(3, 5, dtype=torch.bfloat16))
+    for value in (NAN, INF, -INF):
+        x = torch.randn(7)
+        x[3] = value
+        assert not all_finite(x)
+    x = torch.tensor([INF, -INF])  # sums to NaN
+    assert not all_finite(x)
+    # a normalizer whose scores overflow when summed still normalizes them exactly
+    s = torch.tensor([3e38, 3e38, 1.0])
+    assert_close(N.Softmax()(s), torch.softmax(s, -1))

@@ -47,7 +47,9 @@ class Normalizer:
 
     def __call__(self, scores: Tensor, mask: Tensor | None = None) -> Tensor:
         check_scores(scores, mask)
-        finite = bool(torch.isfinite(scores).all())
+        # a finite sum proves every score finite in one pass (a NaN or inf makes it NaN or inf);
+        # a sum that is not finite (or overflows) takes the exact path below, which checks entry by entry
+        finite = bool(torch.isfinite(scores.detach().sum()))
         if mask is None and finite:
             return self.normalize(scores)
         hidden = torch.isneginf(scores)  # a -inf score (e.g. from a bias) hides its key as the mask does
