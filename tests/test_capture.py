@@ -35,7 +35,7 @@ class Block(nn.Module):
     def __init__(self, d=16, heads=4, dropout=0.1, kv_heads=None):
         super().__init__()
         self.norm = nn.LayerNorm(d)
-        self.attn = attnkit.nn.MultiheadAttention(d, heads, dropout=dropout, num_kv_heads=kv_heads)
+        self.attn = attnkit.nn.MultiheadAttention(d, heads, dropout=dropout, num_kv_heads=kv_heads, batch_first=True)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, kpm=None):
@@ -240,9 +240,9 @@ def test_layer_globs_select_by_name():
     class EncDec(nn.Module):
         def __init__(self):
             super().__init__()
-            self.enc_self = attnkit.nn.MultiheadAttention(8, 2)
-            self.dec_self = attnkit.nn.MultiheadAttention(8, 2)
-            self.dec_cross = attnkit.nn.MultiheadAttention(8, 2)
+            self.enc_self = attnkit.nn.MultiheadAttention(8, 2, batch_first=True)
+            self.dec_self = attnkit.nn.MultiheadAttention(8, 2, batch_first=True)
+            self.dec_cross = attnkit.nn.MultiheadAttention(8, 2, batch_first=True)
 
         def forward(self, src, tgt):
             m = self.enc_self(src)[0]
@@ -286,8 +286,8 @@ def test_names_of_direct_children_and_bare_calls():
     class Two(nn.Module):
         def __init__(self):
             super().__init__()
-            self.first = attnkit.nn.MultiheadAttention(8, 2)
-            self.second = attnkit.nn.MultiheadAttention(8, 2)
+            self.first = attnkit.nn.MultiheadAttention(8, 2, batch_first=True)
+            self.second = attnkit.nn.MultiheadAttention(8, 2, batch_first=True)
 
         def forward(self, x):
             return self.second(self.first(x)[0])[0]
@@ -307,12 +307,12 @@ def _line():
 
 
 def test_nested_capture_blocks_both_record_with_their_own_selection():
-    two = nn.Sequential(attnkit.nn.MultiheadAttention(8, 2), nn.Identity())
+    two = nn.Sequential(attnkit.nn.MultiheadAttention(8, 2, batch_first=True), nn.Identity())
 
     class Wrap(nn.Module):
         def __init__(self):
             super().__init__()
-            self.mha = attnkit.nn.MultiheadAttention(8, 2)
+            self.mha = attnkit.nn.MultiheadAttention(8, 2, batch_first=True)
 
         def forward(self, x):
             return self.mha(x, need_weights=False)[0]
@@ -382,7 +382,7 @@ def test_root_names_calls_made_through_methods_other_than_forward():
     class Block(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.attn = attnkit.nn.MultiheadAttention(8, 2)
+            self.attn = attnkit.nn.MultiheadAttention(8, 2, batch_first=True)
 
     class Model(torch.nn.Module):
         def __init__(self):

@@ -80,10 +80,16 @@ def check_finite_tensor(name: str, x: Tensor) -> Tensor:
     return x
 
 
-def lookup(kind: str, name: object, table: Mapping[str, object]) -> object:
-    """Resolve a string option, listing the valid names when it is unknown."""
+def lookup(kind: str, name: object, table: Mapping[str, object], obj: str = "", how: str = "") -> object:
+    """Resolve a string option, listing the valid names when it is unknown. ``obj`` names the
+    class whose instances are accepted too, ``how`` says how to write one's own."""
     if not isinstance(name, str):
-        raise TypeError(f"{kind} must be a string or an object; got {type(name).__name__}")
+        valid = ", ".join(repr(k) for k in sorted(table))
+        got = type(name).__name__
+        if callable(name) and hasattr(name, "__name__"):
+            got += f" {name.__name__!r}"
+        accepted = f" or an {obj} object" if obj else " or an object"
+        raise TypeError(f"{kind} must be a name ({valid}){accepted}; got {got}" + (f". {how}" if how else ""))
     if name not in table:
         valid = ", ".join(repr(k) for k in sorted(table))
         raise ValueError(f"unknown {kind} {name!r}; valid names: {valid}")

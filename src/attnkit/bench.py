@@ -407,7 +407,7 @@ def _attnkit_mha(grad, B, H, T, D):
         import attnkit
 
         E = H * D
-        mha = attnkit.nn.MultiheadAttention(E, H)
+        mha = attnkit.nn.MultiheadAttention(E, H, batch_first=True)
         x = torch.randn(B, T, E, requires_grad=grad)
 
         def fn():

@@ -92,7 +92,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normalizer
 
 
 def explain(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto", **kwargs) -> registry.Choice:
-    """Which backend ``attention(q, k, v, **kwargs)`` would use, and why the others refused.
+    """Which backend ``attention(q, k, v, **kwargs)`` would use, why, and why the others refused.
+
+    Never raises for a refusal: when ``backend`` (or, for ``"auto"``, every backend) cannot
+    serve the request, the returned :class:`~attnkit.backends.registry.Choice` has
+    ``backend = None`` and its ``reasons`` say why. ``print(choice)`` shows it all.
 
     Example::
 
@@ -104,4 +108,4 @@ def explain(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto", **kwargs)
         'reference'
     """
     spec = canonicalize(q, k, v, **kwargs)
-    return registry.choose(spec, backend)
+    return registry.choose(spec, backend, strict=False)

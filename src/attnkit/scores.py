@@ -410,7 +410,12 @@ def get(score: str | Score) -> Score:
         raise ValueError(f"score {score!r} has parameters: pass an object, e.g. score={NEEDS_OBJECT[score]}")
     shared = _SHARED.get(score) if isinstance(score, str) else None
     if shared is None:
-        shared = _SHARED[score] = lookup("score", score, NAMED)()
+        shared = _SHARED[score] = lookup(
+            "score", score, NAMED, "attnkit.scores.Score",
+            "To score with your own function, subclass attnkit.scores.Score, implement "
+            "forward(q (B, H, Tq, D), k (B, H, Tk, D)) -> scores (B, H, Tq, Tk) and set tile_is_dot = False "
+            "(see 'Extending attnkit' in the README); to change given scores by position, pass a score_mod "
+            "as bias= instead")()
     return shared
 
 

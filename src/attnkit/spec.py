@@ -20,7 +20,7 @@ from . import normalizers as _normalizers
 from . import scores as _scores
 from ._checks import check_probability, check_qkv
 from .masks.base import Mask, as_mask
-from .positions.base import FromScoreMod, ScoreMod, TensorBias, as_score_mod
+from .positions.base import FromBias, FromScoreMod, ScoreMod, TensorBias, as_score_mod
 
 Tensor = torch.Tensor
 
@@ -89,6 +89,9 @@ class AttentionSpec:
     device: torch.device
     #: the output may need a gradient (see :func:`_needs_grad`)
     requires_grad: bool
+    #: user score mod callables whose result needs a gradient: they close over a tensor that
+    #: requires grad (found by :meth:`~attnkit.positions.FromScoreMod.closes_over_grad`)
+    grad_mods: tuple[str, ...] = ()
 
     @property
     def groups(self) -> int:
@@ -140,21 +143,24 @@ def canonicalize(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normali
     for m in mods:
         m.check(B, H, Tq, Tk)
 
+    grad_mods = tuple(repr(m) for m in mods if isinstance(m, (FromScoreMod, FromBias))
+                      and m.closes_over_grad(q.dtype, q.device)) if torch.is_grad_enabled() else ()
     return AttentionSpec(
         score=score_obj, normalizer=norm_obj, mask=mask_obj, score_mods=mods, scale=float(scale),
         dropout_p=dropout_p, return_weights=return_weights, weights=weights, generator=generator,
         B=B, H=H, Hkv=Hkv, Tq=Tq, Tk=Tk, D=D, Dv=v.shape[-1], dtype=q.dtype, device=q.device,
-        requires_grad=torch.is_grad_enabled() and _needs_grad((q, k, v), score_obj, mods),
+        requires_grad=torch.is_grad_enabled() and (bool(grad_mods) or _needs_grad((q, k, v), score_obj, mods)),
+        grad_mods=grad_mods,
     )
 
 
 def _needs_grad(qkv, score: "_scores.Score", mods: tuple[ScoreMod, ...]) -> bool:
-    """Whether the output may need a gradient: an input, a score parameter or a bias needs one, or a
-    user ``score_mod`` callable (which may close over tensors that do) is present."""
+    """Whether the output may need a gradient: an input, a score parameter or a bias needs one
+    (user callables are probed separately, see ``grad_mods``)."""
     if any(x.requires_grad for x in qkv) or any(p.requires_grad for p in score.parameters()):
         return True
     for m in mods:
-        if isinstance(m, FromScoreMod) or (isinstance(m, TensorBias) and m.tensor.requires_grad):
+        if isinstance(m, TensorBias) and m.tensor.requires_grad:
             return True
         if isinstance(m, torch.nn.Module) and any(p.requires_grad for p in m.parameters()):
             return True

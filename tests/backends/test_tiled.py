@@ -112,13 +112,20 @@ def test_bias_tensor_with_grad_softcap_and_callable():
     assert_close(outs[0], outs[1])
     for a, b in zip(*grads):
         assert_close(a, b)
-    # a user score_mod callable without gradients is served; with gradients tiled declines
+    # a user score_mod callable is served with or without gradients for q, k, v; one that reads a
+    # tensor requiring grad is declined (the tiled backward would not give that tensor its gradient)
     fn = lambda s, b, h, i, j: s - 0.1 * (i - j).abs()  # noqa: E731
     with torch.no_grad():
         assert_close(attnkit.attention(q, k, v, bias=fn, backend="tiled"),
                      attnkit.attention(q, k, v, bias=fn, backend="reference"))
-    with pytest.raises(ValueError, match="user score_mod callable"):
-        attnkit.attention(q, k, v, bias=fn, backend="tiled")
+    outs = [attnkit.attention(q, k, v, bias=fn, backend=b) for b in ("tiled", "reference")]
+    assert_close(outs[0], outs[1])
+    for a, b in zip(*[torch.autograd.grad(o.sum(), (q, k, v)) for o in outs]):
+        assert_close(a, b)
+    w = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    learned = lambda s, b, h, i, j: s - w * (i - j).abs()  # noqa: E731
+    with pytest.raises(ValueError, match="reads a tensor that requires grad"):
+        attnkit.attention(q, k, v, bias=learned, backend="tiled")
 
 
 @pytest.mark.parametrize("norm", [attnkit.normalizers.Softmax(temperature=0.3), attnkit.normalizers.Sigmoid(),

@@ -219,7 +219,7 @@ def test_score_mod_equals_additive_float_mask():
 
 
 def test_sigmoid_normalizer_matches_hand_computation():
-    m = MultiheadAttention(8, 2, normalizer="sigmoid", dtype=torch.float64)
+    m = MultiheadAttention(8, 2, normalizer="sigmoid", dtype=torch.float64, batch_first=True)
     x = torch.randn(1, 4, 8, dtype=torch.float64)
     out, w = m(x, average_attn_weights=False)
     q = m.q_proj(x).view(1, 4, 2, 4).transpose(1, 2)
@@ -235,7 +235,7 @@ def test_sigmoid_normalizer_matches_hand_computation():
 def expanded_mha(g: MultiheadAttention) -> MultiheadAttention:
     """An explicit MHA whose key/value heads repeat the GQA ones: query head h uses kv head h // groups."""
     H, Hkv, D, E = g.num_heads, g.num_kv_heads, g.head_dim, g.embed_dim
-    m = MultiheadAttention(E, H, kdim=g.kdim, vdim=g.vdim, dtype=g.q_proj.weight.dtype)
+    m = MultiheadAttention(E, H, kdim=g.kdim, vdim=g.vdim, dtype=g.q_proj.weight.dtype, batch_first=True)
     with torch.no_grad():
         m.q_proj.load_state_dict(g.q_proj.state_dict())
         m.out_proj.load_state_dict(g.out_proj.state_dict())
@@ -250,7 +250,7 @@ def expanded_mha(g: MultiheadAttention) -> MultiheadAttention:
 @pytest.mark.parametrize("num_kv_heads", [2, 1])
 def test_gqa_and_mqa_equal_mha_with_repeated_kv_weights(num_kv_heads):
     torch.manual_seed(3)
-    g = MultiheadAttention(32, 8, num_kv_heads=num_kv_heads, kdim=12, vdim=10, dtype=torch.float64)
+    g = MultiheadAttention(32, 8, num_kv_heads=num_kv_heads, kdim=12, vdim=10, dtype=torch.float64, batch_first=True)
     with torch.no_grad():
         for p in g.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -281,11 +281,11 @@ def test_to_torch_roundtrip_and_refusals():
         torch.randn(3, 2, 5, dtype=torch.float64)
     torch.testing.assert_close(t2(q, k, v)[0], t(q, k, v)[0], **TOL[torch.float64])
     with pytest.raises(ValueError, match="score_mod"):
-        MultiheadAttention(8, 2, score_mod=attnkit.positions.softcap(5.0)).to_torch()
+        MultiheadAttention(8, 2, score_mod=attnkit.positions.softcap(5.0), batch_first=True).to_torch()
     with pytest.raises(ValueError, match="normalizer"):
-        MultiheadAttention(8, 2, normalizer="sigmoid").to_torch()
-    with pytest.raises(ValueError, match="add_bias_kv"):
-        MultiheadAttention.from_torch(torch.nn.MultiheadAttention(8, 2, add_bias_kv=True))
+        MultiheadAttention(8, 2, normalizer="sigmoid", batch_first=True).to_torch()
+    with pytest.raises(TypeError, match="from_torch takes add_bias_kv from mha"):
+        MultiheadAttention.from_torch(torch.nn.MultiheadAttention(8, 2), add_bias_kv=True)
     with pytest.raises(TypeError, match="mha"):
         MultiheadAttention.from_torch(torch.nn.Linear(2, 2))
 
@@ -308,7 +308,7 @@ def decode(m, x, sizes, cache, need_weights=False, kpm=None):
 @pytest.mark.parametrize("max_length", [None, 12])
 def test_kv_cache_decoding_equals_full_causal(num_kv_heads, sizes, max_length):
     torch.manual_seed(4)
-    m = MultiheadAttention(32, 8, num_kv_heads=num_kv_heads, dtype=torch.float64).eval()
+    m = MultiheadAttention(32, 8, num_kv_heads=num_kv_heads, dtype=torch.float64, batch_first=True).eval()
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     full, w_full = m(x, is_causal=True)
     cache = KVCache(max_length=max_length)
@@ -326,7 +326,7 @@ def test_kv_cache_decoding_equals_full_causal(num_kv_heads, sizes, max_length):
 
 
 def test_kv_cache_with_left_padding():
-    m = MultiheadAttention(16, 4, num_kv_heads=2, dtype=torch.float64).eval()
+    m = MultiheadAttention(16, 4, num_kv_heads=2, dtype=torch.float64, batch_first=True).eval()
     x = torch.randn(2, 8, 16, dtype=torch.float64)
     kpm = torch.zeros(2, 8, dtype=torch.bool)
     kpm[0, :2] = True  # sequence 0 is left-padded by 2
@@ -337,7 +337,7 @@ def test_kv_cache_with_left_padding():
 
 
 def test_kv_cache_beam_reorder_equals_recompute():
-    m = MultiheadAttention(16, 4, dtype=torch.float64).eval()
+    m = MultiheadAttention(16, 4, dtype=torch.float64, batch_first=True).eval()
     x = torch.randn(2, 6, 16, dtype=torch.float64)
     cache = KVCache()
     m(x[:, :4], is_causal=True, cache=cache)
@@ -352,7 +352,7 @@ def test_kv_cache_beam_reorder_equals_recompute():
 
 def test_cache_gradients_flow_through_cached_keys():
     """Training through a cache (autograd records the appends) equals the full computation."""
-    m = MultiheadAttention(8, 2, dtype=torch.float64)
+    m = MultiheadAttention(8, 2, dtype=torch.float64, batch_first=True)
     x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
     out, _ = decode(m, x, [2, 3], KVCache(max_length=5))
     g1 = torch.autograd.grad(out.sum(), x)[0]
@@ -368,7 +368,7 @@ def test_cache_gradients_flow_through_cached_keys():
 def test_self_attention_is_permutation_equivariant(B, T, heads, seed):
     torch.manual_seed(seed)
     H, Hkv = heads
-    m = MultiheadAttention(8, H, num_kv_heads=Hkv, dtype=torch.float64)
+    m = MultiheadAttention(8, H, num_kv_heads=Hkv, dtype=torch.float64, batch_first=True)
     x = torch.randn(B, T, 8, dtype=torch.float64)
     perm = torch.randperm(T)
     out, w = m(x, average_attn_weights=False)
@@ -384,7 +384,7 @@ def test_self_attention_is_permutation_equivariant(B, T, heads, seed):
 def test_causal_output_ignores_future_tokens(T, data, need_weights, seed):
     torch.manual_seed(seed)
     t = data.draw(st.integers(0, T - 2))
-    m = MultiheadAttention(8, 2, num_kv_heads=1, dtype=torch.float64)
+    m = MultiheadAttention(8, 2, num_kv_heads=1, dtype=torch.float64, batch_first=True)
     x = torch.randn(2, T, 8, dtype=torch.float64)
     y = x.clone()
     y[:, t + 1:] = 100 * torch.randn_like(y[:, t + 1:])
@@ -395,7 +395,7 @@ def test_causal_output_ignores_future_tokens(T, data, need_weights, seed):
 
 
 def test_need_weights_false_uses_a_fast_backend_with_the_same_result():
-    m = MultiheadAttention(16, 4, num_kv_heads=2, dtype=torch.float64)
+    m = MultiheadAttention(16, 4, num_kv_heads=2, dtype=torch.float64, batch_first=True)
     x = torch.randn(2, 6, 16, dtype=torch.float64)
     kpm = torch.tensor([[False] * 4 + [True] * 2, [False] * 6])
     assert m.explain(x, need_weights=False, is_causal=True, key_padding_mask=kpm).backend == "sdpa"
@@ -413,7 +413,7 @@ def test_need_weights_false_uses_a_fast_backend_with_the_same_result():
 
 
 def test_fully_masked_rows_give_zeros_not_nan():
-    m = MultiheadAttention(8, 2, dtype=torch.float64)
+    m = MultiheadAttention(8, 2, dtype=torch.float64, batch_first=True)
     x = torch.randn(2, 3, 8, dtype=torch.float64)
     kpm = torch.tensor([[True, True, True], [False, False, True]])
     for need_weights in (True, False):
@@ -428,9 +428,9 @@ def test_fully_masked_rows_give_zeros_not_nan():
 
 
 def test_dropout_only_in_training_mode():
-    m = MultiheadAttention(16, 4, dropout=0.5, dtype=torch.float64)
+    m = MultiheadAttention(16, 4, dropout=0.5, dtype=torch.float64, batch_first=True)
     x = torch.randn(2, 6, 16, dtype=torch.float64)
-    ref = MultiheadAttention(16, 4, dtype=torch.float64)
+    ref = MultiheadAttention(16, 4, dtype=torch.float64, batch_first=True)
     ref.load_state_dict(m.state_dict())
     m.eval()
     torch.testing.assert_close(m(x)[0], ref(x)[0])
@@ -443,7 +443,7 @@ def test_dropout_only_in_training_mode():
 
 
 def test_bfloat16_close_to_float64():
-    m = MultiheadAttention(16, 4, num_kv_heads=2)
+    m = MultiheadAttention(16, 4, num_kv_heads=2, batch_first=True)
     x = torch.randn(2, 5, 16)
     gold, w_gold = m.double()(x.double(), is_causal=True)
     mb = m.to(torch.bfloat16)
@@ -457,7 +457,7 @@ def test_bfloat16_close_to_float64():
 
 def test_trainable_score_parameters_are_registered():
     score = attnkit.scores.General(4, 4)
-    m = MultiheadAttention(8, 2, score=score)
+    m = MultiheadAttention(8, 2, score=score, batch_first=True)
     assert any(p is score.weight for p in m.parameters())
     out, _ = m(torch.randn(1, 3, 8))
     out.sum().backward()
@@ -467,23 +467,23 @@ def test_trainable_score_parameters_are_registered():
 # -- errors ---------------------------------------------------------------------------------------
 def test_constructor_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"embed_dim.*num_heads.*10.*3"):
-        MultiheadAttention(10, 3)
+        MultiheadAttention(10, 3, batch_first=True)
     with pytest.raises(ValueError, match=r"num_kv_heads.*8.*3"):
-        MultiheadAttention(16, 8, num_kv_heads=3)
+        MultiheadAttention(16, 8, num_kv_heads=3, batch_first=True)
     with pytest.raises(ValueError, match="num_kv_heads"):
-        MultiheadAttention(16, 8, num_kv_heads=0)
+        MultiheadAttention(16, 8, num_kv_heads=0, batch_first=True)
     with pytest.raises(ValueError, match="dropout"):
-        MultiheadAttention(16, 8, dropout=1.5)
+        MultiheadAttention(16, 8, dropout=1.5, batch_first=True)
     with pytest.raises(ValueError, match="unknown normalizer 'softmx'; valid names"):
-        MultiheadAttention(16, 8, normalizer="softmx")
+        MultiheadAttention(16, 8, normalizer="softmx", batch_first=True)
     with pytest.raises(TypeError, match="score_mod="):
-        MultiheadAttention(16, 8, bias=attnkit.positions.softcap(3.0))
-    with pytest.raises(TypeError):
-        MultiheadAttention(16, 8, 0.0, True, False)  # torch's positional add_bias_kv is not accepted
+        MultiheadAttention(16, 8, bias=attnkit.positions.softcap(3.0), batch_first=True)
+    with pytest.raises(TypeError, match="add_bias_kv must be a bool; got int"):
+        MultiheadAttention(16, 8, 0.0, True, 1)  # torch's order: add_bias_kv is the fifth argument
 
 
 def test_forward_errors_name_the_argument():
-    m = MultiheadAttention(16, 4)
+    m = MultiheadAttention(16, 4, batch_first=True)
     x = torch.randn(2, 5, 16)
     with pytest.raises(ValueError, match=r"query must be a 3-D tensor.*\(5, 16, 1, 1\)"):
         m(torch.randn(5, 16, 1, 1))
@@ -514,7 +514,7 @@ def test_forward_errors_name_the_argument():
 
 
 def test_cache_batch_mismatch_and_mask_shape_with_cache():
-    m = MultiheadAttention(16, 4)
+    m = MultiheadAttention(16, 4, batch_first=True)
     cache = KVCache()
     m(torch.randn(2, 3, 16), is_causal=True, cache=cache)
     with pytest.raises(ValueError, match=r"cache holds a batch of 2.*query has batch 3"):
@@ -528,7 +528,7 @@ def test_cache_batch_mismatch_and_mask_shape_with_cache():
         m(torch.randn(2, 2, 16), cache=cache2)
     assert cache2.length == 3
     # a cache filled by a layer with other head sizes
-    other = MultiheadAttention(16, 2)
+    other = MultiheadAttention(16, 2, batch_first=True)
     with pytest.raises(ValueError, match="number of heads"):
         other(torch.randn(2, 1, 16), cache=cache)
 
@@ -545,7 +545,7 @@ def rope_by_hand(x, offset=0):
 
 
 def test_rope_matches_hand_rotation():
-    m = MultiheadAttention(16, 2, num_kv_heads=1, rope=True, dtype=torch.float64)
+    m = MultiheadAttention(16, 2, num_kv_heads=1, rope=True, dtype=torch.float64, batch_first=True)
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     out, w = m(x, is_causal=True, average_attn_weights=False)
     q = rope_by_hand(m.q_proj(x).view(2, 5, 2, 8).transpose(1, 2))
@@ -563,7 +563,7 @@ def test_rope_matches_hand_rotation():
 
 @pytest.mark.parametrize("num_kv_heads", [None, 2])
 def test_rope_with_kv_cache_equals_full(num_kv_heads):
-    m = MultiheadAttention(32, 4, num_kv_heads=num_kv_heads, rope=True, dtype=torch.float64).eval()
+    m = MultiheadAttention(32, 4, num_kv_heads=num_kv_heads, rope=True, dtype=torch.float64, batch_first=True).eval()
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     full, _ = m(x, is_causal=True)
     for sizes in ([1] * 9, [3, 1, 5]):

@@ -48,7 +48,7 @@ def test_rollout_keeps_batches_rows_sum_to_one_and_dead_rows_stay_home():
 
 
 def test_rollout_takes_capture_records_and_checks_its_input():
-    mhas = torch.nn.ModuleList(attnkit.nn.MultiheadAttention(8, 2) for _ in range(2))
+    mhas = torch.nn.ModuleList(attnkit.nn.MultiheadAttention(8, 2, batch_first=True) for _ in range(2))
     x = torch.randn(1, 5, 8)
     with torch.no_grad(), attnkit.capture() as rec:
         for m in mhas:
@@ -122,7 +122,7 @@ def test_entropy_and_distance_by_hand():
 
 
 def test_head_stats_of_a_partial_capture_use_the_true_positions_and_heads():
-    mha = attnkit.nn.MultiheadAttention(16, 4).eval()
+    mha = attnkit.nn.MultiheadAttention(16, 4, batch_first=True).eval()
     x = torch.randn(2, 9, 16)
     with torch.no_grad(), attnkit.capture() as full, attnkit.capture(heads=[3, 1], rows=[0, 4, 8]) as part:
         mha(x, need_weights=False)
@@ -155,7 +155,7 @@ def _oracle(mha, x, pick):
 @pytest.mark.parametrize("backend", ["sdpa", "tiled", "reference"])
 def test_gradient_x_attention_matches_an_explicit_graph_on_every_backend(backend):
     torch.manual_seed(0)
-    mha = attnkit.nn.MultiheadAttention(8, 2).eval().double()
+    mha = attnkit.nn.MultiheadAttention(8, 2, batch_first=True).eval().double()
     x = torch.randn(1, 5, 8, dtype=torch.float64)
     pick = lambda y: y[0, -1, :3].sum()  # noqa: E731
     A, G = _oracle(mha, x, pick)

@@ -75,7 +75,7 @@ def test_group_names_and_repeated_calls():
     assert group_name("blocks.0.attn.12") == "blocks.*.attn.*"
     assert group_name("3.attn") == "*.attn"
     assert group_name("script.py:42") == "script.py:42" and group_name("layer10.attn") == "layer10.attn"
-    mha = attnkit.nn.MultiheadAttention(8, 2)
+    mha = attnkit.nn.MultiheadAttention(8, 2, batch_first=True)
     with torch.no_grad(), attnkit.capture() as rec:
         for _ in range(2):
             mha(torch.randn(1, 4, 8))  # one module called twice with 4 queries: two layers
@@ -88,7 +88,7 @@ def test_bad_input_is_named():
         group_records([])
     with pytest.raises(TypeError, match="records must be attnkit.capture records"):
         group_records([torch.ones(2)])
-    mha = attnkit.nn.MultiheadAttention(8, 2)
+    mha = attnkit.nn.MultiheadAttention(8, 2, batch_first=True)
     with torch.no_grad(), attnkit.capture() as rec:
         mha(torch.randn(2, 4, 8))
     with pytest.raises(ValueError, match=r"batch must lie in \[0, 2\)"):

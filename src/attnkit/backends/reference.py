@@ -60,6 +60,10 @@ class ReferenceBackend:
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         return []
 
+    def describe(self, spec: AttentionSpec) -> str:
+        """How this backend will run ``spec`` (for :func:`attnkit.explain`)."""
+        return f"the plain formula, materializing the (B, H, Tq, Tk) = ({spec.B}, {spec.H}, {spec.Tq}, {spec.Tk}) scores"
+
     def __call__(self, q, k, v, spec):
         out, w = reference_attention(q, k, v, spec)
         return out, (spec.weights.select(w) if spec.return_weights else None)

@@ -54,21 +54,43 @@ def names() -> list[str]:
 
 @dataclass
 class Choice:
-    """Which backend serves a request, and why the ones before it refused."""
+    """Which backend serves a request, why, and why the others refused.
 
-    backend: str
+    ``backend`` is None when none can (or when the backend asked for cannot): then
+    ``reasons`` says why and ``ok`` is False. ``because`` says why the chosen one was taken.
+    """
+
+    backend: str | None
     reasons: dict[str, list[str]]
+    because: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.backend is not None
 
     def __str__(self) -> str:
-        lines = [f"backend: {self.backend}"]
+        if self.backend is None:
+            lines = ["no backend: " + ("the one asked for cannot serve this request" if len(self.reasons) == 1
+                                       else "none can serve this request")]
+        else:
+            lines = [f"backend: {self.backend}" + (f" ({self.because})" if self.because else "")]
         for name, why in self.reasons.items():
             lines.append(f"  {name}: " + ("selected" if name == self.backend else
                                           ("ok" if not why else "; ".join(why))))
         return "\n".join(lines)
 
 
-def choose(spec: AttentionSpec, backend: str = "auto") -> Choice:
-    """Pick the backend for ``spec``; raise ``ValueError`` if a forced one cannot serve it."""
+def _because(name: str, spec: AttentionSpec, skipped: list[str]) -> str:
+    b = REGISTRY[name]
+    how = b.describe(spec) if hasattr(b, "describe") else ""
+    first = "the first backend in auto's order that serves this request" if skipped else "first in auto's order"
+    return f"{first}{': ' + how if how else ''}"
+
+
+def choose(spec: AttentionSpec, backend: str = "auto", *, strict: bool = True) -> Choice:
+    """Pick the backend for ``spec``. When none can serve it (or the one asked for cannot),
+    raise (``strict``) or return a :class:`Choice` whose ``backend`` is None (``strict=False``,
+    what :func:`attnkit.explain` does)."""
     if backend == "auto" and _forced:
         backend = _forced[-1]
     if backend == "auto":
@@ -81,7 +103,9 @@ def choose(spec: AttentionSpec, backend: str = "auto") -> Choice:
             reasons[name] = why
             if not why:
                 log.debug("attnkit: auto picked %s", name)
-                return Choice(name, reasons)
+                return Choice(name, reasons, _because(name, spec, [n for n in reasons if n != name]))
+        if not strict:
+            return Choice(None, reasons)
         raise RuntimeError("no backend can serve this request:\n" + "\n".join(
             f"  {n}: {'; '.join(w)}" for n, w in reasons.items()))
     if not isinstance(backend, str):
@@ -91,8 +115,11 @@ def choose(spec: AttentionSpec, backend: str = "auto") -> Choice:
                          + ", ".join(repr(n) for n in PRIORITY))
     why = REGISTRY[backend].not_supported_reasons(spec)
     if why:
+        if not strict:
+            return Choice(None, {backend: why})
         raise ValueError(f"backend {backend!r} cannot serve this request: " + "; ".join(why))
-    return Choice(backend, {backend: []})
+    b = REGISTRY[backend]
+    return Choice(backend, {backend: []}, "asked for" + (f": {b.describe(spec)}" if hasattr(b, "describe") else ""))
 
 
 @contextlib.contextmanager

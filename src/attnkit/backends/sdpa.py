@@ -37,8 +37,11 @@ class SDPABackend:
             why.append("weights were requested and SDPA does not return them")
         if spec.mask is not None and spec.mask.has_weight_factor:
             why.append("the mask reweights normalized weights (local-p)")
-        if any(not m.additive for m in spec.score_mods):
-            why.append("a score mod is not an additive bias")
+        plain = [repr(m) for m in spec.score_mods if not m.additive]
+        if plain:
+            why.append(f"score mod {', '.join(plain)} is not declared additive (SDPA takes only a float bias): write "
+                       "an additive bias as attnkit.positions.bias_mod(lambda b, h, q_idx, kv_idx: ...), a float "
+                       "tensor, or a ScoreMod subclass with additive = True")
         if spec.dropout_p > 0 and spec.generator is not None:
             why.append("dropout with an explicit generator (SDPA uses the global RNG)")
         return why
@@ -68,6 +71,18 @@ class SDPABackend:
             return [f"the mask or bias would be materialized densely ({spec.Tq} x {spec.Tk}) and every pair "
                     "computed; a block-sparse backend is faster"]
         return []
+
+    def describe(self, spec: AttentionSpec) -> str:
+        """How this backend will run ``spec`` (for :func:`attnkit.explain`)."""
+        if self.native_causal(spec):
+            how = "torch's fused kernel with is_causal, nothing materialized"
+        elif spec.mask is None and not spec.score_mods:
+            how = "torch's fused kernel, no mask"
+        else:
+            what = " and ".join(w for w, on in (("the mask", spec.mask is not None), ("the bias", spec.score_mods)) if on)
+            how = (f"torch's kernel with {what} as a dense ({spec.Tq} x {spec.Tk}) tensor; "
+                   f"{spec.Tq * spec.Tk} pairs is below the {self.auto_dense_limit} where a block-sparse backend wins")
+        return how + (", GQA without copying K/V" if spec.groups > 1 and _HAS_GQA else "")
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
         scale = spec.scale / spec.normalizer.temperature

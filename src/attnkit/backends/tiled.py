@@ -16,7 +16,7 @@ from torch import nn
 from ..kernels.dropout import draw_seed
 from ..kernels.tiled import TiledAttentionFn, can_prescale, fusable, make_plan, query_scale, tiled_weights
 from ..normalizers.base import Normalize, Sigmoid, Softmax
-from ..positions.base import FromScoreMod, TensorBias
+from ..positions.base import TensorBias
 from ..linear import linear_attention
 from ..masks.basic import Causal
 from ..scores import Kernel
@@ -66,8 +66,10 @@ class TiledBackend:
             why.append(f"score {spec.score.name!r} cannot be evaluated tile by tile")
         if spec.mask is not None and spec.mask.has_weight_factor:
             why.append("the mask reweights normalized weights (local-p)")
-        if spec.requires_grad and any(isinstance(m, FromScoreMod) for m in spec.score_mods):
-            why.append("a user score_mod callable may close over tensors that need gradients")
+        if spec.grad_mods:
+            why.append(f"{', '.join(spec.grad_mods)} reads a tensor that requires grad, which the tiled backward "
+                       "does not differentiate: use backend='reference', or detach that tensor (or run under "
+                       "torch.no_grad()) if it is not being trained")
         return why
 
     #: below this many score entries (B·H·Tq·Tk) auto prefers the reference: fewer Python steps
@@ -105,6 +107,13 @@ class TiledBackend:
         return (isinstance(spec.score, Kernel) and type(spec.normalizer) is Normalize and not spec.score_mods
                 and spec.dropout_p == 0 and not spec.return_weights
                 and (m is None or (isinstance(m, Causal) and m.align == "bottom_right")))
+
+    def describe(self, spec: AttentionSpec) -> str:
+        """How this backend will run ``spec`` (for :func:`attnkit.explain`)."""
+        if self.chunked_linear(spec):
+            return "linear attention in its O(T·D²) chunked form"
+        return ("tile by tile: masked-out tiles skipped, no (Tq x Tk) tensor kept"
+                + ("; weights recomputed for the rows asked for" if spec.return_weights else ""))
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
         if self.chunked_linear(spec):

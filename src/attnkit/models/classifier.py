@@ -56,7 +56,7 @@ class TransformerEncoderLayer(nn.Module):
         super().__init__()
         ffn_dim = 4 * dim if ffn_dim is None else ffn_dim
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = MultiheadAttention(dim, num_heads, dropout=dropout)
+        self.attn = MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
         self.drop = nn.Dropout(dropout)

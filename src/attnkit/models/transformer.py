@@ -98,7 +98,8 @@ class EncoderLayer(nn.Module):
                  num_kv_heads: Optional[int], rope: bool, activation: str):
         super().__init__()
         self.norm_first = norm_first
-        self.self_attn = MultiheadAttention(d_model, num_heads, dropout=dropout, num_kv_heads=num_kv_heads, rope=rope)
+        self.self_attn = MultiheadAttention(d_model, num_heads, dropout=dropout, num_kv_heads=num_kv_heads, rope=rope,
+                                            batch_first=True)
         self.ff = _feed_forward(d_model, dim_feedforward, dropout, activation)
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
@@ -134,8 +135,10 @@ class DecoderLayer(nn.Module):
                  num_kv_heads: Optional[int], rope: bool, activation: str):
         super().__init__()
         self.norm_first = norm_first
-        self.self_attn = MultiheadAttention(d_model, num_heads, dropout=dropout, num_kv_heads=num_kv_heads, rope=rope)
-        self.cross_attn = MultiheadAttention(d_model, num_heads, dropout=dropout, num_kv_heads=num_kv_heads)
+        self.self_attn = MultiheadAttention(d_model, num_heads, dropout=dropout, num_kv_heads=num_kv_heads, rope=rope,
+                                            batch_first=True)
+        self.cross_attn = MultiheadAttention(d_model, num_heads, dropout=dropout, num_kv_heads=num_kv_heads,
+                                             batch_first=True)
         self.ff = _feed_forward(d_model, dim_feedforward, dropout, activation)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)

@@ -1,8 +1,9 @@
-"""Attention modules: ``(batch, seq, embed)`` in and out, batch first.
+"""Attention modules: ``(batch, seq, embed)`` in and out, batch first -- except
+``MultiheadAttention``, a drop-in for ``torch.nn.MultiheadAttention`` that keeps torch's
+arguments, defaults (``batch_first=False``) and conventions (its ``key_padding_mask`` and
+boolean ``attn_mask`` use ``True`` = *not allowed*, as torch does) and loads torch's state_dict.
 
 Each module is projections → :func:`attnkit.attention` (or a documented op) → output projection.
-``MultiheadAttention`` mirrors ``torch.nn.MultiheadAttention``'s arguments and conventions
-(its ``key_padding_mask`` and boolean ``attn_mask`` use ``True`` = *not allowed*, as torch does).
 """
 
 from __future__ import annotations

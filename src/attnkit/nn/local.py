@@ -57,7 +57,8 @@ class SlidingWindowAttention(MultiheadAttention):
         window: neighbours seen on each side (``> 0``).
         causal: see only the past (default) or both sides.
         **mha_kwargs: any other :class:`MultiheadAttention` argument (``num_kv_heads``,
-            ``dropout``, ``score_mod``, ``batch_first``, ...).
+            ``dropout``, ``score_mod``, ...). Unlike :class:`MultiheadAttention` (a drop-in for
+            torch's, which defaults to ``(T, B, E)``), ``batch_first`` defaults to ``True``.
 
     Example::
 
@@ -76,6 +77,7 @@ class SlidingWindowAttention(MultiheadAttention):
         extra = mha_kwargs.pop("mask", None)
         if extra is not None:
             mask = mask & as_mask(extra)
+        mha_kwargs.setdefault("batch_first", True)  # attnkit's convention; the torch drop-in keeps torch's
         super().__init__(embed_dim, num_heads, mask=mask, **mha_kwargs)
         self.window, self.causal = window, causal
 

@@ -24,6 +24,7 @@ from ..masks.base import FromTensor, Mask, as_mask
 from ..masks.basic import Causal, KeyPadding
 from ..positions.base import ScoreMod, as_score_mod
 from ..spec import canonicalize
+from . import _learnable
 from .cache import KVCache
 
 Tensor = torch.Tensor
@@ -42,8 +43,16 @@ class MultiheadAttention(nn.Module):
     reads, and ``attention`` is :func:`attnkit.attention` with this module's ``score``,
     ``normalizer``, ``score_mod`` and masks (default: ``softmax(q·k/√d)``, as torch).
 
+    **A drop-in for torch's.** The arguments torch also has come in torch's order, with torch's
+    defaults (``batch_first=False``: inputs ``(T, B, E)``) and torch's meaning, and
+    ``load_state_dict`` accepts a ``torch.nn.MultiheadAttention`` state dict (the packed
+    ``in_proj_weight``/``in_proj_bias`` are split into ``q_proj``/``k_proj``/``v_proj``), so
+    replacing the class in code written for torch changes nothing but what you add. The
+    differences: weights are returned before dropout (torch: after), and a query row that may
+    attend to no key gives zeros (torch: NaN). attnkit's own extras are keyword-only.
+
     **Two mask conventions -- read this.** The arguments that torch also has keep *torch's*
-    meaning, so this module can replace ``torch.nn.MultiheadAttention`` unchanged:
+    meaning:
 
     * ``key_padding_mask`` ``(B, Tk)``: bool ``True`` = *padding, may NOT be attended*; or a
       float tensor *added* to the scores.
@@ -59,21 +68,29 @@ class MultiheadAttention(nn.Module):
         num_heads: ``H`` query heads; ``E % H == 0`` and ``head_dim = E // H``.
         dropout: dropout probability on the attention weights, applied in training mode only.
         bias: add biases to the four projections.
-        kdim: features of ``key`` (default ``E``). Keyword-only from here on (torch's positional
-            ``add_bias_kv``/``add_zero_attn`` are not supported).
+        add_bias_kv: as torch, append a learned key and value (``bias_k``, ``bias_v``) that every
+            query sees (not with a cache or a score mod).
+        add_zero_attn: as torch, append a key and a value of zeros that every query sees.
+        kdim: features of ``key`` (default ``E``).
         vdim: features of ``value`` (default ``E``).
-        batch_first: inputs are ``(B, T, E)`` (default ``True``, attnkit's convention; torch's
-            default is ``False``: ``(T, B, E)``). Unbatched ``(T, E)`` inputs work either way.
+        batch_first: inputs are ``(B, T, E)``; default ``False``, as torch: ``(T, B, E)``.
+            Unbatched ``(T, E)`` inputs work either way.
+        device, dtype: of the parameters, as for ``torch.nn.Linear``.
+
+    Keyword Args:
         num_kv_heads: ``Hkv`` key/value heads (default ``H``); ``H % Hkv == 0``. ``Hkv < H`` is
             grouped-query attention, ``Hkv = 1`` multi-query attention: ``k_proj``/``v_proj``
             then have ``Hkv * head_dim`` outputs.
         score: a name (``"scaled_dot"``, ``"dot"``, ``"cosine"``) or an :mod:`attnkit.scores`
-            object working on ``head_dim`` features (its parameters train with this module).
+            object working on ``head_dim`` features.
         normalizer: a name (``"softmax"``, ``"sigmoid"``, ...) or an :mod:`attnkit.normalizers` object.
         score_mod: position-dependent score modifier(s) applied on every call -- ALiBi, T5
             buckets, soft-capping (:mod:`attnkit.positions`), a ``score_mod(score, b, h, q_idx,
             kv_idx)`` callable, or a list of these. (Named ``score_mod`` because ``bias`` is
-            torch's flag for the projection biases.)
+            torch's flag for the projection biases.) Learned ones (``T5RelativeBias``, an
+            ``nn.Module`` or a function closing over ``nn.Parameter`` s) become part of this module:
+            they are in ``parameters()`` and ``state_dict()`` (under ``score_mod.<i>``), so an
+            optimizer built from the model trains them.
         mask: an :mod:`attnkit.masks` object (``True`` = may attend) applied on every call, e.g.
             ``attnkit.masks.sliding_window(128)``.
         rope: rotary position embedding (Su et al. 2021, https://arxiv.org/abs/2104.09864) of the
@@ -83,13 +100,13 @@ class MultiheadAttention(nn.Module):
             ``offset ..`` with ``offset`` = the cache length (0 without a cache); cached keys are
             stored rotated.
         backend: ``"auto"`` (default) or a backend name, passed to :func:`attnkit.attention`.
-        device, dtype: of the parameters, as for ``torch.nn.Linear``.
 
     Forward:
         ``forward(query, key=None, value=None, key_padding_mask=None, need_weights=True,
         attn_mask=None, average_attn_weights=True, is_causal=False, cache=None)``
 
-        * ``query (B, Tq, E)``, ``key (B, Tk, kdim)``, ``value (B, Tk, vdim)``; ``key`` defaults to
+        * ``query (Tq, B, E)``, ``key (Tk, B, kdim)``, ``value (Tk, B, vdim)`` (``(B, T, ...)`` with
+          ``batch_first=True``); ``key`` defaults to
           ``query`` and ``value`` to ``key`` (self-attention).
         * ``key_padding_mask (B, Tk)``, ``attn_mask``: see the conventions above. With a cache,
           ``Tk`` counts the cached keys plus the new ones.
@@ -103,27 +120,44 @@ class MultiheadAttention(nn.Module):
           the queries attend over everything cached. With ``is_causal=True`` the new queries see
           every cached key (incremental decoding).
 
-        Returns ``(attn_output (B, Tq, E), attn_weights or None)``; ``(Tq, B, E)`` when
-        ``batch_first=False``; weights are batch first in either case, as in torch.
+        Returns ``(attn_output (Tq, B, E), attn_weights or None)``; ``(B, Tq, E)`` when
+        ``batch_first=True``; weights are batch first in either case, as in torch.
 
     Fully masked query rows give a zero output and zero weights (torch gives NaN).
 
     Example::
 
         >>> import torch, attnkit
-        >>> mha = attnkit.nn.MultiheadAttention(32, num_heads=8, num_kv_heads=2)
+        >>> mha = attnkit.nn.MultiheadAttention(32, num_heads=8, batch_first=True, num_kv_heads=2)
         >>> x = torch.randn(2, 5, 32)
         >>> out, w = mha(x, is_causal=True)
         >>> out.shape, w.shape
         (torch.Size([2, 5, 32]), torch.Size([2, 5, 5]))
+
+    In place of torch's, with torch's weights::
+
+        >>> t = torch.nn.MultiheadAttention(32, 8)
+        >>> m = attnkit.nn.MultiheadAttention(32, 8)
+        >>> m.load_state_dict(t.state_dict())
+        <All keys matched successfully>
+        >>> x = torch.randn(5, 2, 32)  # (T, B, E), torch's default layout
+        >>> torch.allclose(m(x, x, x)[0], t(x, x, x)[0], atol=1e-6)
+        True
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True, *,
-                 kdim: Optional[int] = None, vdim: Optional[int] = None, batch_first: bool = True,
+    #: torch's fast paths (``nn.TransformerEncoderLayer`` in eval mode) read these and step aside:
+    #: the projections are separate ``q_proj``/``k_proj``/``v_proj`` layers, never one packed matrix
+    _qkv_same_embed_dim = False
+    in_proj_weight = None
+    in_proj_bias = None
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
+                 vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None, *,
                  num_kv_heads: Optional[int] = None, score: Union[str, _scores.Score] = "scaled_dot",
                  normalizer: Union[str, _normalizers.Normalizer] = "softmax",
                  score_mod: Union[None, ScoreMod, Sequence] = None, mask: Optional[Mask] = None,
-                 rope: Union[bool, nn.Module] = False, backend: str = "auto", device=None, dtype=None):
+                 rope: Union[bool, nn.Module] = False, backend: str = "auto"):
         super().__init__()
         embed_dim = int(check_positive("embed_dim", embed_dim, integer=True))
         num_heads = int(check_positive("num_heads", num_heads, integer=True))
@@ -140,8 +174,10 @@ class MultiheadAttention(nn.Module):
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool (projection biases); got {type(bias).__name__}. "
                             "Position biases such as ALiBi go in score_mod=")
-        if not isinstance(batch_first, bool):
-            raise TypeError(f"batch_first must be a bool; got {type(batch_first).__name__}")
+        for name, flag in (("batch_first", batch_first), ("add_bias_kv", add_bias_kv),
+                           ("add_zero_attn", add_zero_attn)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string; got {type(backend).__name__}")
 
@@ -161,6 +197,11 @@ class MultiheadAttention(nn.Module):
         else:
             self.score_mods = (as_score_mod(score_mod),)
         self.mask = None if mask is None else as_mask(mask)
+        # learned parts of the score mods / mask / normalizer train and save with this module
+        _learnable.register(self, "score_mod", self.score_mods)
+        _learnable.register(self, "mask_parameters", [self.mask])
+        _learnable.register(self, "normalizer_parameters", [self.normalizer])
+        self.add_zero_attn = add_zero_attn
         if rope is True:
             from ..positions.rope import RotaryEmbedding
 
@@ -177,6 +218,11 @@ class MultiheadAttention(nn.Module):
         self.k_proj = nn.Linear(kdim, kv_out, bias=bias, **kw)
         self.v_proj = nn.Linear(vdim, kv_out, bias=bias, **kw)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        if add_bias_kv:  # torch's learned extra key and value, appended after the projections
+            self.bias_k = nn.Parameter(torch.empty(1, 1, kv_out, **kw))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, kv_out, **kw))
+        else:
+            self.bias_k = self.bias_v = None
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -187,6 +233,9 @@ class MultiheadAttention(nn.Module):
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
@@ -233,7 +282,7 @@ class MultiheadAttention(nn.Module):
         q, k, v, kw, _ = self._prepare(query, key, value, key_padding_mask, attn_mask, is_causal, cache,
                                        commit=False)
         spec = canonicalize(q, k, v, return_weights=need_weights, **kw)
-        return registry.choose(spec, self.backend)
+        return registry.choose(spec, self.backend, strict=False)
 
     def _prepare(self, query, key, value, key_padding_mask, attn_mask, is_causal, cache, commit):
         """Check the inputs, project them to heads and turn every mask into attnkit's form."""
@@ -241,6 +290,13 @@ class MultiheadAttention(nn.Module):
             raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be an attnkit.nn.KVCache or None; got {type(cache).__name__}")
+        extra = int(self.bias_k is not None) + int(self.add_zero_attn)
+        if extra and cache is not None:
+            raise ValueError("cache cannot be used with add_bias_kv or add_zero_attn (their extra key would be "
+                             "appended again at every step); build the module without them to decode with a cache")
+        if extra and self.score_mods:
+            raise ValueError("score_mod cannot be combined with add_bias_kv or add_zero_attn: the appended key has "
+                             "no position for the score mod to use")
         layout = "(B, T, E)" if self.batch_first else "(T, B, E)"
         if not isinstance(query, torch.Tensor):
             raise TypeError(f"query must be a torch.Tensor {layout}; got {type(query).__name__}")
@@ -311,11 +367,57 @@ class MultiheadAttention(nn.Module):
             q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.append(k, v) if commit else cache.concat(k, v)  # (B, Hkv, Tk, D)
+        mask = reduce(lambda a, b: a & b, masks) if masks else None
+        if extra:  # as torch: the learned key/value, then a zero one, visible to every query
+            k, v, mask, biases = self._append_extra_keys(k, v, mask, biases, Tq, Tk)
 
-        kw = dict(score=self.score, normalizer=self.normalizer,
-                  mask=reduce(lambda a, b: a & b, masks) if masks else None,
+        kw = dict(score=self.score, normalizer=self.normalizer, mask=mask,
                   bias=biases or None, dropout_p=self.dropout if self.training else 0.0)
         return q, k, v, kw, (B, Tq, unbatched)
+
+    def _append_extra_keys(self, k, v, mask, biases, Tq, Tk):
+        """``add_bias_kv`` / ``add_zero_attn``: append keys ``Tk, Tk + 1`` that every query sees
+        (the masks of the ``Tk`` real keys are materialized and padded, as torch pads its own)."""
+        B, Hkv, _, D = k.shape
+        new_k, new_v = [k], [v]
+        if self.bias_k is not None:
+            new_k.append(self.bias_k.view(1, Hkv, 1, D).expand(B, Hkv, 1, D).to(k.dtype))
+            new_v.append(self.bias_v.view(1, Hkv, 1, D).expand(B, Hkv, 1, D).to(v.dtype))
+        if self.add_zero_attn:
+            new_k.append(k.new_zeros(B, Hkv, 1, D))
+            new_v.append(v.new_zeros(B, Hkv, 1, D))
+        n = len(new_k) - 1
+        if mask is not None:
+            keep = mask.materialize(Tq, Tk, B, self.num_heads, device=k.device)
+            mask = FromTensor(torch.nn.functional.pad(keep, (0, n), value=True))
+        biases = [torch.nn.functional.pad(b, (0, n)) for b in biases]  # only tensors here (no score_mod)
+        return torch.cat(new_k, dim=2), torch.cat(new_v, dim=2), mask, biases
+
+    # -- loading torch's layout ------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Also accept ``torch.nn.MultiheadAttention``'s parameter names: the packed ``in_proj_weight``
+        / ``in_proj_bias`` (split into ``q_proj``/``k_proj``/``v_proj``) and the separate
+        ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` of a module with ``kdim``/``vdim``."""
+        kv_out = self.num_kv_heads * self.head_dim
+        sizes = [self.embed_dim, kv_out, kv_out]
+        for packed, part in ((prefix + "in_proj_weight", "weight"), (prefix + "in_proj_bias", "bias")):
+            if packed not in state_dict:
+                continue
+            t = state_dict.pop(packed)
+            if t.shape[0] != sum(sizes):
+                hint = (f" (torch's layout has num_kv_heads = num_heads = {self.num_heads}; this module has "
+                        f"num_kv_heads = {self.num_kv_heads})" if self.num_kv_heads != self.num_heads else "")
+                error_msgs.append(f"{packed}: expected {sum(sizes)} rows (q, k, v = {sizes}); got shape "
+                                  f"{tuple(t.shape)}{hint}")
+                continue
+            for name, chunk in zip(("q_proj", "k_proj", "v_proj"), t.split(sizes)):
+                state_dict[f"{prefix}{name}.{part}"] = chunk
+        for name in ("q_proj", "k_proj", "v_proj"):
+            if prefix + name + "_weight" in state_dict:
+                state_dict[f"{prefix}{name}.weight"] = state_dict.pop(prefix + name + "_weight")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # -- conversion from / to torch ------------------------------------------------------------
     @classmethod
@@ -336,27 +438,20 @@ class MultiheadAttention(nn.Module):
         """
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"mha must be a torch.nn.MultiheadAttention; got {type(mha).__name__}")
-        if mha.bias_k is not None or mha.add_zero_attn:
-            raise ValueError("mha uses add_bias_kv or add_zero_attn, which attnkit's MultiheadAttention does not "
-                             "support; got add_bias_kv="
-                             f"{mha.bias_k is not None}, add_zero_attn={mha.add_zero_attn}")
-        for name in ("embed_dim", "num_heads", "kdim", "vdim", "dropout", "bias", "batch_first", "num_kv_heads"):
+        for name in ("embed_dim", "num_heads", "kdim", "vdim", "dropout", "bias", "batch_first", "num_kv_heads",
+                     "add_bias_kv", "add_zero_attn"):
             if name in kwargs:
                 raise TypeError(f"from_torch takes {name} from mha; do not pass it")
         w = mha.out_proj.weight
-        m = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
-                kdim=mha.kdim, vdim=mha.vdim, batch_first=mha.batch_first, device=w.device, dtype=w.dtype, **kwargs)
-        with torch.no_grad():
-            if mha._qkv_same_embed_dim:
-                wq, wk, wv = mha.in_proj_weight.chunk(3, dim=0)
-            else:
-                wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
-            for lin, wt in ((m.q_proj, wq), (m.k_proj, wk), (m.v_proj, wv), (m.out_proj, mha.out_proj.weight)):
-                lin.weight.copy_(wt)
-            if mha.in_proj_bias is not None:
-                for lin, b in zip((m.q_proj, m.k_proj, m.v_proj), mha.in_proj_bias.chunk(3, dim=0)):
-                    lin.bias.copy_(b)
-                m.out_proj.bias.copy_(mha.out_proj.bias)
+        m = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.out_proj.bias is not None,
+                add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn, kdim=mha.kdim, vdim=mha.vdim,
+                batch_first=mha.batch_first, device=w.device, dtype=w.dtype, **kwargs)
+        missing, unexpected = m.load_state_dict(mha.state_dict(), strict=False)
+        own = {n for n in m.state_dict() if n.split(".")[0] in ("q_proj", "k_proj", "v_proj", "out_proj", "bias_k",
+                                                               "bias_v")}
+        if unexpected or set(missing) & own:
+            raise ValueError(f"mha's state_dict does not match: missing {sorted(set(missing) & own)}, "
+                             f"unexpected {sorted(unexpected)}")
         return m.train(mha.training)
 
     def to_torch(self) -> nn.MultiheadAttention:
@@ -389,6 +484,7 @@ class MultiheadAttention(nn.Module):
         w = self.q_proj.weight
         bias = self.q_proj.bias is not None
         t = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout, bias=bias,
+                                  add_bias_kv=self.bias_k is not None, add_zero_attn=self.add_zero_attn,
                                   kdim=self.kdim, vdim=self.vdim, batch_first=self.batch_first,
                                   device=w.device, dtype=w.dtype)
         g, D = self.num_heads // self.num_kv_heads, self.head_dim
@@ -406,6 +502,9 @@ class MultiheadAttention(nn.Module):
                 t.k_proj_weight.copy_(wk)
                 t.v_proj_weight.copy_(wv)
             t.out_proj.weight.copy_(self.out_proj.weight)
+            if self.bias_k is not None:
+                t.bias_k.copy_(expand(self.bias_k.view(-1, 1)).view(1, 1, -1))
+                t.bias_v.copy_(expand(self.bias_v.view(-1, 1)).view(1, 1, -1))
             if bias:
                 t.in_proj_bias.copy_(torch.cat([self.q_proj.bias, expand(self.k_proj.bias),
                                                 expand(self.v_proj.bias)]))

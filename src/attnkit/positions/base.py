@@ -90,10 +90,16 @@ class TensorBias(ScoreMod):
         if not 2 <= tensor.dim() <= 4:
             raise ValueError(f"bias tensor must have 2 to 4 dims broadcastable to (B, H, Tq, Tk); "
                              f"got shape {shape_str(tensor)}")
-        t = tensor
+        #: as given: a learned bias (an ``nn.Parameter``) stays findable, and so registrable
+        self.source = tensor
+
+    @property
+    def tensor(self) -> Tensor:
+        """The bias as a 4-D view ``(B', H', Tq', Tk')`` of :attr:`source`."""
+        t = self.source
         while t.dim() < 4:
             t = t.unsqueeze(0)
-        self.tensor = t
+        return t
 
     def check(self, batch, heads, num_queries, num_keys):
         if not broadcastable(tuple(self.tensor.shape), (batch, heads, num_queries, num_keys)):
@@ -120,12 +126,31 @@ class TensorBias(ScoreMod):
 
 
 class FromScoreMod(ScoreMod):
-    """Wrap a user ``fn(score, b, h, q_idx, kv_idx) -> score`` (FlexAttention style)."""
+    """Wrap a user ``fn(score, b, h, q_idx, kv_idx) -> score`` (FlexAttention style).
+
+    The tiled backend serves it, forward and backward, unless ``fn`` reads a tensor that
+    requires grad (a learned parameter it closes over): :meth:`closes_over_grad` finds out by
+    evaluating ``fn`` on one score. For an additive bias prefer :func:`bias_mod`, which SDPA
+    serves too.
+    """
 
     def __init__(self, fn: Callable):
         if not callable(fn):
             raise TypeError(f"score_mod must be callable; got {type(fn).__name__}")
+        _check_arity("score_mod", fn, 5, "score_mod(score, b, h, q_idx, kv_idx)")
         self.fn = fn
+
+    def closes_over_grad(self, dtype: torch.dtype = torch.float32, device=None) -> bool:
+        """Whether ``fn``'s output depends on a tensor that requires grad, found by evaluating it
+        on a single score with grad mode on (a ``fn`` that fails on one score counts as yes)."""
+        one = torch.zeros(1, 1, 1, 1, dtype=dtype, device=device)
+        idx = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+        try:
+            with torch.enable_grad():
+                out = self.fn(one, idx, idx, idx, idx)
+        except Exception:  # noqa: BLE001 -- unknown: be safe
+            return True
+        return isinstance(out, torch.Tensor) and out.requires_grad
 
     def score_mod(self, score, b, h, q_idx, kv_idx, num_queries, num_keys):
         out = self.fn(score, b, h, q_idx, kv_idx)
@@ -142,6 +167,69 @@ class FromScoreMod(ScoreMod):
 
     def __repr__(self):
         return f"from_score_mod({getattr(self.fn, '__name__', self.fn)!r})"
+
+
+class FromBias(ScoreMod):
+    """An additive bias given as ``fn(b, h, q_idx, kv_idx) -> bias``: ``score + fn(...)``.
+
+    Declared additive, so every backend that takes a float bias serves it (SDPA materializes it
+    as a float mask; the tiled backend adds it tile by tile); a plain ``score_mod`` callable
+    cannot be, since attnkit cannot tell that it only adds. Build it with :func:`bias_mod`.
+    """
+
+    additive = True
+
+    def __init__(self, fn: Callable):
+        if not callable(fn):
+            raise TypeError(f"bias_mod must be callable; got {type(fn).__name__}")
+        _check_arity("bias_mod", fn, 4, "bias(b, h, q_idx, kv_idx)")
+        self.fn = fn
+
+    def score_mod(self, score, b, h, q_idx, kv_idx, num_queries, num_keys):
+        out = self.fn(b, h, q_idx, kv_idx)
+        name = f"bias_mod {getattr(self.fn, '__name__', self.fn)!r}"
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            got = f"dtype {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise TypeError(f"{name} must return a floating-point tensor (the bias); got {got}")
+        target = torch.broadcast_shapes(score.shape, b.shape, h.shape, q_idx.shape, kv_idx.shape)
+        if not broadcastable(tuple(out.shape), tuple(target)):
+            raise ValueError(f"{name} returned shape {shape_str(out)}, which does not broadcast to the scores "
+                             f"{shape_str(torch.empty(target))}")
+        return score + out.to(score.dtype)
+
+    closes_over_grad = FromScoreMod.closes_over_grad
+
+    def __repr__(self):
+        return f"bias_mod({getattr(self.fn, '__name__', self.fn)!r})"
+
+
+def bias_mod(fn: Callable) -> FromBias:
+    """Declare an additive position bias ``fn(b, h, q_idx, kv_idx) -> bias`` (see :class:`FromBias`).
+
+    Example::
+
+        >>> import torch, attnkit
+        >>> q = k = v = torch.randn(1, 2, 6, 8)
+        >>> decay = attnkit.positions.bias_mod(lambda b, h, q_idx, kv_idx: -0.1 * (q_idx - kv_idx).abs())
+        >>> attnkit.explain(q, k, v, bias=decay, backend="sdpa").backend
+        'sdpa'
+    """
+    return FromBias(fn)
+
+
+def _check_arity(what: str, fn: Callable, n: int, form: str) -> None:
+    """A callable that cannot take ``n`` positional arguments fails here, naming the form."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: let the call decide
+        return
+    try:
+        sig.bind(*range(n))
+    except TypeError:
+        raise TypeError(f"{what} must take {n} arguments, {form}; got {getattr(fn, '__name__', fn)!r} with "
+                        f"signature {sig}") from None
 
 
 class SoftCap(ScoreMod):
