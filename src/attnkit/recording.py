@@ -57,9 +57,19 @@ class Record:
     shape: tuple[int, int, int, int]
     meta: dict = field(default_factory=dict)
 
-    def __repr__(self) -> str:
-        return (f"Record(name={self.name!r}, index={self.index}, weights={tuple(self.weights.shape)}, "
+    def __repr__(self) -> str:  # shapes and dtype, never the weights (a print must stay one line)
+        w = self.weights
+        if isinstance(w, torch.Tensor):
+            desc = f"{tuple(w.shape)} {str(w.dtype).replace('torch.', '')}"
+            if w.numel() and w.is_floating_point():
+                desc += f" in [{float(w.min()):.3g}, {float(w.max()):.3g}]"
+        else:
+            desc = type(w).__name__
+        return (f"Record(name={self.name!r}, index={self.index}, weights={desc}, shape={tuple(self.shape)}, "
                 f"backend={self.backend!r})")
+
+
+REPR_RECORDS = 12  # records a Recorder's repr lists
 
 
 class Recorder(list):
@@ -79,6 +89,13 @@ class Recorder(list):
             if isinstance(sel, str) and fnmatch.fnmatchcase(name, sel):
                 return True
         return False
+
+    def __repr__(self) -> str:  # one line a record, at most REPR_RECORDS of them
+        shown = [f"  {r!r}," for r in self[:REPR_RECORDS]]
+        if len(self) > REPR_RECORDS:
+            shown.append(f"  ... {len(self) - REPR_RECORDS} more records ({len(set(self.names()))} names in all)")
+        return f"Recorder({len(self)} record{'s' * (len(self) != 1)}" + (":\n" + "\n".join(shown) + "\n)" if shown
+                                                                      else ")")
 
     def by_name(self, pattern: str) -> list[Record]:
         """Records whose name matches a glob pattern (``"*.self_attn"``)."""
@@ -122,7 +139,7 @@ def capture(layers: Sequence[int | str] | int | str | None = None, heads: Sequen
     Example::
 
         >>> import torch, attnkit
-        >>> mha = attnkit.nn.MultiheadAttention(8, 2)
+        >>> mha = attnkit.nn.MultiheadAttention(8, 2, batch_first=True)
         >>> with attnkit.capture() as rec:
         ...     _ = mha(torch.randn(1, 5, 8), need_weights=False)
         >>> rec[0].name, tuple(rec[0].weights.shape)

@@ -76,8 +76,8 @@ def test_dates_checkpoint_gives_the_page_pictures_and_tables(dates_ckpt, tmp_pat
     assert len(g["layers"]) == 1 and len(g["layers"][0]["w"][0]) == T and len(g["layers"][0]["w"][0][0]) == S
     assert dict(data["info"])["input"] == text
     assert png_size(tmp_path / "alignment.png") == alignment_size(src, g["queries"], title=True)
-    assert png_size(tmp_path / "heads_attention.png") == head_grid_size(1, 1, T, S, query_tokens=g["queries"],
-                                                                           key_tokens=src)
+    assert png_size(tmp_path / "heads_attention.png") == head_grid_size(
+        1, 1, T, S, query_tokens=g["queries"], key_tokens=src, layer_names=[layer["name"] for layer in g["layers"]])
     rows = (tmp_path / "alignment.tsv").read_text(encoding="utf-8").splitlines()
     assert rows[0].split("\t") == ["target_index", "target", "source_index", "source", "weight"] and len(rows) == T + 1
     for line in rows[1:]:  # each target token's most-attended source token, from the page's own weights

@@ -64,7 +64,7 @@ def test_head_grid_pixels_show_each_heads_pattern(tmp_path):
 def test_head_grid_with_rollout_sizes_and_errors(tmp_path):
     layers = torch.softmax(torch.randn(3, 4, 30, 30), -1)
     p = head_grid_png(layers, tmp_path / "r.png", rollout=True, layer_names=["a", "b", "c"])
-    assert png_size(p) == head_grid_size(3, 4, 30, 30, title=False, rollout=True)
+    assert png_size(p) == head_grid_size(3, 4, 30, 30, title=False, rollout=True, layer_names=["a", "b", "c"])
     assert p.stat().st_size > 5000
     assert head_grid_size(3, 4, 30, 30, rollout=True)[0] > head_grid_size(3, 4, 30, 30)[0]
     p = head_grid_png([torch.rand(2, 3, 7)], tmp_path / "c.png", dpi=50)  # cross-attention, one layer
@@ -84,7 +84,7 @@ def test_mask_tiles_are_coloured_by_class(tmp_path):
     """Causal 256 x 256 in 64 x 64 tiles: the diagonal tiles are partial, those below full, those
     above empty; the left panel shows the pairs."""
     m = attnkit.masks.causal()
-    p = mask_png(m, 256, 256, tmp_path / "m.png", block_q=64, block_k=64)
+    p = mask_png(m, tmp_path / "m.png", 256, 256, block_q=64, block_k=64)
     w_px, h_px = png_size(p)
     assert (w_px, h_px) == mask_size(256, 256)
     img = mpimg.imread(p)[..., :3]
@@ -111,12 +111,12 @@ def test_mask_tiles_are_coloured_by_class(tmp_path):
 
 def test_mask_png_needs_the_batch_a_padding_mask_was_built_for(tmp_path):
     m = attnkit.masks.causal() & attnkit.masks.key_padding(torch.tensor([300, 100]))
-    p = mask_png(m, 200, 300, tmp_path / "kp.png", batch=1, batch_size=2, block_q=64, block_k=64, dpi=60)
+    p = mask_png(m, tmp_path / "kp.png", 200, 300, batch=1, batch_size=2, block_q=64, block_k=64, dpi=60)
     assert png_size(p) == mask_size(200, 300, dpi=60)
     with pytest.raises(ValueError, match="key_padding was built for batch 2.*pass batch_size="):
-        mask_png(m, 200, 300, tmp_path / "x.png")
+        mask_png(m, tmp_path / "x.png", 200, 300)
     with pytest.raises(ValueError, match="block_q must be an int >= 1; got 0"):
-        mask_png(attnkit.masks.causal(), 8, 8, tmp_path / "x.png", block_q=0)
+        mask_png(attnkit.masks.causal(), tmp_path / "x.png", 8, 8, block_q=0)
 
 
 def test_long_alignments_are_summarized_not_unreadable(tmp_path):

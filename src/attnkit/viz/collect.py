@@ -11,7 +11,7 @@ Example::
 
     >>> import torch, attnkit
     >>> from attnkit.viz.collect import group_records
-    >>> net = torch.nn.ModuleDict({"a0": attnkit.nn.MultiheadAttention(8, 2)})
+    >>> net = torch.nn.ModuleDict({"a0": attnkit.nn.MultiheadAttention(8, 2, batch_first=True)})
     >>> with attnkit.capture() as rec:
     ...     _ = net["a0"](torch.randn(1, 4, 8))
     >>> [(g.name, len(g.layers), tuple(g.layers[0].weights.shape)) for g in group_records(rec)]
@@ -59,6 +59,11 @@ class Layer:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.weights.shape)  # type: ignore[return-value]
 
+    def __repr__(self) -> str:  # names, sizes and the weights' range; never the weights themselves
+        return (f"Layer({self.name!r}, weights={_describe(self.weights)}, heads={_indices(self.heads)}, "
+                f"rows={_indices(self.rows)}" + (f", backend={self.backend!r}" if self.backend else "")
+                + (f", calls={self.calls}" if self.calls != 1 else "") + ")")
+
 
 @dataclass
 class Group:
@@ -97,11 +102,57 @@ class Group:
             raise ValueError(f"group {self.name!r}: layers of different shapes {sorted(shapes)} cannot be stacked")
         return torch.stack([layer.weights for layer in self.layers])
 
+    def __repr__(self) -> str:  # one line a layer (at most REPR_LAYERS of them); never the weights
+        shown = [f"    {layer!r}," for layer in self.layers[:REPR_LAYERS]]
+        if len(self.layers) > REPR_LAYERS:
+            shown.append(f"    ... {len(self.layers) - REPR_LAYERS} more layers,")
+        extra = "".join(f", {k}={_tokens(v)}" for k, v in (("query_tokens", self.query_tokens),
+                                                             ("key_tokens", self.key_tokens)) if v is not None)
+        extra += f", title={_clip(self.title)!r}" if self.title else ""
+        extra += f", meta keys={sorted(map(str, self.meta))}" if self.meta else ""
+        return f"Group({self.name!r}, {len(self.layers)} layer{'s' * (len(self.layers) != 1)}{extra}, layers=[\n" \
+               + "\n".join(shown) + "\n])"
+
     def labels(self) -> tuple[list[str], list[str]]:
         """Query and key labels (positions ``"0"``, ``"1"``, ... where none were given)."""
         q = self.query_tokens if self.query_tokens is not None else [str(i) for i in range(self.num_queries)]
         k = self.key_tokens if self.key_tokens is not None else [str(j) for j in range(self.num_keys)]
         return list(q), list(k)
+
+
+REPR_LAYERS = 8   # layers a Group's repr lists
+REPR_TOKENS = 6   # token labels it shows a side
+
+
+def _clip(s: str, n: int = 40) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _describe(t: Tensor) -> str:
+    """``"(2, 7, 7) float32 in [0, 0.93]"``: a tensor's shape, dtype and range, not its values."""
+    shape = tuple(t.shape)
+    kind = str(t.dtype).replace("torch.", "")
+    if t.numel() == 0 or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        return f"{shape} {kind}"
+    return f"{shape} {kind} in [{float(t.min()):.3g}, {float(t.max()):.3g}]"
+
+
+def _indices(ix: Sequence[int]) -> str:
+    """``"0..511"`` for a contiguous range, else the first few and a count."""
+    ix = tuple(ix)
+    if not ix:
+        return "()"
+    if len(ix) > 2 and ix == tuple(range(ix[0], ix[-1] + 1)):
+        return f"{ix[0]}..{ix[-1]}"
+    if len(ix) <= 6:
+        return str(ix).replace(",)", ")")
+    return f"({', '.join(map(str, ix[:4]))}, ... {len(ix)} in all)"
+
+
+def _tokens(toks: Sequence[str]) -> str:
+    """``"7 ['a', 'man', 'reads', …]"``: how many labels and the first few."""
+    head = ", ".join(repr(_clip(str(t), 12)) for t in toks[:REPR_TOKENS])
+    return f"{len(toks)} [{head}{', …' if len(toks) > REPR_TOKENS else ''}]"
 
 
 _NUMBER = re.compile(r"(?:(?<=\.)|^)\d+(?=\.|$)")

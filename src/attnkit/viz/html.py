@@ -41,22 +41,35 @@ class Alignment:
             raise TypeError(f"caption must be a string; got {type(self.caption).__name__}")
 
 
+#: CJK-capable fonts, tried after the Latin ones, so that Chinese, Japanese and Korean tokens show
+#: as text, not boxes, wherever one of them is installed (a browser's default sans-serif often has none).
+CJK_FONTS = ('"Noto Sans CJK SC"', '"Noto Sans CJK JP"', '"Noto Sans CJK KR"', '"Noto Sans CJK TC"',
+             '"Source Han Sans SC"', '"Source Han Sans"', '"PingFang SC"', '"Hiragino Sans"',
+             '"Hiragino Kaku Gothic ProN"', '"Microsoft YaHei"', '"Microsoft JhengHei"', '"Yu Gothic"', "Meiryo",
+             '"Malgun Gothic"', '"Apple SD Gothic Neo"', '"WenQuanYi Micro Hei"', '"Droid Sans Fallback"',
+             '"Arial Unicode MS"')
+#: ``font-family`` values of the pages: text, and tokens (monospace, CJK monospace, then the same fallbacks).
+FONT_SANS = ",".join(('system-ui', '-apple-system', '"Segoe UI"', 'Roboto', '"Noto Sans"', 'Arial') + CJK_FONTS
+                     + ('sans-serif',))
+FONT_MONO = ",".join(('ui-monospace', 'Menlo', 'Consolas', '"DejaVu Sans Mono"', '"Noto Sans Mono CJK SC"',
+                      '"Noto Sans Mono CJK JP"', '"Sarasa Mono SC"') + CJK_FONTS + ('monospace',))
+
 _CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em;color:#222;background:#fff}
+body{font-family:%SANS%;margin:1.5em;color:#222;background:#fff}
 h1{font-size:1.3em} h2{font-size:1.05em;margin:1.2em 0 .4em;font-weight:600}
 p.help{color:#555;font-size:.9em}
 section.al{border-top:1px solid #ddd;padding-bottom:.8em}
 .line{margin:.3em 0;line-height:2em} .line .lab{display:inline-block;width:4.5em;color:#666}
 .tok{display:inline-block;min-width:.8em;padding:0 .2em;margin:0 1px;border:1px solid #ccc;border-radius:3px;
-     font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre;text-align:center;background:#fff}
+     font-family:%MONO%;white-space:pre;text-align:center;background:#fff}
 .tok.t{cursor:pointer} .tok.t.on{border-color:#d33;outline:2px solid #d33}
-table.grid{border-collapse:collapse;margin-top:.5em;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
+table.grid{border-collapse:collapse;margin-top:.5em;font-family:%MONO%;font-size:12px}
 table.grid td{width:16px;height:16px;border:1px solid #f3f3f3;padding:0}
 table.grid th{font-weight:normal;white-space:pre;padding:0 3px}
 table.grid th.col{writing-mode:vertical-rl;transform:rotate(180deg);height:auto;vertical-align:bottom;padding:3px 0}
 table.grid th.row{text-align:right;cursor:pointer}
 table.grid tr.on th.row{color:#d33;font-weight:bold}
-"""
+""".replace("%SANS%", FONT_SANS).replace("%MONO%", FONT_MONO)
 
 _JS = """
 (function(){

@@ -7,7 +7,7 @@ Example::
     >>> import os, tempfile, attnkit
     >>> from attnkit.viz.masks import mask_png, mask_size
     >>> m = attnkit.masks.sliding_window(16) & attnkit.masks.causal()
-    >>> p = mask_png(m, 256, 256, os.path.join(tempfile.mkdtemp(), "mask.png"), block_q=32, block_k=32)
+    >>> p = mask_png(m, os.path.join(tempfile.mkdtemp(), "mask.png"), 256, 256, block_q=32, block_k=32)
     >>> p.stat().st_size > 0
     True
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,33 @@ def _check_int(name: str, v: Any, low: int) -> int:
     return v
 
 
-def mask_png(mask: Any, num_queries: int, num_keys: int, path: str | os.PathLike, *, block_q: int | None = None,
-             block_k: int | None = None, batch: int = 0, head: int = 0, batch_size: int | None = None,
-             num_heads: int | None = None, title: str | None = None, dpi: int = DPI) -> Path:
+_FORM = "mask_png(mask, path, num_queries, num_keys, ...)"
+
+
+def _call_form(mask: Any, path: Any, num_queries: Any, num_keys: Any) -> tuple[Any, int, int]:
+    """``(path, Tq, Tk)`` from the arguments: the form above, or the old ``(mask, Tq, Tk, path)``
+    (an int where the path goes; still accepted, with a DeprecationWarning)."""
+    if isinstance(path, int) and not isinstance(path, bool):
+        if not isinstance(num_keys, (str, os.PathLike)):
+            raise TypeError(f"mask_png takes its path second: {_FORM}; got an int there and no path after the "
+                            "sizes (the old form was mask_png(mask, num_queries, num_keys, path))")
+        warnings.warn(f"mask_png(mask, num_queries, num_keys, path) is deprecated; call {_FORM}, the path "
+                      "following what is drawn as in head_grid_png and attention_page", DeprecationWarning,
+                      stacklevel=3)
+        path, num_queries, num_keys = num_keys, path, num_queries
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"mask_png takes its path second: {_FORM}; got {type(path).__name__} there")
+    if num_queries is None and num_keys is None and isinstance(mask, torch.Tensor) and mask.dim() >= 2:
+        num_queries, num_keys = int(mask.shape[-2]), int(mask.shape[-1])  # a bool tensor knows its sizes
+    if num_queries is None or num_keys is None:
+        raise TypeError(f"mask_png needs the sizes to draw the mask for: {_FORM} (only a tensor mask gives its own)")
+    return path, num_queries, num_keys
+
+
+def mask_png(mask: Any, path: str | os.PathLike, num_queries: int | None = None, num_keys: int | None = None, *,
+             block_q: int | None = None, block_k: int | None = None, batch: int = 0, head: int = 0,
+             batch_size: int | None = None, num_heads: int | None = None, title: str | None = None,
+             dpi: int = DPI) -> Path:
     """Draw a mask for ``num_queries × num_keys`` and its tile classes; write a PNG.
 
     Left: the pairs that may attend (dark), drawn when ``Tq·Tk ≤ 2^26``. Right: the
@@ -78,8 +103,10 @@ def mask_png(mask: Any, num_queries: int, num_keys: int, path: str | os.PathLike
 
     Args:
         mask: an :mod:`attnkit.masks` object, a bool tensor or a ``mask_mod`` callable (``True`` = may attend).
-        num_queries, num_keys: ``Tq`` and ``Tk``.
-        path: the PNG file (folders are created; written atomically).
+        path: the PNG file (folders are created; written atomically). As in :func:`head_grid_png`
+            and every ``*_page`` function, the path follows what is drawn. The old order
+            ``mask_png(mask, num_queries, num_keys, path)`` still works, with a DeprecationWarning.
+        num_queries, num_keys: ``Tq`` and ``Tk`` (default: a tensor mask's last two sizes).
         block_q, block_k: tile sizes (default: the tiled backend's, 128 × 128).
         batch, head: which example and head to draw, for masks that depend on them.
         batch_size, num_heads: the ``B`` and ``H`` the mask was built for (default ``batch + 1`` and
@@ -98,6 +125,7 @@ def mask_png(mask: Any, num_queries: int, num_keys: int, path: str | os.PathLike
 
     from ..masks.base import as_mask
 
+    path, num_queries, num_keys = _call_form(mask, path, num_queries, num_keys)
     check_png_args(dpi)
     tq, tk = _check_int("num_queries", num_queries, 1), _check_int("num_keys", num_keys, 1)
     dq, dk = _default_blocks()

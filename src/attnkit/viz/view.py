@@ -41,6 +41,7 @@ from typing import Any, Sequence
 import torch
 
 from .collect import Group
+from .html import FONT_MONO, FONT_SANS
 from .._io import atomic_write_text
 
 __all__ = ["attention_page", "view_data", "json_for_script"]
@@ -176,12 +177,12 @@ def view_data(groups: Sequence[Group], *, title: str = "attention", info: Sequen
 _CSS = """
 :root{--ink:#1d2330;--muted:#5b6475;--line:#d9dde5;--acc:#c0392b;--q:#2c6bd6}
 *{box-sizing:border-box}
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:var(--ink);background:#fafbfc}
+body{font-family:%SANS%;margin:0;color:var(--ink);background:#fafbfc}
 header{padding:14px 20px 8px;background:#fff;border-bottom:1px solid var(--line)}
 h1{font-size:1.25em;margin:0 0 6px}
 dl.info{margin:0;display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;font-size:.92em}
 dl.info dt{color:var(--muted)}
-dl.info dd{margin:0;white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace}
+dl.info dd{margin:0;white-space:pre-wrap;font-family:%MONO%}
 main{padding:12px 20px}
 .bar{display:flex;flex-wrap:wrap;align-items:center;gap:6px;margin:6px 0}
 .bar .lab{color:var(--muted);font-size:.9em;min-width:4.5em}
@@ -196,11 +197,11 @@ p.note{color:var(--muted);font-size:.88em;max-width:70em;margin:4px 0 10px}
 .headview{position:relative;display:flex;align-items:flex-start}
 .tcol{display:flex;flex-direction:column}
 .tcol.q{text-align:right} .tcol.k{text-align:left}
-.tok{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;line-height:18px;height:18px;padding:0 5px;
+.tok{font-family:%MONO%;font-size:13px;line-height:18px;height:18px;padding:0 5px;
      white-space:pre;border-radius:3px;cursor:default;max-width:16em;overflow:hidden;text-overflow:ellipsis}
 .tok.q{cursor:pointer} .tok.q.hover{outline:2px solid var(--acc)} .tok:focus{outline:2px solid var(--q)}
 svg.lines{display:block;flex:none}
-table.matrix{border-collapse:collapse;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:11px}
+table.matrix{border-collapse:collapse;font-family:%MONO%;font-size:11px}
 table.matrix td{width:14px;height:14px;min-width:14px;padding:0;border:1px solid #eef0f4}
 table.matrix th{font-weight:normal;white-space:pre;padding:0 3px;max-width:10em;overflow:hidden;text-overflow:ellipsis}
 table.matrix th.col{vertical-align:bottom;padding:3px 0;max-width:none}
@@ -215,7 +216,7 @@ table.matrix tr.hl th.row{color:var(--acc);font-weight:bold}
 .model .ch{font-size:.78em;color:var(--muted);text-align:center}
 .model canvas{border:2px solid transparent;cursor:pointer;image-rendering:pixelated;display:block}
 .model canvas.on{border-color:var(--acc)}
-"""
+""".replace("%SANS%", FONT_SANS).replace("%MONO%", FONT_MONO)
 
 # The page's only script. It reads the JSON blob and builds every element with createElement and
 # textContent (never innerHTML), so tokens stay text.
