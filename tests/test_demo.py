@@ -85,10 +85,10 @@ def test_demo_prints_progress_examples_and_ends_with_the_result_line(demo_run):
     out, code, text = demo_run
     assert code == 0
     lines = text.strip().splitlines()
-    m = re.fullmatch(r"test exact match: (\d+\.\d)% \(300 examples\)", lines[-1])
+    m = re.fullmatch(r"test exact match: (\d+\.\d\d)% \(300 examples, greedy\)", lines[-1])
     assert m, lines[-1]
     cfg = ck.load_checkpoint(out).config
-    assert float(m.group(1)) == round(100 * cfg["metrics"]["test_exact_match"], 1)
+    assert m.group(1) == f"{100 * cfg['metrics']['test_exact_match']:.2f}"
     assert sum(bool(re.match(r"epoch \d+/\d+ +loss", ln)) for ln in lines) == 6
     assert sum(("✓" in ln or "✗" in ln) and "→" in ln for ln in lines) == 8
 

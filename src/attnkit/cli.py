@@ -1,5 +1,10 @@
 """The ``attnkit`` command line: ``attnkit info``, ``demo``, ``train``, ``eval``, ``translate`` (and
-``bench``, ``viz``, which parse their own options).
+``bench``, ``viz``, which parse their own options; ``viz`` of an image checkpoint -- digits, mnist --
+is :func:`viz_image_main`, which draws the attention on the image).
+
+``attnkit train`` ends with the files it wrote into ``--out`` and one result line, which
+``attnkit eval`` prints the same way (:func:`attnkit.training.format_metrics`; ``eval --json``
+prints the raw metrics).
 
 Bad input -- an option value, a data file, a checkpoint, stdin -- ends the command with one line
 on stderr, ``attnkit: error: ...`` naming the option or file (and the line), exit status 2, and no
@@ -82,14 +87,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return DatesTask().demo(args)
 
 
-def _common_train_options(p: argparse.ArgumentParser) -> None:
+def _common_train_options(p: argparse.ArgumentParser, task=None) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--out", default=None, help="output folder for the checkpoint and pictures")
+    if task is None:
+        out_help = "output folder (default ./attnkit-TASK); what each task writes there is in attnkit train TASK --help"
+    else:
+        out_help = f"output folder (default ./attnkit-{task.name}) for {task.writes}"
+        if task.viz_args:
+            out_help += f"; e.g. attnkit viz OUT {task.viz_args}"
+    g.add_argument("--out", default=None, help=out_help.replace("%", "%%"))
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: the task's)")
-    g.add_argument("--max-seconds", type=positive_float, default=None, help="stop training after this much wall time")
+    g.add_argument("--max-seconds", type=positive_float, default=None,
+                   help="stop training after this many seconds of wall time (it prints where it stopped)")
     g.add_argument("--resume", action="store_true", help="resume from the checkpoint in --out")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
@@ -127,19 +139,74 @@ def _prepare(args: argparse.Namespace) -> None:
     seed_everything(getattr(args, "seed", 0))
 
 
+def _task_parser(task, prog: str | None = None) -> argparse.ArgumentParser:
+    p = _Parser(prog=prog or f"attnkit train {task.name}", description=task.help)
+    _common_train_options(p, task)
+    task.add_arguments(p)
+    return p
+
+
+def train_help() -> str:
+    """``attnkit train --help``: the tasks, the options they share, and each task's own options."""
+    from . import tasks
+
+    import textwrap
+
+    shared = _Parser(prog="attnkit train TASK", add_help=False)
+    _common_train_options(shared)
+    head = shared.format_help().split("\n\n", 1)[1].strip("\n")  # without its usage lines
+    parts = ["usage: attnkit train TASK [options]   (attnkit train TASK --help: that task's options alone)",
+             "", "Train a task's model; the checkpoint goes to --out (default ./attnkit-TASK).", "", "tasks:"]
+    for name in tasks.names():
+        parts.append(textwrap.fill(tasks.get(name).help, 100, initial_indent=f"  {name:<10} ",
+                                   subsequent_indent=" " * 13))
+    parts += ["", head.replace("training:", "options every task takes:", 1)]
+    for name in tasks.names():
+        task = tasks.get(name)
+        p = _Parser(prog=f"attnkit train {name}", add_help=False)
+        task.add_arguments(p)
+        own = p.format_help().split("\n\n", 1)[1].strip("\n")
+        parts += ["", f"=== attnkit train {name} ===", textwrap.fill(f"--out gets {task.writes}", 100), own]
+    return "\n".join(parts) + "\n"
+
+
+def _files(folder: Path) -> dict[Path, tuple[int, int]]:
+    """``{path: (mtime_ns, size)}`` of the files under ``folder`` (hidden names skipped: a
+    checkpoint's temporary files)."""
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts):
+            st = f.stat()
+            found[f] = (st.st_mtime_ns, st.st_size)
+    return found
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from . import tasks
 
     task = tasks.get(args.task)
-    p = _Parser(prog=f"attnkit train {args.task}", description=task.help)
-    _common_train_options(p)
-    task.add_arguments(p)
-    targs = p.parse_args(args.rest)
+    targs = _task_parser(task).parse_args(args.rest)
     if targs.out is None:
         targs.out = f"attnkit-{args.task}"
     _prepare(targs)
+    out = Path(targs.out)
+    before = _files(out)
     result = task.train(targs)
-    print(result.summary)
+    written = [f for f, stamp in _files(out).items() if before.get(f) != stamp]
+    print(f"wrote {len(written)} file(s) in {out}: " + ", ".join(str(f.relative_to(out)) for f in written))
+    if result.checkpoint is not None:
+        import json
+
+        try:
+            config = json.loads((Path(result.checkpoint) / "config.json").read_text(encoding="utf-8"))
+            command = task.viz_command(result.checkpoint, config)
+        except (OSError, ValueError, AttributeError):
+            command = None
+        if command:
+            print(f"draw its attention: {command}")
+    print(result.summary)  # last: the result line, as attnkit eval prints it
     return 0
 
 
@@ -155,11 +222,18 @@ def _load(path: str):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .training import format_metrics
+
     _prepare(args)
     ckpt, task = _load(args.checkpoint)
     metrics = task.evaluate(ckpt, args)
-    for k, v in metrics.items():
-        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    if getattr(args, "json", False):  # data for scripts: raw values, keys with underscores
+        import json
+
+        nan = lambda v: None if isinstance(v, float) and v != v else v  # noqa: E731  (strict JSON has no NaN)
+        print(json.dumps({str(k).replace(" ", "_"): nan(v) for k, v in metrics.items()}))
+    else:
+        print(format_metrics(metrics))  # the line attnkit train ends with
     return 0
 
 
@@ -197,6 +271,102 @@ def cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- attnkit viz for image checkpoints ---------------------------------------------------------------
+VIZ_IMAGE_USAGE = ("attnkit viz CHECKPOINT [--index N] [--split test] [--data DIR] [--out DIR] [--device cpu] "
+                   "[--threads N] writes image_attention.png (the image beside the model's attention over its "
+                   "patches or rows) and image_attention.tsv")
+
+
+_VIZ_VALUE_OPTIONS = ("--text", "--out", "--backend", "--align-layer", "--device", "--threads", "--index", "--split",
+                      "--data")
+
+
+def _image_task(rest: Sequence[str]):
+    """The task of the checkpoint named in ``attnkit viz`` options when it draws on images (it has
+    ``viz_image``), else None (the checkpoint is checked and reported by the viz command itself)."""
+    import json
+
+    from . import tasks
+
+    folder, value = None, False
+    for a in rest:  # the first word that is neither an option nor an option's value
+        if value or a in _VIZ_VALUE_OPTIONS:
+            value = not value
+        elif not a.startswith("-"):
+            folder = a
+            break
+    if folder is None:
+        return None
+    try:
+        name = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("task")
+        task = tasks.get(name)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return task if hasattr(task, "viz_image") else None
+
+
+def viz_image_main(argv: Sequence[str]) -> int:
+    """``attnkit viz CHECKPOINT --index N`` for image tasks: writes ``image_attention.png`` (via
+    :func:`attnkit.viz.image.image_attention_png`) and ``image_attention.tsv`` into ``--out``."""
+    from .tasks.base import nonnegative_int
+
+    p = _Parser(prog="attnkit viz", description="Draw where an image model looks: one image of a split, beside "
+                                                "the model's attention over its patches (or rows) laid on it.")
+    p.add_argument("checkpoint", help="checkpoint folder of an image task (digits, mnist)")
+    p.add_argument("--index", type=nonnegative_int, default=0, help="which image of the split (default 0)")
+    p.add_argument("--split", default="test", help="split the image comes from: train, valid, test (default test)")
+    p.add_argument("--data", default=None, help="mnist: folder with the idx files (default: the one trained on)")
+    p.add_argument("--text", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default="attnkit-viz", help="output folder (default ./attnkit-viz)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    try:
+        args = p.parse_args(list(argv))
+        if args.text is not None:
+            raise ValueError("--text: an image checkpoint draws one of its images, not text: choose it with "
+                             "--index N (and --split)")
+        _check_device(args.device)
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out!r} is a file; expected a folder")
+        from .training import set_threads
+
+        set_threads(args.threads)
+        files, r = _viz_image(args)
+    except (ValueError, TypeError, OSError) as e:
+        if os.environ.get("ATTNKIT_DEBUG"):
+            raise
+        print(f"attnkit viz: error: {e}", file=sys.stderr)
+        return 2
+    print(f"input:  {args.split} image {args.index} (label {r.label})")
+    print(f"output: {r.prediction} (p = {r.probability:.3f})")
+    print(f"  {r.description}: {', '.join(r.maps)}")
+    for f in files:
+        print(f"wrote {f}")
+    return 0
+
+
+def _viz_image(args: argparse.Namespace):
+    from .checkpoint import load_checkpoint
+    from .viz.image import image_attention_png
+
+    ckpt = load_checkpoint(args.checkpoint)
+    task = _image_task([args.checkpoint])
+    if task is None:  # config.json changed under us
+        raise ValueError(f"checkpoint {args.checkpoint!r} is not an image task's")
+    r = task.viz_image(ckpt, split=args.split, index=args.index, device=args.device, data=args.data)
+    out = Path(args.out)
+    title = (f"{task.name} {args.split} image {args.index}: label {r.label}, predicted {r.prediction} "
+             f"(p = {r.probability:.2f})")
+    png = image_attention_png(r.image, r.maps, r.grid, out / "image_attention.png", title=title)
+    tsv = out / "image_attention.tsv"
+    with open(tsv, "w", encoding="utf-8") as f:
+        f.write("map\ttoken\trow\tcol\tweight\n")
+        for name, w in r.maps.items():
+            for t, v in enumerate(w.tolist()):
+                f.write(f"{name}\t{t}\t{t // r.grid[1]}\t{t % r.grid[1]}\t{v:.6f}\n")
+    return [png, tsv], r
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="attnkit", description="Attention mechanisms: exact, tested, visible.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -214,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .tasks import names as task_names
 
-    t = sub.add_parser("train", help="train a task's model (attnkit train TASK --help for its options)",
+    t = sub.add_parser("train", help="train a task's model (attnkit train --help: the tasks and their options)",
                        add_help=False)
     t.add_argument("task", choices=task_names(), help="task name")
     t.add_argument("rest", nargs=argparse.REMAINDER, help="task options")
@@ -236,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--beam", type=positive_int, default=1, help="beam size for sequence models (default 1: greedy)")
     e.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     e.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    e.add_argument("--json", action="store_true", help="print the metrics as one JSON object (raw values)")
     e.set_defaults(fn=cmd_eval)
 
     tr = sub.add_parser("translate", help="translate lines (arguments, or stdin) with a checkpoint",
@@ -259,9 +430,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     if argv[:1] == ["viz"]:  # parses its own options and reports its own errors
+        if _image_task(argv[1:]) is not None:  # digits, mnist: attention drawn on the image
+            return viz_image_main(argv[1:])
         from .viz.cli import main as viz_main
 
-        return viz_main(argv[1:])
+        try:
+            return viz_main(argv[1:])
+        except SystemExit as e:
+            if e.code == 0 and {"-h", "--help"} & set(argv[1:]):
+                print(f"\nImage checkpoints (digits, mnist) take other options: {VIZ_IMAGE_USAGE}")
+            raise
+    if argv[:1] == ["train"] and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+        print(train_help(), end="", file=sys.stdout if len(argv) > 1 else sys.stderr)
+        return 0 if len(argv) > 1 else 2
     parser = build_parser()
     try:  # the one error path: bad options, data files, checkpoints and stdin all end here
         args = parser.parse_args(argv)

@@ -1,5 +1,7 @@
 """A small, explicit training loop shared by every task: seeding, thread count, progress bars,
-a wall-clock budget, gradient clipping, per-epoch evaluation and checkpointing.
+a wall-clock budget, gradient clipping, per-epoch evaluation and checkpointing; and
+:func:`format_metrics`, the one way the command line prints metrics (``attnkit train`` and
+``attnkit eval`` alike: ``test exact match: 99.85% (2000 examples, greedy)``).
 
 Example::
 
@@ -65,6 +67,7 @@ class History:
     steps: int = 0
     seconds: float = 0.0
     stopped: str = "epochs"  # "epochs" | "time"
+    stop_message: str = ""  # with stopped == "time": the line fit logs, e.g. "training stopped at the time limit ..."
 
 
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[int], Iterable[Batch]],
@@ -114,6 +117,11 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Calla
                 hist.stopped = "time"
                 break
         bar.close()
+        if hist.stopped == "time":
+            where = (f"after epoch {epoch + 1}/{epochs}" if n is not None and count >= n else
+                     f"in epoch {epoch + 1}/{epochs}, after step {count}" + (f" of {n}" if n is not None else ""))
+            hist.stop_message = (f"training stopped at the time limit (--max-seconds {max_seconds:g}) {where} "
+                                 f"({hist.steps} step{'' if hist.steps == 1 else 's'} in all)")
         hist.losses.append(total / max(count, 1))
         metrics: dict[str, float] = {}
         if evaluate is not None:
@@ -123,15 +131,74 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Calla
         hist.metrics.append(metrics)
         hist.seconds = time.perf_counter() - start
         if log is not None:
-            shown = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+            shown = "  ".join(f"{metric_name(k)} {format_value(k, v)}" for k, v in metrics.items())
             log(f"epoch {epoch + 1}/{epochs}  loss {hist.losses[-1]:.4f}  {shown}  ({hist.seconds:.0f}s)".rstrip())
         if on_epoch_end is not None:
             on_epoch_end(epoch, hist)
         if hist.stopped == "time":
+            if log is not None:
+                log(hist.stop_message)
             break
     hist.seconds = time.perf_counter() - start
     return hist
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.4f}" if isinstance(v, float) and not math.isnan(v) else str(v)
+#: metric names (or their endings) whose values are fractions, printed as percentages
+FRACTIONS = ("accuracy", "exact match")
+#: metrics already on a 0-100 scale (two decimals, no percent sign, as sacreBLEU prints them)
+PERCENT_SCALE = ("BLEU", "chrF")
+#: counts and settings: printed in parentheses after the metrics, e.g. "(360 examples, greedy)"
+COUNTS = ("examples", "sentences")
+SETTINGS = ("beam", "signature")
+_NAMES = {"bleu": "BLEU", "chrf": "chrF", "ppl": "perplexity", "s": "seconds"}
+
+
+def metric_name(key: str) -> str:
+    """A metric's key as people read it: ``test_exact_match`` -> ``test exact match``,
+    ``valid_bleu`` -> ``valid BLEU``."""
+    return " ".join(_NAMES.get(w, w) for w in str(key).replace("_", " ").split())
+
+
+def format_value(key: str, value: Any) -> str:
+    """One metric value as people read it: fractions (:data:`FRACTIONS`) as percentages with two
+    decimals (``0.9985`` -> ``99.85%``), BLEU and chrF with two decimals, other numbers with two
+    decimals (four below 1), ints as they are, NaN as ``n/a``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "n/a"
+    name = metric_name(key)
+    if name.lower().endswith(FRACTIONS):
+        return f"{100 * value:.2f}%"
+    if name.endswith(PERCENT_SCALE):
+        return f"{value:.2f}"
+    return f"{value:.2f}" if abs(value) >= 1 else f"{value:.4f}"
+
+
+def format_metrics(metrics: dict[str, Any], notes: Iterable[str] = ()) -> str:
+    """The one line ``attnkit train`` ends with and ``attnkit eval`` prints, from a metrics dict
+    (keys as ``evaluate`` returns them; counts and settings go in parentheses, then ``notes``).
+    ``attnkit eval --json`` prints the dict itself.
+
+    Example::
+
+        >>> format_metrics({"test_exact_match": 0.9985, "examples": 2000, "beam": 1})
+        'test exact match: 99.85% (2000 examples, greedy)'
+        >>> format_metrics({"test BLEU": 31.2041, "test chrF": 55.1, "sentences": 1000, "beam": 4})
+        'test BLEU: 31.20, test chrF: 55.10 (1000 sentences, beam 4)'
+    """
+    shown, extra = [], []
+    for key, value in metrics.items():
+        name = metric_name(key)
+        if name in COUNTS:
+            extra.append(f"{value} {name}")
+        elif name == "beam":
+            extra.append("greedy" if value == 1 else f"beam {value}")
+        elif name in SETTINGS:
+            extra.append(f"{name} {value}")
+        else:
+            shown.append(f"{name}: {format_value(key, value)}")
+    extra += list(notes)
+    return ", ".join(shown) + (f" ({', '.join(extra)})" if extra else "")

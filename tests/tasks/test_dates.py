@@ -196,7 +196,7 @@ def _weights(path):
 def test_train_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, capsys):
     task = get_task("dates")
     full = task.train(_args(tmp_path / "full", epochs=3))
-    assert full.summary == f"test exact match: {100 * full.value:.1f}% (60 examples)"
+    assert full.summary == f"test exact match: {100 * full.value:.2f}% (60 examples, greedy)"
     task.train(_args(tmp_path / "part", epochs=2))
     part = ck.load_checkpoint(tmp_path / "part", with_trainer=True)
     assert part.trainer_state["epoch"] == 2 and len(part.config["history"]["loss"]) == 2

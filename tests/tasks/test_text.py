@@ -100,7 +100,7 @@ def test_sst2_learns_a_synthetic_sentiment_corpus(corpus, tmp_path, capsys, mode
     ckpt = load_checkpoint(out, with_trainer=True)
     acc = ckpt.config["metrics"]["dev_accuracy"]
     assert acc >= 0.9, f"{model}: dev accuracy {acc} on a corpus where one word decides"
-    assert printed.splitlines()[-1] == f"dev accuracy: {100 * acc:.1f}% (100 examples)"
+    assert printed.splitlines()[-1] == f"dev accuracy: {100 * acc:.2f}% (100 examples)"
     assert "dev accuracy" in printed.splitlines()[1] and ckpt.trainer_state["epoch"] == 4
     # the checkpoint carries the vocabulary; eval (split "test" falls back to dev) reproduces the figure
     ns = argparse.Namespace(split="test", data=None, device="cpu")

@@ -91,12 +91,12 @@ def test_evaluate_and_translate_from_the_checkpoint(trained, capsys):
     assert ckpt.config["task"] == "multi30k" and ckpt.config["model"] == "Transformer"
     task = get("multi30k")
     m = task.evaluate(ckpt, argparse.Namespace(split="test", beam=1, data=None, device="cpu"))
-    assert m["bleu"] == pytest.approx(result.value, abs=1e-9) and m["sentences"] == 40
+    assert m["test_bleu"] == pytest.approx(result.value, abs=1e-9) and m["sentences"] == 40
     sources = paths["test"][0].read_text(encoding="utf-8").splitlines()
     out = task.translate(ckpt, sources[:5] + [""], argparse.Namespace(beam=1, device="cpu"))
     assert out == result.extra["hypotheses"][:5] + [""]
     beam = task.evaluate(ckpt, argparse.Namespace(split="valid", beam=3, data=None, device="cpu"))
-    assert beam["beam"] == 3 and 0 <= beam["bleu"] <= 100
+    assert beam["beam"] == 3 and 0 <= beam["valid_bleu"] <= 100
     # and through the command line
     assert main(["translate", str(result.checkpoint), sources[0]]) == 0
     assert capsys.readouterr().out.strip() == result.extra["hypotheses"][0]

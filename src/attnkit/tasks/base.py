@@ -39,6 +39,17 @@ class Task:
     name: str = "task"
     help: str = ""
     translates: bool = False
+    #: what ``attnkit train NAME`` writes into ``--out`` (the ``--out`` help says it)
+    writes: str = ("the checkpoint: model.safetensors (weights), config.json (model, data, history, test metric), "
+                   "trainer.json + trainer.safetensors (for --resume) and checkpoint.json (manifest); no pictures "
+                   "(attnkit viz draws them)")
+    #: the options after ``attnkit viz CHECKPOINT`` that draw one example ("" if viz does not read the task)
+    viz_args: str = ""
+
+    def viz_command(self, checkpoint: Path, config: dict[str, Any]) -> str | None:
+        """The ``attnkit viz`` command line that draws the trained model's attention (printed after
+        training), or None when ``attnkit viz`` cannot read this model."""
+        return f"attnkit viz {checkpoint} {self.viz_args}" if self.viz_args else None
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Task-specific options for ``attnkit train NAME`` (the CLI already adds --out, --seed,

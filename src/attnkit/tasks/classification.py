@@ -17,7 +17,7 @@ import torch
 
 from .. import models
 from ..checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
-from ..training import fit, rng_state, set_rng_state
+from ..training import fit, format_metrics, rng_state, set_rng_state
 from .base import Task, TrainResult, fraction, nonnegative_float, positive_float, positive_int
 
 Tensor = torch.Tensor
@@ -117,7 +117,7 @@ def train_classifier(task: Task, args: argparse.Namespace, *, model_name: str, m
     config.update(history=history, metrics={f"{final_split}_accuracy": acc, f"{final_split}_examples": n})
     # The checkpoint again, now with the final metric in config.json (same weights and trainer state).
     save_checkpoint(out, model=model, config=config, trainer_state=last["trainer"])
-    summary = f"{final_split} accuracy: {100 * acc:.1f}% ({n} examples)"
+    summary = format_metrics({f"{final_split} accuracy": acc, "examples": n})  # as attnkit eval prints it
     return TrainResult(metric=f"{final_split} accuracy", value=acc, summary=summary, checkpoint=out,
                        seconds=hist.seconds, extra={"history": history, "epochs": len(history["loss"]),
                                                     "stopped": hist.stopped})

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from .. import models
 from ..models.seq2seq import ATTENTIONS, Seq2Seq
 from ..checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
-from ..training import fit, rng_state, seed_everything, set_rng_state, set_threads
+from ..training import fit, format_metrics, rng_state, seed_everything, set_rng_state, set_threads
 from .base import (Task, TrainResult, check_path, fraction, positive_float, positive_int, read_text_lines,
                    warn)
 from .vocab import Vocab, batch_indices, pad_batch
@@ -404,9 +404,10 @@ def exact_match(predictions: Sequence[str], targets: Sequence[str]) -> float:
     return sum(p == t for p, t in zip(predictions, targets)) / len(targets) if targets else float("nan")
 
 
-def summary_line(value: float, n: int, split: str = "test") -> str:
-    """``test exact match: 97.4% (2000 examples)``."""
-    return f"{split} exact match: {100 * value:.1f}% ({n} examples)"
+def summary_line(value: float, n: int, split: str = "test", beam: int | None = None) -> str:
+    """``test exact match: 97.40% (2000 examples, greedy)``: the line ``attnkit eval`` prints too
+    (:func:`attnkit.training.format_metrics`)."""
+    return format_metrics({f"{split}_exact_match": value, "examples": n, **({"beam": beam} if beam else {})})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -634,6 +635,7 @@ class DatesTask(Task):
             "lines. "
             f"attnkit translate marks an output that is not a calendar date with '{NOT_A_DATE.strip()}'.")
     translates = True
+    viz_args = '--text "14 juillet 1789"'
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("data")
@@ -672,7 +674,8 @@ class DatesTask(Task):
         run = _train(self, args, epochs_default=TRAIN_DEFAULTS["epochs"])
         beam = int(getattr(args, "beam", 1) or 1)
         em, n, _, _ = _final_test(run, beam, getattr(args, "device", "cpu"))
-        return TrainResult(metric="test exact match", value=em, summary=summary_line(em, n), checkpoint=run.out,
+        return TrainResult(metric="test exact match", value=em, summary=summary_line(em, n, beam=beam),
+                           checkpoint=run.out,
                            seconds=run.seconds, extra={"epochs": run.epochs, "stopped": run.stopped})
 
     # -- attnkit eval CKPT ------------------------------------------------------------------
@@ -718,7 +721,7 @@ class DatesTask(Task):
         """Train on the embedded corpus within ``--max-seconds`` (default 150) of training, then
         print the test exact match and examples, and write the checkpoint, PNG heatmaps and an
         HTML page of attention alignments into ``--out`` (default ``./attnkit-demo``). The last
-        printed line is ``test exact match: XX.X% (N examples)``. Returns the exit code (0)."""
+        printed line is ``test exact match: XX.XX% (N examples, greedy)``. Returns the exit code (0)."""
         t0 = time.perf_counter()
         out = Path(getattr(args, "out", None) or "attnkit-demo")
         # One thread unless asked: the model is small (GRU 128), so a second thread gains little,
@@ -759,7 +762,7 @@ class DatesTask(Task):
             print(f"wrote {p}")
         print(f"checkpoint: {out}  (try: attnkit translate {out} \"14 juillet 1789\")")
         print(f"total time {time.perf_counter() - t0:.0f} s")
-        print(summary_line(em, n))
+        print(summary_line(em, n, beam=1))
         return 0
 
 

@@ -10,6 +10,8 @@ MNIST (idx files from ``--data``).
   training images are held out for validation, the 10,000 test images are the test split.
 
 Both report accuracy; training goes through :func:`attnkit.tasks.classification.train_classifier`.
+``attnkit viz CHECKPOINT --index N`` draws where a trained model looks in image ``N`` of a split
+(:meth:`DigitsTask.viz_image` -> :func:`image_attention` -> :func:`attnkit.viz.image.image_attention_png`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +60,108 @@ def random_shift(x: Tensor, max_shift: int = 1) -> Tensor:
     out = padded.gather(2, rows)
     cols = (dx.view(B, 1) + torch.arange(W)).view(B, 1, 1, W).expand(B, C, H, W)
     return out.gather(3, cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the model looks: attention over the image's tokens (attnkit viz)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ImageAttention:
+    """One image, the model's answer and its attention maps over the image's tokens.
+
+    Attributes:
+        image: ``(H, W)`` pixels for display.
+        grid: ``(rows, cols)`` of the token grid: ``(H/p, W/p)`` patches (row-major), or ``(H, 1)``
+            when the model reads the image row by row.
+        maps: ``{label: weights (rows·cols,)}``, each a distribution over the tokens.
+        label, prediction, probability: the true class, the predicted one and its probability.
+        description: the model and what the maps are, in a few words.
+    """
+
+    image: Tensor
+    grid: tuple[int, int]
+    maps: dict[str, Tensor]
+    label: int
+    prediction: int
+    probability: float
+    description: str = ""
+
+
+def image_attention(model: torch.nn.Module, x: Tensor, image: Tensor, label: int = -1) -> ImageAttention:
+    """Run one image ``x (1, C, H, W)`` (as the model reads it) through ``model`` and collect its
+    attention over the image's tokens, for drawing over ``image (H, W)``:
+
+    * :class:`~attnkit.models.AttentionClassifier` over patches: ``pooling``, the weights with which
+      the classifier's pooling query reads the patches (what the logits are computed from); with a
+      Transformer encoder also ``pooling · rollout`` (Abnar & Zuidema 2020,
+      https://arxiv.org/abs/2005.00928: the pooling traced back through every layer, residual
+      included) and, for each head ``h`` of the last layer, ``pooling · A_h``: where the patches
+      that the pooling reads were themselves looking in that head;
+    * :class:`~attnkit.models.AttentionMemoryClassifier` (rows): the memory's attention at each
+      step, their mean, and each gated head's weights.
+
+    Example::
+
+        >>> from attnkit.models import AttentionClassifier
+        >>> m = AttentionClassifier(10, input="patches", image_size=8, patch_size=2, dim=16, depth=1, num_heads=2)
+        >>> r = image_attention(m.eval(), torch.rand(1, 1, 8, 8), torch.rand(8, 8))
+        >>> r.grid, list(r.maps), tuple(r.maps["pooling"].shape)
+        ((4, 4), ['pooling', 'pooling · rollout', 'pooling · layer 1 head 1', 'pooling · layer 1 head 2'], (16,))
+    """
+    from ..models import AttentionClassifier, AttentionMemoryClassifier
+
+    model.eval()
+    with torch.no_grad():
+        logits, attn = model(x, return_attention=True)
+    attn = {k: v.detach().float().cpu() for k, v in attn.items()}
+    probs = torch.softmax(logits.float().cpu(), -1)[0]
+    pred = int(probs.argmax())
+    H, W = image.shape[-2:]
+    maps: dict[str, Tensor] = {}
+    if isinstance(model, AttentionClassifier):
+        cfg = model.config
+        if cfg["input"] != "patches":
+            raise ValueError("image_attention draws AttentionClassifier models over image patches (input='patches')")
+        (ph, pw) = cfg["patch_size"]
+        grid = (H // ph, W // pw)
+        alpha = attn["pooling"][0]                                              # (T,)
+        maps["pooling"] = alpha
+        layers = [attn[f"layer{i}"][0] for i in range(cfg["depth"]) if f"layer{i}" in attn]  # each (heads, T, T)
+        if layers:
+            eye = torch.eye(alpha.numel())
+            roll = eye
+            for w in layers:  # rollout: the residual as identity, rows renormalized
+                a = 0.5 * w.mean(0) + 0.5 * eye
+                roll = (a / a.sum(-1, keepdim=True)) @ roll
+            maps["pooling · rollout"] = alpha @ roll
+            for h, w in enumerate(layers[-1]):
+                maps[f"pooling · layer {len(layers)} head {h + 1}"] = alpha @ w
+        what = (f"AttentionClassifier over {grid[0]}×{grid[1]} patches of {ph}×{pw} pixels "
+                f"({cfg['encoder']} encoder, {cfg['pooling']} pooling)")
+    elif isinstance(model, AttentionMemoryClassifier):
+        F = attn["memory"][0]                                                   # (steps, rows)
+        grid = (F.shape[-1], 1)
+        for t, row in enumerate(F):
+            maps[f"memory step {t + 1}"] = row
+        maps["memory, steps averaged"] = F.mean(0)
+        for k, row in enumerate(attn.get("heads", torch.empty(1, 0, 0))[0]):
+            maps[f"gated head {k + 1}"] = row
+        what = f"AttentionMemoryClassifier reading the {grid[0]} rows ({model.config['num_steps']} memory steps)"
+    else:
+        raise ValueError(f"image_attention draws AttentionClassifier and AttentionMemoryClassifier models; got "
+                         f"{type(model).__name__}")
+    return ImageAttention(image=image.float().cpu(), grid=grid, maps=maps, label=label, prediction=pred,
+                          probability=float(probs[pred]), description=what)
+
+
+def _pick(split_name: str, splits: dict[str, tuple[Tensor, Tensor]], index: int) -> tuple[Tensor, int]:
+    if split_name not in splits:
+        raise ValueError(f"--split must be one of {', '.join(sorted(splits))}; got {split_name!r}")
+    x, y = splits[split_name]
+    if not 0 <= index < len(y):
+        raise ValueError(f"--index {index}: the {split_name} split has images 0 to {len(y) - 1}")
+    return x[index], int(y[index])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,6 +208,7 @@ class DigitsTask(Task):
     help = ("Classify scikit-learn's 8x8 digits (1,797 images, embedded) with an attention-pooling classifier "
             "over 2x2 patches; reports test accuracy on a seeded stratified 360-image test split.")
     epochs, batch_size, lr, weight_decay, label_smoothing = 30, 32, 2e-3, 0.3, 0.0
+    viz_args = "--index 0"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         add_model_arguments(p, sorted(DIGITS_MODELS), "AttentionClassifier")
@@ -152,6 +258,13 @@ class DigitsTask(Task):
         x, y = splits[split]
         acc, n = accuracy(model, _image_batches(x, y, 256, 0, None), getattr(args, "device", "cpu"))
         return {f"{split} accuracy": acc, "examples": n}
+
+    def viz_image(self, checkpoint: Checkpoint, *, split: str = "test", index: int = 0, device: str = "cpu",
+                  data: str | None = None) -> ImageAttention:
+        """Image ``index`` of ``split`` through the checkpoint's model (``attnkit viz CKPT --index N``)."""
+        image, label = _pick(split, load_digits_splits(checkpoint.config["data"]["split_seed"]), index)  # (1, 8, 8)
+        model = rebuild_model(checkpoint, device)
+        return image_attention(model, image.unsqueeze(0).to(device), image[0], label)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +404,7 @@ class MnistTask(Task):
     help = ("Classify MNIST (idx files in --data) with seed 001's gated attention memory over the image rows "
             "(or --model AttentionClassifier over patches); last 5k train images = valid; reports test accuracy.")
     epochs, batch_size, lr, weight_decay, label_smoothing = 12, 128, 2e-3, 0.01, 0.0
+    viz_args = "--index 0"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         add_model_arguments(p, sorted(MNIST_MODELS), "AttentionMemoryClassifier")
@@ -357,6 +471,16 @@ class MnistTask(Task):
                           getattr(args, "device", "cpu"))
         return {f"{split} accuracy": acc, "examples": n}
 
+    def viz_image(self, checkpoint: Checkpoint, *, split: str = "test", index: int = 0, device: str = "cpu",
+                  data: str | None = None) -> ImageAttention:
+        """Image ``index`` of ``split`` (from ``data``, default the folder the model was trained
+        on) through the checkpoint's model (``attnkit viz CKPT --index N``)."""
+        cfg = checkpoint.config.get("data", {})
+        directory = data or cfg.get("dir") or DEFAULT_MNIST
+        image, label = _pick(split, load_mnist_splits(directory, cfg.get("valid_size", 5000)), index)  # (H, W) uint8
+        model = rebuild_model(checkpoint, device)
+        return image_attention(model, _normalize(image.unsqueeze(0)).to(device), image.float() / 255.0, label)
 
-__all__ = ["DigitsTask", "MnistTask", "read_idx", "read_mnist", "load_mnist_splits", "load_digits_splits",
-           "random_shift"]
+
+__all__ = ["DigitsTask", "MnistTask", "ImageAttention", "image_attention", "read_idx", "read_mnist",
+           "load_mnist_splits", "load_digits_splits", "random_shift"]

@@ -156,6 +156,11 @@ class Sst2Task(Task):
     help = ("Binary sentiment on SST-2 (GLUE train.tsv/dev.tsv in --data) with an attention classifier trained "
             "from scratch (BiGRU + attention pooling by default); reports dev accuracy.")
     epochs, batch_size, lr, weight_decay, label_smoothing = 4, 64, 2e-3, 0.01, 0.0
+    viz_args = '--text "a gripping, funny film"'
+
+    def viz_command(self, checkpoint, config):
+        # attnkit viz draws the AttentionClassifier (one pooling over words), not the HAN
+        return super().viz_command(checkpoint, config) if config.get("model") == "AttentionClassifier" else None
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         add_model_arguments(p, sorted(SST2_MODELS), "AttentionClassifier")

@@ -45,7 +45,7 @@ import torch
 from .. import models
 from ..checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
 from ..models.transformer import Transformer, label_smoothed_cross_entropy
-from ..training import fit, rng_state, seed_everything, set_rng_state
+from ..training import fit, format_metrics, rng_state, seed_everything, set_rng_state
 from .base import (Task, TrainResult, check_path, fraction, nonnegative_float, nonnegative_int, positive_float,
                    positive_int, read_text_lines, warn)
 from .subword import KINDS, from_config, train_tokenizers
@@ -336,6 +336,10 @@ class Multi30kTask(Task):
     help = ("Translate Multi30k En->De (or any plain parallel text) with a Transformer or an attention RNN; "
             "BLEU/chrF with sacreBLEU.")
     translates = True
+    writes = ("the last epoch's checkpoint (model.safetensors, config.json, trainer.json + trainer.safetensors for "
+              "--resume, checkpoint.json) and best/: the checkpoint of the best validation BLEU, the one tested at "
+              "the end (give it to eval, translate, viz); no pictures (attnkit viz OUT/best draws them)")
+    viz_args = '--text "A dog runs in the park."'
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         d = p.add_argument_group("data")
@@ -566,9 +570,10 @@ class Multi30kTask(Task):
             log(f"  src: {src_line}\n  out: {hyp}\n  ref: {ref}")
         seconds = time.perf_counter() - t_start
         what = "test2016" if split == "test" and not _get(args, "test_src", None) else split
-        summary = (f"{what} BLEU {s['bleu']:.2f}  chrF {s['chrf']:.2f}  ({len(hyps)} sentences, "
-                   f"{'greedy' if beam == 1 else f'beam {beam}'}, {'detokenized, cased' if tokenize == '13a' else 'tokenized'}"
-                   f" sacreBLEU; best valid BLEU {best['bleu']:.2f} at epoch {best['epoch']}; checkpoint {best_dir})")
+        summary = format_metrics(  # the format attnkit eval prints
+            {f"{what}_bleu": s["bleu"], f"{what}_chrf": s["chrf"], "sentences": len(hyps), "beam": beam},
+            notes=[f"{'detokenized, cased' if tokenize == '13a' else 'tokenized'} sacreBLEU",
+                   f"best valid BLEU {best['bleu']:.2f} at epoch {best['epoch']}", f"checkpoint {best_dir}"])
         return TrainResult(metric=f"{split}_bleu", value=s["bleu"], summary=summary, checkpoint=best_dir,
                            seconds=seconds, extra={"history": history, "metrics": result_metrics,
                                                    "stopped": hist.stopped, "hypotheses": hyps})
@@ -603,7 +608,7 @@ class Multi30kTask(Task):
             model, enc, beam=beam, max_len_a=dk.get("max_len_a", 1.5), max_len_b=dk.get("max_len_b", 10),
             length_penalty=float(_get(args, "length_penalty", dk.get("length_penalty", 0.6))), device=device)]
         s = score(hyps, refs, tokenize=checkpoint.config.get("bleu_tokenize", "13a"))
-        return {"bleu": s["bleu"], "chrf": s["chrf"], "sentences": len(hyps), "beam": beam,
+        return {f"{split}_bleu": s["bleu"], f"{split}_chrf": s["chrf"], "sentences": len(hyps), "beam": beam,
                 "signature": s["bleu_signature"]}
 
     def translate(self, checkpoint: Checkpoint, lines: list[str], args: argparse.Namespace) -> list[str]:

@@ -21,7 +21,7 @@ Example::
 
     >>> import torch, attnkit
     >>> from attnkit import viz
-    >>> layers = torch.nn.ModuleList(attnkit.nn.MultiheadAttention(8, 2) for _ in range(3))
+    >>> layers = torch.nn.ModuleList(attnkit.nn.MultiheadAttention(8, 2, batch_first=True) for _ in range(3))
     >>> x = torch.randn(1, 5, 8)
     >>> with attnkit.capture() as rec:
     ...     for mha in layers:
@@ -60,6 +60,7 @@ _EXPORTS = {
     "Group": "collect",
     "Layer": "collect",
     "head_grid_png": "grid",
+    "image_attention_png": "image",
     "head_grid_size": "grid",
     "mask_png": "masks",
     "mask_size": "masks",
