@@ -120,3 +120,26 @@ def test_auto_says_why_it_picked_sdpa():
     assert choice.backend == "sdpa" and "dense" in choice.because and "block-sparse" in choice.because
     choice = attnkit.explain(q, k, v, return_weights=True)
     assert choice.backend == "reference" and "materializing" in choice.because
+
+
+def test_a_score_subclass_with_only_forward_is_never_served_as_a_dot_product():
+    """Writing forward() alone (what the error message suggests) must not let a fast backend
+    compute the inherited q·k tile instead (it did: 0.30 off on tiled)."""
+
+    class Shifted(attnkit.scores.Dot):
+        def forward(self, q, k):
+            return q @ k.transpose(-2, -1) + 0.5 * k.sum(-1).unsqueeze(-2)  # depends on the key
+
+    class Plain(attnkit.scores.Score):
+        def forward(self, q, k):
+            return -torch.cdist(q, k)
+
+    q, k, v = qkv(T=40)
+    for score in (Shifted(), Plain()):
+        ref = attnkit.attention(q, k, v, score=score, backend="reference")
+        for b in ("sdpa", "tiled", "flex"):
+            choice = attnkit.explain(q, k, v, score=score, backend=b)
+            if choice.ok:
+                torch.testing.assert_close(attnkit.attention(q, k, v, score=score, backend=b), ref)
+        torch.testing.assert_close(attnkit.attention(q, k, v, score=score), ref)
+    assert not attnkit.explain(q, k, v, score=Plain(), backend="tiled").ok

@@ -48,6 +48,16 @@ class Score(nn.Module):
     #: False when the scores ignore the key vectors (only their positions count)
     reads_keys: bool = True
 
+    def __init_subclass__(cls, **kwargs):
+        """A subclass that writes its own ``forward`` but says nothing of tiles (no ``tile``,
+        ``prepare``, ``tile_is_dot`` or ``tileable`` of its own) is served by ``forward`` alone:
+        the fast backends would otherwise compute the inherited tile form (a dot product)."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "forward" in own and not any(a in own for a in ("tile", "prepare", "tile_is_dot", "tileable")):
+            cls.tile_is_dot = False
+            cls.tileable = False
+
     def prepare(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Per-token work done once before tiling; ``tile(*prepare(q, k)) == forward(q, k)``."""
         return q, k
@@ -88,6 +98,7 @@ class Dot(Score):
     """``s_ij = q_i · k_j`` (Luong "dot")."""
 
     name = "dot"
+    tile_is_dot = True
 
     def forward(self, q: Tensor, k: Tensor) -> Tensor:
         return q @ k.transpose(-2, -1)
@@ -413,9 +424,9 @@ def get(score: str | Score) -> Score:
         shared = _SHARED[score] = lookup(
             "score", score, NAMED, "attnkit.scores.Score",
             "To score with your own function, subclass attnkit.scores.Score, implement "
-            "forward(q (B, H, Tq, D), k (B, H, Tk, D)) -> scores (B, H, Tq, Tk) and set tile_is_dot = False "
-            "(see 'Extending attnkit' in the README); to change given scores by position, pass a score_mod "
-            "as bias= instead")()
+            "forward(q (B, H, Tq, D), k (B, H, Tk, D)) -> scores (B, H, Tq, Tk) (the reference backend serves "
+            "it; see 'Extending attnkit' in the README for the tile methods the fast ones need); to change "
+            "given scores by position, pass a score_mod as bias= instead")()
     return shared
 
 

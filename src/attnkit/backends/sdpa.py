@@ -29,7 +29,7 @@ class SDPABackend:
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         why = []
-        if not isinstance(spec.score, Dot):
+        if not (isinstance(spec.score, Dot) and spec.score.tile_is_dot):
             why.append(f"score {spec.score.name!r} is not a dot product")
         if type(spec.normalizer) is not Softmax:
             why.append(f"normalizer {spec.normalizer.name!r} is not softmax")

@@ -58,9 +58,11 @@ def query_offset(align: str, num_queries: int, num_keys: int) -> int:
 class Mask:
     """Base class of every mask. Subclasses implement :meth:`mask_mod`.
 
-    Subclasses may also override :meth:`classify_blocks` with an analytic version, set
-    ``is_causal``/``window`` hints that let native kernels use their own flags, and implement
-    :meth:`weight_factor` when the mask also rescales the normalized weights (Luong local-p).
+    Subclasses may also override :meth:`classify_blocks` with an analytic version (so the tiled
+    backend skips empty tiles without evaluating them), set ``query_invariant`` when the
+    predicate ignores ``q_idx``, and implement :meth:`weight_factor` when the mask also rescales
+    the normalized weights (Luong local-p). (SDPA's native ``is_causal`` is used for
+    :func:`attnkit.masks.causal` itself only, not for subclasses that say they are causal.)
     """
 
     #: True when the mask multiplies the normalized weights by :meth:`weight_factor`.

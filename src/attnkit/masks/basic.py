@@ -44,7 +44,11 @@ class Causal(Mask):
 class SlidingWindow(Mask):
     """Query at position ``p`` sees keys ``p - left ... p + right`` (bounds included).
 
-    Alignment as for :class:`Causal`. ``sliding_window(2)`` on 5 tokens::
+    Both bounds count: a query sees up to ``left + right + 1`` keys, itself included, so
+    ``sliding_window(32)`` sees 33 keys (itself and the 32 before it; fewer near the start). The
+    default ``right=0`` is a causal band: no key after the query.
+
+    Alignment as for :class:`Causal`. ``sliding_window(2)`` on 5 tokens (3 keys per row)::
 
         x . . . .
         x x . . .
@@ -149,7 +153,9 @@ class KeyPadding(Mask):
 
 
 def causal(align: str = "bottom_right") -> Causal:
-    """Causal mask (see :class:`Causal`). Example::
+    """Causal mask (see :class:`Causal`).
+
+    Example::
 
         >>> import attnkit
         >>> attnkit.masks.causal().materialize(2, 3)[0, 0].int().tolist()
@@ -159,17 +165,28 @@ def causal(align: str = "bottom_right") -> Causal:
 
 
 def sliding_window(left: int, right: int = 0, align: str = "bottom_right") -> SlidingWindow:
-    """Query ``i`` sees keys ``i-left ... i+right`` (see :class:`SlidingWindow`). Example::
+    """Query ``i`` sees keys ``i-left ... i+right``, both bounds included: ``left + right + 1``
+    keys at most, itself among them (see :class:`SlidingWindow`). Example::
 
         >>> import attnkit
         >>> attnkit.masks.sliding_window(1).materialize(3, 3)[0, 0].int().tolist()
         [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+
+    ``sliding_window(32)`` sees 33 keys: itself and the 32 before it (query 40 sees keys 8 to 40)::
+
+        >>> allowed = attnkit.masks.sliding_window(32).materialize(64, 64)[0, 0]
+        >>> allowed[40].sum().item(), allowed[40].nonzero().flatten()[[0, -1]].tolist()
+        (33, [8, 40])
+        >>> allowed.sum(-1)[[0, 31, 32, 63]].tolist()   # fewer at the start: query i sees min(i + 1, 33)
+        [1, 32, 33, 33]
     """
     return SlidingWindow(left, right, align)
 
 
 def key_padding(lengths_or_keep) -> KeyPadding:
-    """Hide padded keys, from lengths ``(B,)`` or a keep-mask ``(B, Tk)`` (True = real token). Example::
+    """Hide padded keys, from lengths ``(B,)`` or a keep-mask ``(B, Tk)`` (True = real token).
+
+    Example::
 
         >>> import attnkit, torch
         >>> attnkit.masks.key_padding(torch.tensor([2, 3])).materialize(1, 3, batch=2)[:, 0, 0].int().tolist()

@@ -76,7 +76,9 @@ class LocalP(Mask):
 
 
 def local_p(centers: Tensor, D: int) -> LocalP:
-    """Luong local-p (see :class:`LocalP`). Example::
+    """Luong local-p (see :class:`LocalP`).
+
+    Example::
 
         >>> import torch, attnkit
         >>> m = attnkit.masks.local_p(torch.tensor([[2.0]]), D=1)

@@ -176,7 +176,9 @@ class Strided(Mask):
 
 
 def strided(stride: int, causal: bool = True, align: str = "bottom_right") -> Strided:
-    """Sparse Transformer strided pattern (see :class:`Strided`). Example::
+    """Sparse Transformer strided pattern (see :class:`Strided`).
+
+    Example::
 
         >>> import attnkit
         >>> attnkit.masks.strided(2).materialize(5, 5)[0, 0].int().tolist()
@@ -219,7 +221,9 @@ class Fixed(Mask):
 
 
 def fixed(stride: int, summary: int = 1, causal: bool = True, align: str = "bottom_right") -> Fixed:
-    """Sparse Transformer fixed pattern (see :class:`Fixed`). Example::
+    """Sparse Transformer fixed pattern (see :class:`Fixed`).
+
+    Example::
 
         >>> import attnkit
         >>> attnkit.masks.fixed(2).materialize(5, 5)[0, 0].int().tolist()
@@ -292,7 +296,9 @@ class Longformer(Mask):
 
 def longformer(window: int, global_tokens: Union[Iterable[int], Tensor] = (),
                align: str = "bottom_right") -> Longformer:
-    """Longformer window + global tokens (see :class:`Longformer`). Example::
+    """Longformer window + global tokens (see :class:`Longformer`).
+
+    Example::
 
         >>> import attnkit
         >>> attnkit.masks.longformer(1, [0]).materialize(4, 4)[0, 0].int().tolist()
@@ -409,7 +415,9 @@ class BigBird(Mask):
 
 def bigbird(block_size: int, window_blocks: int = 1, global_blocks: int = 1, random_blocks: int = 1,
             seed: int = 0, align: str = "bottom_right") -> BigBird:
-    """BigBird window + global + random blocks (see :class:`BigBird`). Example::
+    """BigBird window + global + random blocks (see :class:`BigBird`).
+
+    Example::
 
         >>> import attnkit
         >>> m = attnkit.masks.bigbird(block_size=2, random_blocks=0)
@@ -453,7 +461,9 @@ class DilatedWindow(Mask):
 
 
 def dilated_window(left: int, right: int = 0, dilation: int = 2, align: str = "bottom_right") -> DilatedWindow:
-    """Dilated sliding window (see :class:`DilatedWindow`). Example::
+    """Dilated sliding window (see :class:`DilatedWindow`).
+
+    Example::
 
         >>> import attnkit
         >>> attnkit.masks.dilated_window(1, 1, dilation=2).materialize(5, 5)[0, 0].int().tolist()

@@ -98,11 +98,19 @@ class Sigmoid(Normalizer):
     ``bias`` is a number, or ``"log_n"`` for ``b = -log(Tk)``, which keeps the total weight of a
     row O(1) as the sequence grows. Rows do not sum to 1.
 
+    **Start with** ``Sigmoid(bias="log_n")``: the paper's recommended setting. With ``b = -log n``
+    a row of ``n`` near-zero scores has weights ``1/(n+1)`` and a total near 1, as softmax would
+    give, whatever the length; without it (``bias=None``, which the string ``"sigmoid"`` gives)
+    every weight starts near 0.5 and a row's total grows with ``n``, which makes early training
+    unstable on long sequences. Served by the ``reference`` and ``tiled`` backends.
+
     Example::
 
         >>> import torch, attnkit
         >>> attnkit.normalizers.Sigmoid()(torch.zeros(2)).tolist()
         [0.5, 0.5]
+        >>> [round(w, 4) for w in attnkit.normalizers.Sigmoid(bias="log_n")(torch.zeros(4)).tolist()]
+        [0.2, 0.2, 0.2, 0.2]
     """
 
     name = "sigmoid"

@@ -444,7 +444,7 @@ def head_stats(layers: Any, names: Sequence[str] | None = None) -> list[HeadStat
     Example::
 
         >>> import torch, attnkit
-        >>> mha = attnkit.nn.MultiheadAttention(8, 2)
+        >>> mha = attnkit.nn.MultiheadAttention(8, 2, batch_first=True)
         >>> with attnkit.capture() as rec:
         ...     _ = mha(torch.randn(1, 6, 8))
         >>> [(s.layer, s.head) for s in head_stats(rec)]
@@ -555,7 +555,7 @@ def gradient_x_attention(forward: Callable[[], Tensor], *, grad_output: Tensor |
     Example::
 
         >>> import torch, attnkit
-        >>> mha = attnkit.nn.MultiheadAttention(8, 2).eval()
+        >>> mha = attnkit.nn.MultiheadAttention(8, 2, batch_first=True).eval()
         >>> x = torch.randn(1, 5, 8)
         >>> res = gradient_x_attention(lambda: mha(x, need_weights=False)[0][0, -1].sum())
         >>> len(res), tuple(res[0].relevance.shape)
