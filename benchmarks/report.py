@@ -23,6 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import engine_targets  # noqa: E402
+import hf_targets  # noqa: E402
 
 MIN_REPEATS = 3
 IN_ROW = "the command in this row"
@@ -34,9 +35,11 @@ COMMANDS = {
     "causal_64k.json": f"python benchmarks/causal_64k_memory.py --threads 2 --repeat 3 --out {RES}causal_64k.json",
     "demo_quality.json": f"python benchmarks/demo_quality.py --threads 1 --repeat 3 --out {RES}demo_quality.json",
     "engine_1thread.json": f"python benchmarks/engine_targets.py --run --threads 1 --repeat 3 --json {RES}engine_1thread.json",
+    "hf_2threads.json": f"python benchmarks/hf_targets.py --run --threads 2 --repeat 3 --json {RES}hf_2threads.json",
 }
 #: the settings a stored file must have for the docs to use it (a smoke run with other sizes is ignored)
 EXPECT = {"engine_2threads.json": {"threads": 2, "quick": False}, "engine_1thread.json": {"threads": 1, "quick": False},
+          "hf_2threads.json": {"threads": 2, "quick": False},
           "causal_64k.json": {"threads": 2, "n": 65536},
           "demo_quality.json": {"threads": 1, "max_seconds": 150, "epochs": 10}}
 #: single-run quality results (long training, not repeated) and the command that appends or writes them
@@ -119,14 +122,14 @@ def _index(data) -> dict:
     return {} if not data else {(r["case"], r["variant"]): r for r in data["results"]}
 
 
-def engine_table(data, cmd: str, name: str = "") -> str:
+def engine_table(data, cmd: str, name: str = "", targets=None, what: str = "issue #4 target") -> str:
     idx = _index(data)
     out = [provenance(data, name, cmd) if name else f"Source: `{cmd}`."]
     if data and measured(data.get("matmul_gflops"), "GFLOP/s"):
         out[0] += f" Float32 matmul in the same run: {measured(data['matmul_gflops'], 'GFLOP/s')}."
-    out += ["", "| case (issue #4 target) | attnkit | anchor (same run) | ratio, repeat by repeat | target | |",
+    out += ["", f"| case ({what}) | attnkit | anchor (same run) | ratio, repeat by repeat | target | |",
             "|---|---|---|---|---|---|"]
-    for t in engine_targets.TARGETS:
+    for t in engine_targets.TARGETS if targets is None else targets:
         unit, plus = ("s", "") if t.metric == "seconds" else ("MiB", "+")
         ours = (idx.get(t.ours) or {}).get(t.metric)
         anchor = (idx.get(t.anchor) or {}).get(t.metric) if t.anchor else None
@@ -329,7 +332,9 @@ def render(results: Path) -> dict[str, dict[str, str]]:
             "multi30k-seq2seq": m30k_block(results, "seq2seq"),
             "engine-2threads": engine2,
             "engine-1thread": engine_table(one, COMMANDS["engine_1thread.json"], "engine_1thread.json"),
-            "causal-64k": causal_table(causal), "threads": threads_table(one, two)},
+            "causal-64k": causal_table(causal), "threads": threads_table(one, two),
+            "hf-targets": engine_table(load(results, "hf_2threads.json"), COMMANDS["hf_2threads.json"],
+                                       "hf_2threads.json", targets=hf_targets.TARGETS, what="target")},
         "README.md": {"readme-quality": readme_quality(results),
                       "readme-engine": engine2 + "\n\n" + causal_table(causal)},
     }

@@ -17,6 +17,10 @@ EXPECTED = {
     "custom_mask_and_score_mod.py": ([], [r"slopes after:", r"ok: the learned slopes changed"]),
     "custom_normalizer.py": ([], [r"matches the hand computation: True", r"backend: reference",
                                   r"ok: softmax_plus_one runs on the reference backend"]),
+    "huggingface.py": ([], [r"logits, attnkit vs eager: max \|diff\| = \d\.\d+e-(0[7-9]|1\d)",
+                            r"mask handed to attnkit: \(SlidingWindow\(left=7, right=0, align=0\) & key_padding",
+                            r"captured: model\.layers\.0\.self_attn \(2, 1, 1, 24\)",
+                            r"ok: a Hugging Face model runs on attnkit"]),
     "attention_html.py": (["{tmp}/heads.html"], [r"captured layers\.0: weights \(1, 2, 8, 8\)",
                                                 r"wrote .*heads\.html"]),
 }

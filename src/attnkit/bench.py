@@ -155,6 +155,8 @@ class Case:
     description: str
     flops: Callable[[], int]
     variants: list[Variant] = field(default_factory=list)
+    #: run only when asked for by name (cases that need an extra, e.g. transformers)
+    explicit: bool = False
 
 
 def _child(conn, case_name: str, variant_name: str, threads: int, quick: bool) -> None:
@@ -399,6 +401,80 @@ def cases(quick: bool = False) -> list[Case]:
                         Variant("attnkit nn.MultiheadAttention", _attnkit_mha(True, B, H, N, D)),
                         Variant("torch nn.MultiheadAttention", _mha(True, B, H, N, D)),
                     ]))
+    return out + _hf_cases(s)
+
+
+# -- Hugging Face models (the [hf] extra; run only when named: attnkit bench hf_) --------------------
+
+def _hf_model(N: int, impl: str, window: int | None):
+    """A tiny Mistral (2 layers, 8 heads, 2 KV heads, head dim 64, random weights) on ``impl``."""
+    import transformers
+
+    import attnkit.integrations.hf  # noqa: F401 -- registers "attnkit"
+
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                     num_attention_heads=8, num_key_value_heads=2, head_dim=64, sliding_window=window,
+                                     max_position_embeddings=N + 1)
+    model = transformers.MistralForCausalLM(cfg)
+    model.set_attn_implementation(impl)
+    ids = torch.randint(0, 256, (1, N), generator=torch.Generator().manual_seed(1))
+    return model, ids
+
+
+def _hf(impl: str, N: int, window: int | None, grad: bool, weights: bool = False, capture: bool = False):
+    def setup():
+        model, ids = _hf_model(N, impl, window)
+        model.train(grad)
+
+        def fn():
+            if grad:
+                model(ids).logits.float().square().mean().backward()
+                for p in model.parameters():
+                    p.grad = None
+                return
+            with torch.no_grad():
+                if capture:
+                    import attnkit
+
+                    with attnkit.capture(heads=[0], rows=range(0, N, 64)):
+                        model(ids)
+                else:
+                    model(ids, output_attentions=weights)
+        note = ""
+        if weights:
+            note = f"returned weights: {2 * 8 * N * N * 4 / 2 ** 20:.0f} MiB"
+        elif capture:
+            note = f"captured: {2 * 1 * (N // 64) * N * 4 / 2 ** 20:.1f} MiB"
+        return fn, note
+    return setup
+
+
+def _hf_cases(s: int) -> list[Case]:
+    out = []
+    L, H, D = 2, 8, 64
+    N = 16384 // s
+    win = 256
+    out.append(Case(f"hf_window_fwdbwd_N{N}", f"tiny Mistral (2 layers, 8 heads, 2 KV heads, window {win}), N={N}, "
+                    "forward+backward", lambda N=N: L * attention_flops(1, H, N * win, D, True), [
+                        Variant("attnkit", _hf("attnkit", N, win, True)),
+                        Variant("sdpa", _hf("sdpa", N, win, True))], explicit=True))
+    N = 4096 // s
+    out.append(Case(f"hf_window_fwd_N{N}", f"the same model, N={N}, forward",
+                    lambda N=N: L * attention_flops(1, H, N * win, D, False), [
+                        Variant("attnkit", _hf("attnkit", N, win, False)),
+                        Variant("sdpa", _hf("sdpa", N, win, False))], explicit=True))
+    out.append(Case(f"hf_causal_fwd_N{N}", f"the same model with full causal attention, N={N}, forward",
+                    lambda N=N: L * attention_flops(1, H, N * (N + 1) // 2, D, False), [
+                        Variant("attnkit", _hf("attnkit", N, None, False)),
+                        Variant("sdpa", _hf("sdpa", N, None, False))], explicit=True))
+    N = 8192 // s
+    out.append(Case(f"hf_weights_N{N}", f"output_attentions=True, full causal, N={N}, forward under no_grad",
+                    lambda N=N: L * attention_flops(1, H, N * (N + 1) // 2, D, False), [
+                        Variant("attnkit output_attentions", _hf("attnkit", N, None, False, weights=True)),
+                        Variant("eager output_attentions", _hf("eager", N, None, False, weights=True)),
+                        Variant("attnkit capture head 0, every 64th row", _hf("attnkit", N, None, False,
+                                                                               capture=True))], explicit=True))
     return out
 
 
@@ -439,6 +515,8 @@ def run(selected: list[str] | None = None, *, threads: int = 2, repeat: int = 3,
     records = []
     for case in cases(quick):
         if selected and not any(case.name.startswith(s) for s in selected):
+            continue
+        if case.explicit and not selected:
             continue
         log(f"\n{case.name}: {case.description}")
         rows = [{"case": case.name, "variant": v.name, "flops": (v.flops or case.flops)(), "note": "",

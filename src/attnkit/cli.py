@@ -430,6 +430,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     if argv[:1] == ["viz"]:  # parses its own options and reports its own errors
+        if "--hf" in argv[1:] or any(a.startswith("--hf=") for a in argv[1:]):  # a Hugging Face model folder
+            try:
+                from .integrations.hf import viz_main as hf_viz_main
+            except ImportError as e:
+                print(f"attnkit viz: error: --hf needs the [hf] extra: {e}".splitlines()[0], file=sys.stderr)
+                return 2
+            return hf_viz_main(argv[1:])
         if _image_task(argv[1:]) is not None:  # digits, mnist: attention drawn on the image
             return viz_image_main(argv[1:])
         from .viz.cli import main as viz_main
@@ -439,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as e:
             if e.code == 0 and {"-h", "--help"} & set(argv[1:]):
                 print(f"\nImage checkpoints (digits, mnist) take other options: {VIZ_IMAGE_USAGE}")
+                print("Hugging Face models saved in a local folder: attnkit viz --hf MODEL_DIR --text TEXT [--out DIR] "
+                      "(the [hf] extra)")
             raise
     if argv[:1] == ["train"] and (len(argv) == 1 or argv[1] in ("-h", "--help")):
         print(train_help(), end="", file=sys.stdout if len(argv) > 1 else sys.stderr)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..masks.base import FromTensor
+from ..masks.base import FromTensor, query_offset
 from ..masks.basic import Causal
 from ..normalizers.base import Softmax
 from ..positions.base import TensorBias
@@ -56,7 +56,8 @@ class SDPABackend:
 
     def native_causal(self, spec: AttentionSpec) -> bool:
         m = spec.mask
-        return isinstance(m, Causal) and (spec.Tq == spec.Tk or m.align == "top_left") and not spec.score_mods
+        return (isinstance(m, Causal) and query_offset(m.align, spec.Tq, spec.Tk) == 0  # SDPA's is_causal is top-left
+                and not spec.score_mods)
 
     def auto_reasons(self, spec: AttentionSpec) -> list[str]:
         """SDPA serves masks and biases by materializing a (Tq, Tk) tensor and doing all Tq·Tk work;

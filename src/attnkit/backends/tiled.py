@@ -18,6 +18,7 @@ from ..kernels.tiled import TiledAttentionFn, can_prescale, fusable, make_plan, 
 from ..normalizers.base import Normalize, Sigmoid, Softmax
 from ..positions.base import TensorBias
 from ..linear import linear_attention
+from ..masks.base import query_offset
 from ..masks.basic import Causal
 from ..scores import Kernel
 from ..spec import AttentionSpec
@@ -106,7 +107,8 @@ class TiledBackend:
         m = spec.mask
         return (isinstance(spec.score, Kernel) and type(spec.normalizer) is Normalize and not spec.score_mods
                 and spec.dropout_p == 0 and not spec.return_weights
-                and (m is None or (isinstance(m, Causal) and m.align == "bottom_right")))
+                and (m is None or (isinstance(m, Causal)
+                                   and query_offset(m.align, spec.Tq, spec.Tk) == spec.Tk - spec.Tq)))
 
     def describe(self, spec: AttentionSpec) -> str:
         """How this backend will run ``spec`` (for :func:`attnkit.explain`)."""

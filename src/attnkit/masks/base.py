@@ -44,14 +44,22 @@ def index_grid(batch: int, heads: int, num_queries: int, num_keys: int, device=N
     return b, h, q, kv
 
 
-def check_align(align: str) -> str:
+def check_align(align: "str | int") -> "str | int":
+    """``"bottom_right"``, ``"top_left"`` or an int: the position of query 0 among the keys
+    (``0`` is top-left; a cache holding ``n`` keys before ``Tq`` new ones is ``n``)."""
+    if isinstance(align, int) and not isinstance(align, bool):
+        return align
     if align not in ALIGNMENTS:
-        raise ValueError(f"align must be one of {ALIGNMENTS}; got {align!r}")
+        raise ValueError(f"align must be one of {ALIGNMENTS} or an int (the position of query 0 among the keys); "
+                         f"got {align!r}")
     return align
 
 
-def query_offset(align: str, num_queries: int, num_keys: int) -> int:
-    """Absolute position of query 0 (``num_keys - num_queries`` when aligned bottom-right)."""
+def query_offset(align: "str | int", num_queries: int, num_keys: int) -> int:
+    """Absolute position of query 0 (``num_keys - num_queries`` when aligned bottom-right, the
+    int itself for an explicit offset)."""
+    if isinstance(align, int):
+        return align
     return num_keys - num_queries if align == "bottom_right" else 0
 
 

@@ -15,7 +15,8 @@ class Causal(Mask):
 
     ``align="bottom_right"`` (default) places query ``i`` at ``i + Tk - Tq``, so the last
     query sees every key (KV-cache decoding); ``"top_left"`` places it at ``i`` (SDPA's
-    ``is_causal``)::
+    ``is_causal``); an int ``n`` places it at ``i + n`` (``n`` keys precede the first query,
+    whatever ``Tk``)::
 
         Tq = Tk = 4      Tq=2, Tk=4 bottom_right   top_left
         x . . .          x x x .                   x . . .
@@ -26,7 +27,7 @@ class Causal(Mask):
 
     is_causal = True
 
-    def __init__(self, align: str = "bottom_right"):
+    def __init__(self, align: "str | int" = "bottom_right"):
         self.align = check_align(align)
 
     def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
@@ -57,7 +58,7 @@ class SlidingWindow(Mask):
         . . x x x
     """
 
-    def __init__(self, left: int, right: int = 0, align: str = "bottom_right"):
+    def __init__(self, left: int, right: int = 0, align: "str | int" = "bottom_right"):
         self.left = int(check_positive("left", left, integer=True, allow_zero=True))
         self.right = int(check_positive("right", right, integer=True, allow_zero=True))
         self.align = check_align(align)
@@ -152,7 +153,7 @@ class KeyPadding(Mask):
         return f"key_padding({'lengths' if self.lengths is not None else 'keep'}, shape={shape_str(t)})"
 
 
-def causal(align: str = "bottom_right") -> Causal:
+def causal(align: "str | int" = "bottom_right") -> Causal:
     """Causal mask (see :class:`Causal`).
 
     Example::
@@ -164,7 +165,7 @@ def causal(align: str = "bottom_right") -> Causal:
     return Causal(align)
 
 
-def sliding_window(left: int, right: int = 0, align: str = "bottom_right") -> SlidingWindow:
+def sliding_window(left: int, right: int = 0, align: "str | int" = "bottom_right") -> SlidingWindow:
     """Query ``i`` sees keys ``i-left ... i+right``, both bounds included: ``left + right + 1``
     keys at most, itself among them (see :class:`SlidingWindow`). Example::
 
