@@ -297,7 +297,8 @@ def tiled_weights(qp: Tensor, kp: Tensor, spec: AttentionSpec, lse: Tensor | Non
     q_sel = qp.index_select(1, heads_t)                        # (B, h', Tq, D)
     k_sel = kp.index_select(1, heads_t // spec.groups)         # key head of each query head
     lse_sel = None if lse is None else lse.index_select(1, heads_t)
-    w = torch.zeros(spec.B, len(heads_t), len(rows_t), spec.Tk, dtype=qp.dtype, device=dev)
+    # every entry is written below (each row block sweeps all key chunks): no zero fill of a tensor that may be GiBs
+    w = torch.empty(spec.B, len(heads_t), len(rows_t), spec.Tk, dtype=qp.dtype, device=dev)
     tile = _Tile(spec, dev, prescaled)
     tile.rows_block = block_q  # the lse of row i was taken relative to its forward block's first query
     b = torch.arange(spec.B, device=dev).view(-1, 1, 1, 1)
@@ -309,8 +310,11 @@ def tiled_weights(qp: Tensor, kp: Tensor, spec: AttentionSpec, lse: Tensor | Non
         for ks in range(0, spec.Tk, kv_chunk):
             ke = min(ks + kv_chunk, spec.Tk)
             grid = (b, h, r.view(1, 1, -1, 1), torch.arange(ks, ke, device=dev).view(1, 1, 1, -1))
-            s = tile.scores(qi, k_sel[:, :, ks:ke], 0, ks, grid)
             allowed = None if spec.mask is None else tile.allowed(grid)
+            if allowed is not None and not bool(allowed.any()):  # a masked-out chunk (e.g. above the diagonal)
+                w[:, :, r0:r0 + len(r), ks:ke] = 0
+                continue
+            s = tile.scores(qi, k_sel[:, :, ks:ke], 0, ks, grid)
             w[:, :, r0:r0 + len(r), ks:ke] = _weights(s, lse_i, spec, allowed)
     return w
 
