@@ -81,30 +81,39 @@ TARGETS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def targets_main(argv: list[str] | None, *, script: str, doc: str, cases: list[str], targets: list[Target],
+                 default_json: str, what: str = "issue #4 target") -> int:
+    """The command line of a targets script: ``--run`` measures ``cases`` with the ``attnkit bench``
+    harness and stores every repeat; a stored file's table (``targets``) is printed either way."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("json_file", nargs="?", help="a file written by --run: print its table")
     p.add_argument("--run", action="store_true", help="run `attnkit bench` on the target cases first")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3, help="fresh processes per variant (default 3)")
     p.add_argument("--quick", action="store_true", help="every size divided by 4 (smoke run; the docs ignore it)")
-    p.add_argument("--json", default="engine_targets.json", help="where --run writes its results")
+    p.add_argument("--json", default=default_json, help="where --run writes its results")
     args = p.parse_args(argv)
     path = args.json_file
     if args.run:
         from attnkit import bench
 
-        head = bench.header("python benchmarks/engine_targets.py " + shlex.join(argv), args.threads)
-        bench.write_json(args.json, head, bench.run(CASES, threads=args.threads, repeat=args.repeat, quick=args.quick))
+        head = bench.header(f"python benchmarks/{script} " + shlex.join(argv), args.threads)
+        bench.write_json(args.json, head, bench.run(cases, threads=args.threads, repeat=args.repeat, quick=args.quick))
         path = args.json
     if not path:
         p.error("give a JSON file or --run")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import report as rep
 
-    print(rep.engine_table(rep.read_json(Path(path)), f"python benchmarks/engine_targets.py {path}"))
+    print(rep.engine_table(rep.read_json(Path(path)), f"python benchmarks/{script} {path}", targets=targets,
+                           what=what))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return targets_main(argv, script="engine_targets.py", doc=__doc__, cases=CASES, targets=TARGETS,
+                        default_json="engine_targets.json")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,11 @@ Usage (from the repository root; needs ``pip install -e ".[hf]"``)::
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_targets import Target  # noqa: E402
+from engine_targets import Target, targets_main  # noqa: E402
 
 CASES = ["hf_"]
 
@@ -48,29 +46,8 @@ TARGETS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("json_file", nargs="?", help="a file written by --run: print its table")
-    p.add_argument("--run", action="store_true", help="run `attnkit bench` on the hf_ cases first")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=3, help="fresh processes per variant (default 3)")
-    p.add_argument("--quick", action="store_true", help="every size divided by 4 (smoke run; the docs ignore it)")
-    p.add_argument("--json", default="hf_targets.json", help="where --run writes its results")
-    args = p.parse_args(argv)
-    path = args.json_file
-    if args.run:
-        from attnkit import bench
-
-        head = bench.header("python benchmarks/hf_targets.py " + shlex.join(argv), args.threads)
-        bench.write_json(args.json, head, bench.run(CASES, threads=args.threads, repeat=args.repeat, quick=args.quick))
-        path = args.json
-    if not path:
-        p.error("give a JSON file or --run")
-    import report as rep
-
-    print(rep.engine_table(rep.read_json(Path(path)), f"python benchmarks/hf_targets.py {path}", targets=TARGETS,
-                           what="target"))
-    return 0
+    return targets_main(argv, script="hf_targets.py", doc=__doc__, cases=CASES, targets=TARGETS,
+                        default_json="hf_targets.json", what="target")
 
 
 if __name__ == "__main__":

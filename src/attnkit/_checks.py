@@ -134,3 +134,20 @@ def check_qkv(q: object, k: object, v: object, *, same_qk_dim: bool = False) -> 
         raise ValueError(f"k and v must have the same sequence length (dim 2); got k {shape_str(k)}, v {shape_str(v)}")
     if same_qk_dim and k.shape[-1] != q.shape[-1]:
         raise ValueError(f"q and k must have the same last dim D; got q {shape_str(q)} and k {shape_str(k)}")
+
+
+def check_arity(what: str, fn, n: int, form: str, hint: str = "") -> None:
+    """A user callable that cannot take ``n`` positional arguments fails here, naming the form it
+    must have (``what`` must take ``n`` arguments, ``form``) and, optionally, how to get there."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: let the call decide
+        return
+    try:
+        sig.bind(*range(n))
+    except TypeError:
+        raise TypeError(f"{what} must take {n} arguments, {form}; got {getattr(fn, '__name__', fn)!r} with "
+                        f"signature {sig}" + (f". {hint}" if hint else "")) from None
+

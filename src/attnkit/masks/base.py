@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .._checks import broadcastable, shape_str
+from .._checks import broadcastable, check_arity, shape_str
 
 Tensor = torch.Tensor
 
@@ -322,7 +322,8 @@ class FromMod(Mask):
     def __init__(self, fn: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]):
         if not callable(fn):
             raise TypeError(f"mask_mod must be callable; got {type(fn).__name__}")
-        _check_arity(fn)
+        check_arity("mask_mod", fn, 4, "mask_mod(b, h, q_idx, kv_idx) -> bool tensor (True = may attend)",
+                    "A function of the positions only can ignore the first two: lambda b, h, q_idx, kv_idx: ...")
         self.fn = fn
 
     def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
@@ -342,23 +343,6 @@ class FromMod(Mask):
 
     def __repr__(self):
         return f"from_mod({getattr(self.fn, '__name__', self.fn)!r})"
-
-
-def _check_arity(fn: Callable) -> None:
-    """A mask function that cannot take ``(b, h, q_idx, kv_idx)`` fails here, with the fix."""
-    import inspect
-
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # builtins without a signature: let the call decide
-        return
-    try:
-        sig.bind(0, 0, 0, 0)
-    except TypeError:
-        name = getattr(fn, "__name__", fn)
-        raise TypeError(f"mask_mod must take 4 arguments, mask_mod(b, h, q_idx, kv_idx) -> bool tensor (True = may "
-                        f"attend); got {name!r} with signature {sig}. A function of the positions only can ignore "
-                        "the first two: lambda b, h, q_idx, kv_idx: ...") from None
 
 
 class FromTensor(Mask):

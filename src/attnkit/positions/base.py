@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .._checks import broadcastable, check_positive, shape_str
+from .._checks import broadcastable, check_arity, check_positive, shape_str
 from ..masks.base import index_grid
 
 Tensor = torch.Tensor
@@ -137,7 +137,7 @@ class FromScoreMod(ScoreMod):
     def __init__(self, fn: Callable):
         if not callable(fn):
             raise TypeError(f"score_mod must be callable; got {type(fn).__name__}")
-        _check_arity("score_mod", fn, 5, "score_mod(score, b, h, q_idx, kv_idx)")
+        check_arity("score_mod", fn, 5, "score_mod(score, b, h, q_idx, kv_idx)")
         self.fn = fn
 
     def closes_over_grad(self, dtype: torch.dtype = torch.float32, device=None) -> bool:
@@ -182,7 +182,7 @@ class FromBias(ScoreMod):
     def __init__(self, fn: Callable):
         if not callable(fn):
             raise TypeError(f"bias_mod must be callable; got {type(fn).__name__}")
-        _check_arity("bias_mod", fn, 4, "bias(b, h, q_idx, kv_idx)")
+        check_arity("bias_mod", fn, 4, "bias(b, h, q_idx, kv_idx)")
         self.fn = fn
 
     def score_mod(self, score, b, h, q_idx, kv_idx, num_queries, num_keys):
@@ -215,21 +215,6 @@ def bias_mod(fn: Callable) -> FromBias:
         'sdpa'
     """
     return FromBias(fn)
-
-
-def _check_arity(what: str, fn: Callable, n: int, form: str) -> None:
-    """A callable that cannot take ``n`` positional arguments fails here, naming the form."""
-    import inspect
-
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # builtins without a signature: let the call decide
-        return
-    try:
-        sig.bind(*range(n))
-    except TypeError:
-        raise TypeError(f"{what} must take {n} arguments, {form}; got {getattr(fn, '__name__', fn)!r} with "
-                        f"signature {sig}") from None
 
 
 class SoftCap(ScoreMod):
