@@ -11,6 +11,7 @@ Masks are expression trees::
     ("causal", align) | ("window", left, right, align) | ("padding", lengths) | ("local_m", D)
     | ("local_p", D) | ("block_sparse", block, seed) | ("strided", stride) | ("fixed", stride)
     | ("longformer", window, globals) | ("bigbird", block, seed) | ("dilated", left, dilation)
+    | ("chunked", size, shift)
     | ("tensor", seed, per_batch, per_head, density) | ("mod", kind) | ("dead_rows", every)
     | ("and", a, b) | ("or", a, b) | ("not", a)
 """
@@ -68,6 +69,7 @@ def _mask_leaf(B: int, H: int, Tq: int, Tk: int):
         st.tuples(st.just("longformer"), st.integers(1, 12), st.lists(st.integers(0, Tk - 1), max_size=3).map(tuple)),
         st.tuples(st.just("bigbird"), st.sampled_from([2, 8, 16]), st.integers(0, 99)),
         st.tuples(st.just("dilated"), st.integers(1, 16), st.integers(1, 3)),
+        st.tuples(st.just("chunked"), st.integers(1, 24), st.integers(-3, 5)),
         st.tuples(st.just("tensor"), st.integers(0, 99), st.booleans(), st.booleans(), st.sampled_from([0.1, 0.5, 0.9])),
         st.tuples(st.just("mod"), st.sampled_from(["parity", "per_head", "band"])),
         st.tuples(st.just("dead_rows"), st.integers(2, 7)),
@@ -241,6 +243,8 @@ def build_mask(t: tuple, r: Request):
         return masks.bigbird(t[1], seed=t[2])
     if kind == "dilated":
         return masks.dilated_window(t[1], dilation=t[2])
+    if kind == "chunked":
+        return masks.chunked(t[1], t[2])
     if kind == "tensor":
         shape = (r.B if t[2] else 1, r.H if t[3] else 1, r.Tq, r.Tk)
         return torch.rand(shape, generator=_gen(t[1])) < t[4]

@@ -23,7 +23,7 @@ transformers = pytest.importorskip(
 
 import attnkit.integrations.hf as akhf  # noqa: E402  (registers attn_implementation="attnkit")
 from attnkit.backends import registry  # noqa: E402
-from attnkit.masks import Causal, KeyPadding, SlidingWindow  # noqa: E402
+from attnkit.masks import Causal, Chunked, KeyPadding, SlidingWindow  # noqa: E402
 from attnkit.masks.base import And, FromMod, Or  # noqa: E402
 from transformers import masking_utils as mu  # noqa: E402
 
@@ -52,6 +52,10 @@ def _factories():
         "gpt_oss": lambda: tf.GptOssForCausalLM(tf.GptOssConfig(  # attention sinks (s_aux), sliding/full layers
             **COMMON, head_dim=16, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2,
             layer_types=ALTERNATING)),
+        "llama4": lambda: tf.Llama4ForCausalLM(tf.Llama4TextConfig(  # chunked attention, no-RoPE layers, MoE
+            **{**COMMON, "intermediate_size_mlp": 128}, head_dim=16, attention_chunk_size=WINDOW,
+            num_local_experts=2, num_experts_per_tok=1, no_rope_layers=[1, 0],
+            layer_types=["chunked_attention", "full_attention"])),
         "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
             vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=128, initializer_range=0.2,
             pad_token_id=PAD, bos_token_id=1, eos_token_id=2)),
@@ -66,7 +70,7 @@ def _factories():
     }
 
 
-DECODERS = ["llama", "mistral", "gemma2", "gemma3", "qwen2", "gpt_oss", "gpt2"]
+DECODERS = ["llama", "mistral", "gemma2", "gemma3", "qwen2", "gpt_oss", "llama4", "gpt2"]
 ENCODERS = ["bert", "modernbert"]
 
 
@@ -265,6 +269,22 @@ def test_model_masks_reach_attention_structured(name, attnkit_masks):
     assert any(isinstance(x, Causal) for x in leaves(full.mask)) == (name == "gemma2"), full
 
 
+def test_chunked_layers_get_the_analytic_chunked_mask(attnkit_masks):
+    """Llama 4's chunked layers: HF's chunked mask function (chunks counted from each sequence's
+    first real token) arrives as attnkit's Chunked mask, not as a mask_mod evaluated pair by pair."""
+    model = build("llama4")
+    model.set_attn_implementation("attnkit")
+    ids, am = inputs("left")
+    with torch.no_grad():
+        forward(model, ids, am)
+    chunked, full = attnkit_masks.received
+    kinds = {type(x) for x in leaves(chunked.mask)}
+    assert Chunked in kinds and FromMod not in kinds, chunked
+    (c,) = [x for x in leaves(chunked.mask) if isinstance(x, Chunked)]
+    assert c.size == WINDOW and c.shift.tolist() == [3, 0]  # row 0 has 3 pads on the left
+    assert not any(isinstance(x, Chunked) for x in leaves(full.mask)), full
+
+
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_a_4d_mask_given_by_the_user_matches_eager(kind):
     """A prepared 4-D mask skips HF's mask builders and reaches the attention function as a
@@ -342,7 +362,7 @@ def _generate(model, impl, ids, am, **kw):
                           return_dict_in_generate=True, output_logits=True, pad_token_id=PAD, **kw)
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "gemma3", "gpt_oss"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "gemma3", "gpt_oss", "llama4"])
 def test_generate_with_kv_cache_matches_eager(name, attnkit_masks):
     model = build(name)
     ids, am = inputs("left", length=8)  # 8 + 6 tokens: well past the window of 4
@@ -358,7 +378,8 @@ def test_generate_with_kv_cache_matches_eager(name, attnkit_masks):
         assert any(type(layer).__name__ == "DynamicSlidingWindowLayer" for layer in got.past_key_values.layers)
         assert any(kw.get("kv_offset", 0) > 0 for kw, _ in attnkit_masks.built)
         decode = [m for kw, m in attnkit_masks.built if kw.get("kv_offset", 0) > 0]
-        assert all(any(isinstance(x, SlidingWindow) for x in leaves(m.mask)) for m in decode)
+        local = Chunked if name == "llama4" else SlidingWindow  # Llama 4's local layers are chunked
+        assert all(any(isinstance(x, local) for x in leaves(m.mask)) for m in decode)
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral"])
@@ -490,10 +511,14 @@ MASK_CASES = [
     ("causal & padding_mask_function", dict(q_length=9, kv_length=9, mask_function=mu.and_masks(
         mu.causal_mask_function, mu.padding_mask_function(_RIGHT))), {Causal, KeyPadding}, {Causal, KeyPadding}),
     ("chunked", dict(q_length=9, kv_length=9, mask_function=mu.chunked_causal_mask_function(3, torch.tensor([2, 0])),
-                     attention_mask=torch.ones(2, 9, dtype=torch.bool)), {FromMod}, {FromMod, Causal}),
+                     attention_mask=torch.ones(2, 9, dtype=torch.bool)), {Chunked, Causal}, {Chunked, Causal}),
     ("chunked after a cache", dict(q_length=2, kv_length=9, q_offset=7, attention_mask=_RIGHT,
                                    mask_function=mu.chunked_causal_mask_function(4, torch.tensor([0, 1]))),
-     {FromMod}, {FromMod, Causal, KeyPadding}),
+     {Chunked, Causal}, {Chunked, Causal, KeyPadding}),
+    ("chunked after a sliding cache (kv_offset)", dict(q_length=3, kv_length=6, q_offset=10, kv_offset=7,
+                                                     mask_function=mu.chunked_causal_mask_function(
+                                                         4, torch.tensor([3, 0]))), {Chunked, Causal},
+     {Chunked, Causal}),
     ("packed sequences", dict(q_length=8, kv_length=8, mask_function=mu.and_masks(
         mu.causal_mask_function, mu.packed_sequence_mask_function(torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]] * 2)))),
      {FromMod}, {FromMod, Causal}),

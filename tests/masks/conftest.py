@@ -160,6 +160,16 @@ def dilated_top_left(Tq, Tk, B, H):
             lambda b, h, q, kv: kv in {q - 3 * m for m in range(4)} | {q + 3})
 
 
+def chunked(Tq, Tk, B, H):
+    return masks.chunked(3), lambda b, h, q, kv: (q + _br(Tq, Tk)) // 3 == kv // 3
+
+
+def chunked_shift_per_batch(Tq, Tk, B, H):
+    shift = [(2 * b + 1) % 4 for b in range(B)]  # each sequence's chunks start elsewhere (left padding)
+    return (masks.chunked(4, torch.tensor(shift), align="top_left"),
+            lambda b, h, q, kv: math.floor((q - shift[b]) / 4) == math.floor((kv - shift[b]) / 4))
+
+
 def bool_tensor(Tq, Tk, B, H):
     t = torch.rand(B, 1, Tq, Tk, generator=_gen("bt", B, Tq, Tk)) < 0.5
     rows = t.tolist()
@@ -190,7 +200,7 @@ CASES = {f.__name__: f for f in [
     causal, causal_top_left, sliding_window, sliding_window_lr_top_left, key_padding_lengths, key_padding_keep,
     local_m, local_p, local_p_heads, block_sparse, block_sparse_heads, strided, strided_noncausal, fixed,
     fixed_noncausal_top_left, longformer, longformer_bool, bigbird, bigbird_top_left, dilated, dilated_top_left,
-    bool_tensor, mask_mod_callable, combined,
+    chunked, chunked_shift_per_batch, bool_tensor, mask_mod_callable, combined,
 ]}
 KINDS = sorted(CASES)
 #: kinds that reweight the normalized weights (SDPA cannot serve them)

@@ -78,6 +78,8 @@ def test_key_padding_other_bad_inputs():
     (lambda: masks.longformer(0), "window"),
     (lambda: masks.dilated_window(-1), "left"),
     (lambda: masks.dilated_window(2, -3), "right"),
+    (lambda: masks.chunked(0), "size"),
+    (lambda: masks.chunked(-4), "size"),
 ])
 def test_negative_windows_are_value_errors_naming_the_argument(call, name):
     with pytest.raises(ValueError, match=rf"^{name} must be"):
@@ -85,10 +87,19 @@ def test_negative_windows_are_value_errors_naming_the_argument(call, name):
 
 
 @pytest.mark.parametrize("call", [lambda: masks.sliding_window(1.5), lambda: masks.strided(2.0),
-                                  lambda: masks.longformer(True), lambda: masks.dilated_window(2, dilation=1.0)])
+                                  lambda: masks.longformer(True), lambda: masks.dilated_window(2, dilation=1.0),
+                                  lambda: masks.chunked(2.5)])
 def test_non_integer_sizes_are_type_errors(call):
     with pytest.raises(TypeError, match="must be an int"):
         call()
+
+
+def test_chunked_shift_must_be_integers_of_the_batch():
+    with pytest.raises(ValueError, match="chunked shift must be an int or an integer tensor of shape"):
+        masks.chunked(4, torch.tensor([0.5, 1.0]))
+    q = torch.randn(3, 1, 4, 2)
+    with pytest.raises(ValueError, match="chunked shift was built for batch 2 but the inputs have batch 3"):
+        attnkit.attention(q, q, q, mask=masks.chunked(2, torch.tensor([0, 1])))
 
 
 @pytest.mark.parametrize("D", [0, -2])

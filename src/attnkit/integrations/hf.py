@@ -14,7 +14,7 @@ What it does differently from ``"sdpa"``:
 
 * **Masks stay structured.** HF's mask functions (causal, sliding window, bidirectional,
   padding, chunked, ...) become attnkit mask objects (:class:`~attnkit.masks.Causal`,
-  :class:`~attnkit.masks.SlidingWindow`, :class:`~attnkit.masks.KeyPadding`, ...) aligned on the
+  :class:`~attnkit.masks.SlidingWindow`, :class:`~attnkit.masks.Chunked`, :class:`~attnkit.masks.KeyPadding`) aligned on the
   cache's offsets, so the tiled backend skips empty tiles and nothing ``(N, N)`` is built; any
   other ``mask_function(b, h, q_idx, kv_idx)`` becomes an attnkit ``mask_mod``.
 * **Weights from the fast path.** ``output_attentions=True`` returns exact weights computed by
@@ -221,13 +221,17 @@ def _translate(fn: Callable, d: int, kv_offset: int, kv_length: int, q_offset: i
         if qual.startswith("sliding_window_bidirectional_overlay."):  # |q - kv| <= w
             w = int(env["sliding_window"])
             return _masks.SlidingWindow(w, w, d)
+        if qual.startswith("chunked_overlay."):  # (kv - lp[b]) // c == (q - lp[b]) // c on absolute positions
+            lp = env["left_padding"]
+            shift = (lp.to(torch.long) - kv_offset) if isinstance(lp, torch.Tensor) else int(lp) - kv_offset
+            return _masks.Chunked(int(env["chunk_size"]), shift, d)
         if qual.startswith("padding_mask_function."):
             pm = env["padding_mask"]
             keep = pm[:, kv_offset:kv_offset + kv_length].to(torch.bool)
             if keep.shape[-1] < kv_length:
                 keep = torch.nn.functional.pad(keep, (0, kv_length - keep.shape[-1]))
             return _masks.KeyPadding(keep)
-    # anything else (chunked, packed sequences, block-wise overlays, a user's function): a mask_mod
+    # anything else (packed sequences, block-wise overlays, a user's function): a mask_mod
     # on absolute positions
     return _masks.from_mod(_Shifted(fn, q_offset, kv_offset))
 

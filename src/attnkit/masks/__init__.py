@@ -6,7 +6,7 @@ See :mod:`attnkit.masks.base` for the protocol and the alignment rule (bottom-ri
 
 from .base import (EMPTY, FULL, PARTIAL, And, FromMod, FromTensor, Mask, Not, Or, as_mask,
                    classify_dense, index_grid)
-from .basic import Causal, KeyPadding, SlidingWindow, causal, key_padding, sliding_window
+from .basic import Causal, Chunked, KeyPadding, SlidingWindow, causal, chunked, key_padding, sliding_window
 from .local import LocalP, local_m, local_p
 from .sparse import (BigBird, BlockSparse, DilatedWindow, Fixed, Longformer, Strided, bigbird, block_sparse,
                      dilated_window, fixed, longformer, strided)
@@ -24,7 +24,7 @@ def from_tensor(tensor) -> Mask:
 
 __all__ = [
     "EMPTY", "PARTIAL", "FULL", "Mask", "And", "Or", "Not", "FromMod", "FromTensor", "as_mask",
-    "classify_dense", "index_grid", "Causal", "SlidingWindow", "KeyPadding", "causal",
+    "classify_dense", "index_grid", "Causal", "SlidingWindow", "Chunked", "KeyPadding", "causal", "chunked",
     "sliding_window", "key_padding", "from_mod", "from_tensor", "LocalP", "local_m", "local_p",
     "BlockSparse", "Strided", "Fixed", "Longformer", "BigBird", "DilatedWindow", "block_sparse", "strided",
     "fixed", "longformer", "bigbird", "dilated_window",

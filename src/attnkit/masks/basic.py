@@ -1,4 +1,4 @@
-"""Causal, sliding-window and key-padding masks."""
+"""Causal, sliding-window, chunked and key-padding masks."""
 
 from __future__ import annotations
 
@@ -84,6 +84,69 @@ class SlidingWindow(Mask):
         full = (ks >= qe - self.left) & (ke <= qs + self.right)
         empty = (ke < qs - self.left) | (ks > qe + self.right)
         return classes_from(full, empty)
+
+
+class Chunked(Mask):
+    """Chunked (block-diagonal) attention: the sequence is cut into chunks of ``size`` positions
+    and a query sees only the keys of its own chunk (Llama 4's local layers; combine with
+    :func:`causal` for the causal version). ``shift`` moves the chunk boundaries: key ``k`` is in
+    chunk ``(k - shift) // size``, so a batch of left-padded sequences passes its padding
+    lengths ``(B,)`` and chunks start at each sequence's first real token.
+
+    Alignment as for :class:`Causal`. ``chunked(2) & causal()`` on 5 tokens::
+
+        x . . . .
+        x x . . .
+        . . x . .
+        . . x x .
+        . . . . x
+    """
+
+    def __init__(self, size: int, shift: "int | Tensor" = 0, align: "str | int" = "bottom_right"):
+        self.size = int(check_positive("size", size, integer=True))
+        if isinstance(shift, torch.Tensor):
+            if shift.dim() != 1 or shift.is_floating_point() or shift.dtype == torch.bool:
+                raise ValueError(f"chunked shift must be an int or an integer tensor of shape (B,); "
+                                 f"got {shift.dtype} of shape {shape_str(shift)}")
+        else:
+            shift = int(shift)
+        self.shift = shift
+        self.align = check_align(align)
+
+    def check(self, batch, heads, num_queries, num_keys):
+        if isinstance(self.shift, torch.Tensor) and self.shift.shape[0] not in (1, batch):
+            raise ValueError(f"chunked shift was built for batch {self.shift.shape[0]} but the inputs have batch {batch}")
+
+    def _shift(self, b, device):
+        if isinstance(self.shift, torch.Tensor):
+            return self.shift.to(device)[b] if self.shift.shape[0] > 1 else self.shift.to(device)[0]
+        return self.shift
+
+    def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
+        s = self._shift(b, q_idx.device)
+        pos = q_idx + query_offset(self.align, num_queries, num_keys)
+        return torch.div(kv_idx - s, self.size, rounding_mode="floor") == torch.div(pos - s, self.size,
+                                                                                     rounding_mode="floor")
+
+    def classify_blocks(self, num_queries, num_keys, block_q, block_k, batch=1, heads=1, device=None):
+        self.check(batch, heads, num_queries, num_keys)
+        o = query_offset(self.align, num_queries, num_keys)
+        s = self.shift.to(device).view(-1, 1, 1) if isinstance(self.shift, torch.Tensor) else self.shift
+        qs, qe = (t.view(1, -1, 1) + o for t in tile_bounds(num_queries, block_q, device))
+        ks, ke = (t.view(1, 1, -1) for t in tile_bounds(num_keys, block_k, device))
+
+        def chunk(x):
+            return torch.div(x - s, self.size, rounding_mode="floor")
+
+        cq0, cq1, ck0, ck1 = chunk(qs), chunk(qe), chunk(ks), chunk(ke)
+        full = (cq0 == cq1) & (ck0 == ck1) & (cq0 == ck0)   # one chunk holds every row and every key
+        empty = (cq1 < ck0) | (ck1 < cq0)                   # the rows' chunks and the keys' never meet
+        full, empty = torch.broadcast_tensors(full, empty)
+        return classes_from(full, empty)[0].unsqueeze(1)    # (B', 1, nq, nk)
+
+    def __repr__(self):
+        shift = f"shift={shape_str(self.shift)}" if isinstance(self.shift, torch.Tensor) else f"shift={self.shift}"
+        return f"chunked({self.size}, {shift}, align={self.align!r})"
 
 
 class KeyPadding(Mask):
@@ -182,6 +245,18 @@ def sliding_window(left: int, right: int = 0, align: "str | int" = "bottom_right
         [1, 32, 33, 33]
     """
     return SlidingWindow(left, right, align)
+
+
+def chunked(size: int, shift: "int | Tensor" = 0, align: "str | int" = "bottom_right") -> Chunked:
+    """Each query sees only the keys of its own chunk of ``size`` positions (see :class:`Chunked`).
+
+    Example::
+
+        >>> import attnkit
+        >>> (attnkit.masks.chunked(2) & attnkit.masks.causal()).materialize(4, 4)[0, 0].int().tolist()
+        [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    """
+    return Chunked(size, shift, align)
 
 
 def key_padding(lengths_or_keep) -> KeyPadding:
