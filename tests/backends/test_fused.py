@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import attnkit
-import attnkit.kernels.tiled as kernel
+import attnkit.kernels.fused as kernel
+import attnkit.kernels.plan as plan_module
 from attnkit import masks, positions
 from attnkit.backends.tiled import TiledBackend
 from attnkit.testing import assert_close, assert_matches_float64_gold, make_qkv
@@ -142,10 +143,10 @@ def test_fused_plans_have_long_full_runs_and_short_partial_runs():
 
     x = torch.zeros(1, 1, 4096, 8)
     spec = canonicalize(x, x, x, mask=masks.causal() & masks.from_mod(lambda b, h, i, j: (j % 7) != 3))
-    plan = kernel.make_plan(spec, 128, 128, 4096, partial_chunk=256)
+    plan = plan_module.make_plan(spec, 128, 128, 4096, partial_chunk=256)
     assert max(r.stop - r.start for runs in plan.runs for r in runs if r.partial) == 256
     spec = canonicalize(x, x, x, mask=masks.causal())
-    plan = kernel.make_plan(spec, 128, 128, 4096, partial_chunk=256)
+    plan = plan_module.make_plan(spec, 128, 128, 4096, partial_chunk=256)
     last = plan.runs[-1]
     assert [(r.start, r.stop, r.partial) for r in last] == [(0, 3968, False), (3968, 4096, True)]
 
@@ -155,14 +156,14 @@ def test_mixed_runs_join_full_tiles_to_short_partial_runs():
 
     x = torch.zeros(1, 1, 2048, 8)
     spec = canonicalize(x, x, x, mask=masks.sliding_window(256))
-    plain = kernel.make_plan(spec, 128, 128, 2048, partial_chunk=1024)
-    mixed = kernel.make_plan(spec, 128, 128, 2048, partial_chunk=1024, mix=True)
+    plain = plan_module.make_plan(spec, 128, 128, 2048, partial_chunk=1024)
+    mixed = plan_module.make_plan(spec, 128, 128, 2048, partial_chunk=1024, mix=True)
     assert [len(r) for r in plain.runs[4:]] == [3] * 12  # partial, full, partial
     assert [[(r.start, r.stop, r.partial) for r in runs] for runs in mixed.runs[4:6]] == [
         [(256, 640, True)], [(384, 768, True)]]
     assert mixed.runs[4][0].full_parts == ((384, 512),)  # the predicate skips the full middle tile
     spec = canonicalize(x, x, x, mask=masks.causal())
-    mixed = kernel.make_plan(spec, 128, 128, 2048, partial_chunk=512, mix=True)
+    mixed = plan_module.make_plan(spec, 128, 128, 2048, partial_chunk=512, mix=True)
     assert [(r.start, r.stop, r.partial) for r in mixed.runs[3]] == [(0, 512, True)]
     assert [(r.start, r.stop, r.partial) for r in mixed.runs[8]] == [(0, 1024, False), (1024, 1152, True)]
 
@@ -247,8 +248,8 @@ def test_long_full_runs_are_cut_in_the_backward(calls, monkeypatch):
     monkeypatch.setattr(kernel, "_BWD_TEMP_BYTES", 2 * 4 * 8 * 8)  # 2 keys' worth of dk: cut at block_k
     q, k, v = make_qkv(2, 4, 70, 90, D=8, dtype=torch.float64, requires_grad=True)
     kw = dict(mask=masks.causal(), bias=positions.ALiBi(4))
-    assert list(kernel._split_full_runs([kernel.Run(0, 40, False), kernel.Run(40, 48, True)], 16)) == [
-        kernel.Run(0, 16, False), kernel.Run(16, 32, False), kernel.Run(32, 40, False), kernel.Run(40, 48, True)]
+    assert list(kernel._split_full_runs([plan_module.Run(0, 40, False), plan_module.Run(40, 48, True)], 16)) == [
+        plan_module.Run(0, 16, False), plan_module.Run(16, 32, False), plan_module.Run(32, 40, False), plan_module.Run(40, 48, True)]
     fast, ref = run(q, k, v, "tiled", **kw), run(q, k, v, "reference", **kw)
     assert calls["backward"] == 1
     for name, a, b in zip(["out", "weights", "dq", "dk", "dv"], fast, ref):

@@ -15,7 +15,7 @@ import torch
 
 import attnkit
 import attnkit.backends.tiled as backend_mod
-import attnkit.kernels.tiled as kernel
+import attnkit.kernels.fused as kernel
 from attnkit import masks, positions
 from attnkit.backends.tiled import TiledBackend
 from attnkit.testing import assert_close, assert_matches_float64_gold, make_qkv

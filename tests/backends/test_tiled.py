@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 import attnkit
 from attnkit import masks, scores
 from attnkit.backends.tiled import TiledBackend
-from attnkit.kernels.tiled import make_plan, query_scale, tiled_forward
+from attnkit.kernels.plan import make_plan, query_scale
+from attnkit.kernels.tiled import tiled_forward
 from attnkit.masks.base import EMPTY, FULL, Mask
 from attnkit.spec import canonicalize
 from attnkit.testing import assert_close, assert_close_to_gold, assert_matches_float64_gold, make_qkv

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from ..kernels.dropout import draw_seed
-from ..kernels.tiled import TiledAttentionFn, can_prescale, fusable, make_plan, query_scale, tiled_weights
+from ..kernels.fused import fusable
+from ..kernels.plan import can_prescale, make_plan, query_scale
+from ..kernels.tiled import TiledAttentionFn, tiled_weights
 from ..normalizers.base import Normalize, Sigmoid, Softmax
 from ..positions.base import TensorBias
 from ..linear import linear_attention
@@ -56,7 +58,7 @@ class TiledBackend:
 
     def __init__(self, block_q: int = 128, block_k: int = 128, kv_chunk: int = 1024, fuse: bool = True):
         self.block_q, self.block_k, self.kv_chunk = block_q, block_k, kv_chunk
-        #: hand softmax/dot runs to torch's fused CPU flash kernel (see kernels.tiled.fused_forward)
+        #: hand softmax/dot runs to torch's fused CPU flash kernel (see kernels.fused)
         self.fuse = fuse
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:

@@ -1,0 +1,103 @@
+"""The plan of the tiled engine: which (query block, key block) tiles a mask leaves alive, grouped
+into runs of consecutive live key blocks that one matmul covers.
+
+Masks are classified per tile (EMPTY / PARTIAL / FULL) by :meth:`attnkit.masks.Mask.classify_blocks`:
+empty tiles are never computed, full ones skip the predicate. A plan is *prescaled* when the
+queries can carry ``scale / temperature`` (a dot score whose mods are row-separable biases).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..masks.base import EMPTY, FULL
+from ..normalizers.base import Softmax
+from ..spec import AttentionSpec
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive live key blocks ``[start, stop)`` of one query block."""
+
+    start: int
+    stop: int
+    partial: bool  # the mask predicate must be evaluated on this run
+    #: key ranges of a mixed run (``make_plan(mix=True)``) whose tiles are full: the predicate
+    #: is evaluated on the rest of the run only
+    full_parts: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    block_q: int
+    block_k: int
+    q_blocks: tuple[tuple[int, int], ...]
+    runs: tuple[tuple[Run, ...], ...]  # one tuple of runs per query block
+    live_tiles: int
+    total_tiles: int
+    #: the queries arrive pre-multiplied by ``scale / temperature`` (dot scores without score
+    #: mods): one pass over q instead of one over every tile of scores, forward and backward
+    prescaled: bool = False
+    #: runs go to torch's fused flash kernel (:func:`fused_forward`; requires ``prescaled``)
+    fused: bool = False
+
+
+def make_plan(spec: AttentionSpec, block_q: int, block_k: int, kv_chunk: int, device=None,
+              partial_chunk: int | None = None, mix: bool = False) -> Plan:
+    """Classify tiles and group the live ones into runs of at most ``kv_chunk`` keys
+    (``partial_chunk`` for runs whose mask must be evaluated; default ``kv_chunk``). Runs are
+    of one class, unless ``mix``: then full tiles may join partial ones in a partial run of at
+    most ``partial_chunk`` keys (fewer, larger calls where evaluating a short mask is cheap)."""
+    Tq, Tk = spec.Tq, spec.Tk
+    nq, nk = -(-Tq // block_q), -(-Tk // block_k)
+    if spec.mask is None:
+        live = torch.ones(nq, nk, dtype=torch.bool)
+        full = live
+    else:
+        cls = spec.mask.classify_blocks(Tq, Tk, block_q, block_k, spec.B, spec.H, device=device).flatten(0, 1)
+        live = (cls != EMPTY).any(0).cpu()
+        full = (cls == FULL).all(0).cpu()
+    per_run = max(1, kv_chunk // block_k)
+    per_partial_run = per_run if partial_chunk is None else max(1, partial_chunk // block_k)
+    runs = []
+    for i in range(nq):
+        row, cur = [], None  # cur: [first tile, stop tile, partial, full tiles]
+        for j in torch.nonzero(live[i]).flatten().tolist():
+            partial = not bool(full[i, j])
+            # a run is consecutive tiles of one class (full runs never evaluate the predicate),
+            # or with ``mix`` a short run of both classes, evaluated as partial
+            joined = (cur is not None and cur[2]) or partial
+            fits = cur is not None and cur[1] == j and (mix or cur[2] == partial)
+            if fits and cur[1] + 1 - cur[0] <= (per_partial_run if joined else per_run):
+                cur = [cur[0], j + 1, joined, cur[3] + ([] if partial else [j])]
+            else:
+                if cur is not None:
+                    row.append(cur)
+                cur = [j, j + 1, partial, [] if partial else [j]]
+        if cur is not None:
+            row.append(cur)
+        runs.append(tuple(
+            Run(a * block_k, min(b * block_k, Tk), p,
+                tuple((j * block_k, min((j + 1) * block_k, Tk)) for j in fulls) if p else ())
+            for a, b, p, fulls in row))
+    q_blocks = tuple((i * block_q, min((i + 1) * block_q, Tq)) for i in range(nq))
+    return Plan(block_q, block_k, q_blocks, tuple(runs), int(live.sum()), nq * nk, can_prescale(spec))
+
+
+def can_prescale(spec: AttentionSpec) -> bool:
+    """Whether the queries can carry ``scale / temperature``: no mod sits between the dot product
+    and the normalizer, or (softmax only) every mod is a row-separable bias added as one row per
+    tile (:meth:`ScoreMod.key_bias`)."""
+    if not spec.score.tile_is_dot:
+        return False
+    if not spec.score_mods:
+        return True
+    zero = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    return type(spec.normalizer) is Softmax and all(
+        m.key_bias(zero, zero, 0, spec.Tq, spec.Tk) is not None for m in spec.score_mods)
+
+
+def query_scale(spec: AttentionSpec) -> float:
+    """``scale / temperature``: what a prescaled plan multiplies the queries by."""
+    return spec.scale / (spec.normalizer.temperature if isinstance(spec.normalizer, Softmax) else 1.0)
