@@ -215,12 +215,29 @@ def test_full_tiles_skip_the_mask_predicate():
     assert m.evaluated <= 4 * 16 * 16
 
 
-def test_weights_do_not_change_which_kernel_computed_the_output():
+def test_weights_do_not_change_which_kernel_computed_the_output_under_autograd():
     q, k, v = make_qkv(1, 2, 40, 40, D=4, dtype=torch.float64)
+    q.requires_grad_()
     out = attnkit.attention(q, k, v, mask=masks.causal(), backend="tiled")
     out_w, w = attnkit.attention(q, k, v, mask=masks.causal(), backend="tiled", return_weights=True)
     assert torch.equal(out, out_w)
     assert_close(w @ v, out)
+
+
+def test_every_weight_without_autograd_comes_with_the_output_from_one_pass(monkeypatch):
+    """No gradient, every weight asked for: the output is the weights times v (one set of scores),
+    equal to the tiled kernel's output to rounding; no forward kernel runs."""
+    import attnkit.kernels.tiled as tiled_kernel
+
+    q, k, v = make_qkv(1, 2, 40, 40, D=4, dtype=torch.float64)
+    out = attnkit.attention(q, k, v, mask=masks.causal(), backend="tiled")
+    ran = []
+    monkeypatch.setattr(tiled_kernel.TiledAttentionFn, "apply", lambda *a: ran.append(a))
+    with torch.no_grad():
+        out_w, w = attnkit.attention(q, k, v, mask=masks.causal(), backend="tiled", return_weights=True)
+    assert not ran
+    assert torch.equal(out_w, w @ v)
+    assert_close(out_w, out)
 
 
 def test_tiled_refuses_what_it_cannot_do_and_says_why():

@@ -3,7 +3,9 @@
 Serves softmax (any temperature) and sigmoid over every tileable score (dot, scaled dot,
 cosine, bilinear, additive), any mask (empty tiles skipped) and any score mod, with GQA, in
 ``O(block · chunk)`` memory. Weights, when requested, are recomputed exactly per tile from
-the saved log-sum-exp; the output still comes from the tiled kernel.
+the saved log-sum-exp (the output still comes from the tiled kernel), or, when every weight is
+asked for and nothing needs a gradient, computed with the output in one pass over the rows
+(:mod:`attnkit.kernels.weights`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from torch import nn
 from ..kernels.dropout import draw_seed
 from ..kernels.fused import fusable
 from ..kernels.plan import can_prescale, make_plan, query_scale
-from ..kernels.tiled import TiledAttentionFn, tiled_weights
+from ..kernels.tiled import TiledAttentionFn
+from ..kernels.weights import tiled_weights, weights_pass
 from ..normalizers.base import Normalize, Sigmoid, Softmax
 from ..positions.base import TensorBias
 from ..linear import linear_attention
@@ -117,7 +120,20 @@ class TiledBackend:
         if self.chunked_linear(spec):
             return "linear attention in its O(T·D²) chunked form"
         return ("tile by tile: masked-out tiles skipped, no (Tq x Tk) tensor kept"
-                + ("; weights recomputed for the rows asked for" if spec.return_weights else ""))
+                + ("; weights computed with the output in one pass when every weight is asked for and nothing "
+                   "needs a gradient, else recomputed for the rows asked for" if spec.return_weights else ""))
+
+    @staticmethod
+    def one_pass_weights(spec: AttentionSpec, seed, params, *tensors: Tensor) -> bool:
+        """Every weight asked for, no dropout, no gradient: :func:`~attnkit.kernels.weights.weights_pass`
+        computes the output and the weights from one set of scores (``output_attentions`` under
+        ``torch.no_grad()``); otherwise the output comes from the tiled kernel and the weights
+        asked for are recomputed from its log-sum-exp."""
+        if not spec.return_weights or seed is not None or params:
+            return False
+        if spec.weights is not None and (spec.weights.heads is not None or spec.weights.rows is not None):
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
         if self.chunked_linear(spec):
@@ -150,6 +166,9 @@ class TiledBackend:
             plan = replace(plan, fused=True)
         if plan.prescaled:
             qp = qp * query_scale(spec)
+        if self.one_pass_weights(spec, seed, params, qp, kp, v):
+            out, weights = weights_pass(qp, kp, v, spec, plan, weights_dtype=dtype)
+            return out.to(dtype), weights
         out, lse = TiledAttentionFn.apply(qp, kp, v, spec, plan, seed, *params)
         weights = None
         if spec.return_weights:

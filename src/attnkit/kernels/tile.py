@@ -88,3 +88,20 @@ def dropout_rows(seed: int | None, spec: AttentionSpec, qs: int, qe: int, device
 def normalizer_kind(spec: AttentionSpec) -> str:
     n = spec.normalizer
     return "sigmoid" if isinstance(n, Sigmoid) else "normalize" if isinstance(n, Normalize) else "softmax"
+
+
+def probabilities(s: Tensor, lse_i: Tensor | None, spec: AttentionSpec, allowed: Tensor | None) -> Tensor:
+    """A tile's normalized weights from its scores ``s`` and its rows' statistic ``lse_i`` (the
+    log-sum-exp for softmax, the denominators for :class:`Normalize`; unused for sigmoid), zero
+    where ``allowed`` is False."""
+    kind = normalizer_kind(spec)
+    if kind == "sigmoid":
+        p = torch.sigmoid(s + spec.normalizer.offset(spec.Tk))
+    elif kind == "normalize":
+        p = s / lse_i.unsqueeze(-1)  # lse_i holds the denominators
+    else:
+        # dead rows have lse = -inf: make their probabilities 0 instead of e^(+inf)
+        p = torch.exp(s - lse_i.masked_fill(lse_i == NEG_INF, float("inf")).unsqueeze(-1))
+    if allowed is not None:
+        p = p.masked_fill(~allowed, 0.0)
+    return p

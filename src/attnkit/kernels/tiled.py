@@ -38,7 +38,7 @@ from . import fused
 from .dropout import keep_mask
 from .plan import Plan
 from .tile import NEG_INF as _NEG_INF
-from .tile import Tile, dropout_rows, expand, normalizer_kind, reduce_groups
+from .tile import Tile, dropout_rows, expand, normalizer_kind, probabilities, reduce_groups
 
 Tensor = torch.Tensor
 
@@ -109,53 +109,6 @@ def _drop(p: Tensor, rows: Tensor | None, grid, dropout_p: float, keep_scale: fl
     return p * (keep_mask(rows, grid[3], dropout_p).to(p.dtype) * keep_scale)
 
 
-def _weights(s: Tensor, lse_i: Tensor | None, spec: AttentionSpec, allowed: Tensor | None) -> Tensor:
-    kind = normalizer_kind(spec)
-    if kind == "sigmoid":
-        p = torch.sigmoid(s + spec.normalizer.offset(spec.Tk))
-    elif kind == "normalize":
-        p = s / lse_i.unsqueeze(-1)  # lse_i holds the denominators
-    else:
-        # dead rows have lse = -inf: make their probabilities 0 instead of e^(+inf)
-        p = torch.exp(s - lse_i.masked_fill(lse_i == _NEG_INF, float("inf")).unsqueeze(-1))
-    if allowed is not None:
-        p = p.masked_fill(~allowed, 0.0)
-    return p
-
-
-def tiled_weights(qp: Tensor, kp: Tensor, spec: AttentionSpec, lse: Tensor | None,
-                  heads: tuple[int, ...] | None = None, rows: tuple[int, ...] | None = None,
-                  block_q: int = 128, kv_chunk: int = 1024, prescaled: bool = False) -> Tensor:
-    """Exact weights ``(B, len(heads), len(rows), Tk)`` (all heads / rows when None), recomputed
-    from the saved log-sum-exp block by block: cost ``O(len(heads) · len(rows) · Tk)``."""
-    dev = qp.device
-    heads_t = torch.arange(spec.H, device=dev) if heads is None else torch.tensor(heads, device=dev)
-    rows_t = torch.arange(spec.Tq, device=dev) if rows is None else torch.tensor(rows, device=dev)
-    q_sel = qp.index_select(1, heads_t)                        # (B, h', Tq, D)
-    k_sel = kp.index_select(1, heads_t // spec.groups)         # key head of each query head
-    lse_sel = None if lse is None else lse.index_select(1, heads_t)
-    # every entry is written below (each row block sweeps all key chunks): no zero fill of a tensor that may be GiBs
-    w = torch.empty(spec.B, len(heads_t), len(rows_t), spec.Tk, dtype=qp.dtype, device=dev)
-    tile = Tile(spec, dev, prescaled)
-    tile.rows_block = block_q  # the lse of row i was taken relative to its forward block's first query
-    b = torch.arange(spec.B, device=dev).view(-1, 1, 1, 1)
-    h = heads_t.view(1, -1, 1, 1)
-    for r0 in range(0, len(rows_t), block_q):
-        r = rows_t[r0:r0 + block_q]
-        qi = q_sel.index_select(2, r)
-        lse_i = None if lse_sel is None else lse_sel.index_select(2, r)
-        for ks in range(0, spec.Tk, kv_chunk):
-            ke = min(ks + kv_chunk, spec.Tk)
-            grid = (b, h, r.view(1, 1, -1, 1), torch.arange(ks, ke, device=dev).view(1, 1, 1, -1))
-            allowed = None if spec.mask is None else tile.allowed(grid)
-            if allowed is not None and not bool(allowed.any()):  # a masked-out chunk (e.g. above the diagonal)
-                w[:, :, r0:r0 + len(r), ks:ke] = 0
-                continue
-            s = tile.scores(qi, k_sel[:, :, ks:ke], 0, ks, grid)
-            w[:, :, r0:r0 + len(r), ks:ke] = _weights(s, lse_i, spec, allowed)
-    return w
-
-
 def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, params: tuple[Tensor, ...],
                    seed: int | None = None):
     """Gradients of ``(qp, kp, v, *params)`` given ``dout``. With dropout (mask ``Z``, scale
@@ -194,7 +147,7 @@ def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, p
                     qi_ = qi.detach().requires_grad_()
                     kj_ = kp[:, :, r.start:r.stop].detach().requires_grad_()
                     s = tile.scores(qi_, expand(kj_, G), qs, r.start, grid)
-            p = _weights(s.detach(), lse_i, spec, allowed)
+            p = probabilities(s.detach(), lse_i, spec, allowed)
             dv[:, :, r.start:r.stop] += reduce_groups(_drop(p, rows, grid, spec.dropout_p, keep_scale).transpose(-2, -1)
                                                        @ doi, G)
             dp = _drop(doi @ vj.transpose(-2, -1), rows, grid, spec.dropout_p, keep_scale)
