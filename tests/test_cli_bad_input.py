@@ -17,8 +17,9 @@ import pytest
 
 from attnkit import cli
 from attnkit.tasks import dates
-from attnkit.tasks.base import decode_utf8, split_lines
 from attnkit.tasks.dates import NOT_A_DATE, is_iso_date
+from attnkit.tasks.dates import task as dates_task  # the module DatesTask.translate runs in
+from attnkit.tasks.io import decode_utf8, split_lines
 
 QUIET = ["--threads", "1", "--no-progress"]
 EN = "a dog cat runs sleeps the big small red man woman park ball".split()
@@ -135,7 +136,7 @@ def test_outputs_that_are_not_calendar_dates_are_marked(ckpts, capsys, monkeypat
         return [{"31/31/2020": "2020-31-31", "29 Feb 2020": "2020-02-29", "30 Feb 2021": "2021-02-30",
                  "??": "", "": ""}[s] for s in sources], [None] * len(sources)
 
-    monkeypatch.setattr(dates, "decode", fake_decode)
+    monkeypatch.setattr(dates_task, "decode", fake_decode)
     code, out, _ = run(["translate", ckpts["dates"], "31/31/2020", "29 Feb 2020", "", "30 Feb 2021", "??"], capsys)
     assert code == 0
     assert out.split("\n")[:-1] == ["2020-31-31  [not a valid date]", "2020-02-29", "", "2021-02-30  [not a valid date]",

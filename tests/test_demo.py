@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from attnkit import checkpoint as ck
-from attnkit.tasks.dates import DatesTask, _rebuild, decode, load_splits
+from attnkit.tasks.dates import DatesTask, decode, load_splits, rebuild
 from attnkit.viz.heatmap import alignment_size
 
 KINDS = ["en:{d} {MMMM} {yyyy}", "zh:{yyyy}年{m}月{d}日", "num:{mm}/{dd}/{yy}"]
@@ -47,7 +47,7 @@ def field_masses(checkpoint_dir, kinds=KINDS, border=0):
     """``{kind: {field: (mean mass, number of examples)}}`` over the correctly normalized test
     examples of each kind: the attention of the field's output digits summed over the field's
     source characters (widened by ``border`` characters on each side), averaged over the digits."""
-    model, sv, tv, cfg = _rebuild(ck.load_checkpoint(checkpoint_dir))
+    model, sv, tv, cfg = rebuild(ck.load_checkpoint(checkpoint_dir))
     test = load_splits(cfg["data"])["test"]
     out = {}
     for kind in kinds:

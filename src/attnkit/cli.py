@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .tasks.base import decode_utf8, positive_float, positive_int, split_lines
+from .tasks.args import positive_float, positive_int
+from .tasks.io import decode_utf8, split_lines
 
 
 class UsageError(ValueError):
@@ -308,7 +309,8 @@ def _image_task(rest: Sequence[str]):
 def viz_image_main(argv: Sequence[str]) -> int:
     """``attnkit viz CHECKPOINT --index N`` for image tasks: writes ``image_attention.png`` (via
     :func:`attnkit.viz.image.image_attention_png`) and ``image_attention.tsv`` into ``--out``."""
-    from .tasks.base import nonnegative_int
+    from .tasks.args import nonnegative_int
+    from .viz.cli import report
 
     p = _Parser(prog="attnkit viz", description="Draw where an image model looks: one image of a split, beside "
                                                 "the model's attention over its patches (or rows) laid on it.")
@@ -320,7 +322,8 @@ def viz_image_main(argv: Sequence[str]) -> int:
     p.add_argument("--out", default="attnkit-viz", help="output folder (default ./attnkit-viz)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    try:
+
+    def work() -> tuple[list[str], list[Path]]:
         args = p.parse_args(list(argv))
         if args.text is not None:
             raise ValueError("--text: an image checkpoint draws one of its images, not text: choose it with "
@@ -332,17 +335,10 @@ def viz_image_main(argv: Sequence[str]) -> int:
 
         set_threads(args.threads)
         files, r = _viz_image(args)
-    except (ValueError, TypeError, OSError) as e:
-        if os.environ.get("ATTNKIT_DEBUG"):
-            raise
-        print(f"attnkit viz: error: {e}", file=sys.stderr)
-        return 2
-    print(f"input:  {args.split} image {args.index} (label {r.label})")
-    print(f"output: {r.prediction} (p = {r.probability:.3f})")
-    print(f"  {r.description}: {', '.join(r.maps)}")
-    for f in files:
-        print(f"wrote {f}")
-    return 0
+        return [f"input:  {args.split} image {args.index} (label {r.label})",
+                f"output: {r.prediction} (p = {r.probability:.3f})", f"  {r.description}: {', '.join(r.maps)}"], files
+
+    return report(work, (ValueError, TypeError, OSError))
 
 
 def _viz_image(args: argparse.Namespace):

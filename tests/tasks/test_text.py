@@ -9,7 +9,7 @@ import torch
 
 from attnkit import cli, tasks
 from attnkit.checkpoint import load_checkpoint
-from attnkit.tasks.text import encode_batch, read_sst2_tsv, resolve_data_dir, split_clauses
+from attnkit.tasks.sst2 import encode_batch, read_sst2_tsv, resolve_data_dir, split_clauses
 from attnkit.tasks.vocab import Vocab
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"

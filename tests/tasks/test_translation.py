@@ -15,7 +15,7 @@ from attnkit.checkpoint import load_checkpoint
 from attnkit.cli import _common_train_options, main
 from attnkit.tasks import get
 from attnkit.tasks.subword import SentencePieceTokenizer, WordTokenizer, from_config, train_tokenizers
-from attnkit.tasks.translation import read_lines, read_parallel, token_batches
+from attnkit.tasks.multi30k import read_lines, read_parallel, token_batches
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 M30K = DATA / "multi30k"
@@ -267,7 +267,7 @@ def test_word_tokenizer_and_joint_or_separate_vocabularies():
 @pytest.mark.parametrize("layout", ["raw", "tok"])
 def test_real_multi30k_line_counts_match_the_readme(layout):
     task_args = argparse.Namespace(data=str(M30K), src="en", tgt="de", raw=layout == "raw")
-    from attnkit.tasks.translation import resolve_files
+    from attnkit.tasks.multi30k import resolve_files
 
     files = resolve_files(task_args, required=("train", "valid", "test"))
     counts = {s: tuple(len(read_lines(p)) for p in files[s]) for s in files}

@@ -16,9 +16,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import models
-from ..checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
+from ..checkpoint import Checkpoint, load_weights, save_checkpoint
 from ..training import fit, format_metrics, rng_state, set_rng_state
-from .base import Task, TrainResult, fraction, nonnegative_float, positive_float, positive_int
+from .args import fraction, nonnegative_float, positive_float, positive_int
+from .base import Task, TrainResult
 
 Tensor = torch.Tensor
 Batch = tuple[Tensor, Tensor]
@@ -123,20 +124,27 @@ def train_classifier(task: Task, args: argparse.Namespace, *, model_name: str, m
                                                     "stopped": hist.stopped})
 
 
+class ClassifierTask(Task):
+    """A task whose model :func:`train_classifier` trains (digits, mnist, sst2). Subclasses set the
+    recipe's defaults, which ``--epochs``, ``--lr``, ``--weight-decay`` and ``--label-smoothing``
+    override (``batch_size`` is the default of ``--batch-size``, which the task's data reads)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    label_smoothing: float
+
+    def fit_classifier(self, args: argparse.Namespace, **kwargs: Any) -> TrainResult:
+        """:func:`train_classifier` of this task, with its defaults for the options ``args`` leaves unset."""
+        return train_classifier(
+            self, args, epochs=self.epochs, lr=args.lr or self.lr,
+            weight_decay=self.weight_decay if args.weight_decay is None else args.weight_decay,
+            label_smoothing=self.label_smoothing if args.label_smoothing is None else args.label_smoothing, **kwargs)
+
+
 def start_epoch_of(resume: Checkpoint | None) -> int:
     return 0 if resume is None else int(resume.trainer_state["epoch"])
-
-
-def load_resume(task: Task, args: argparse.Namespace) -> Checkpoint | None:
-    """The checkpoint in ``--out`` with its trainer state when ``--resume`` is given, else None
-    (and then ``--out`` must not hold another task's checkpoint)."""
-    if not getattr(args, "resume", False):
-        return None
-    ckpt = load_checkpoint(args.out, with_trainer=True)
-    if ckpt.config.get("task") != task.name:
-        raise ValueError(f"--resume: checkpoint {str(args.out)!r} is for task {ckpt.config.get('task')!r}, "
-                         f"not {task.name!r}")
-    return ckpt
 
 
 def build_model_config(args: argparse.Namespace, defaults: dict[str, dict[str, Any]], fixed: dict[str, Any],
@@ -185,5 +193,5 @@ def rebuild_model(checkpoint: Checkpoint, device: str = "cpu") -> torch.nn.Modul
     return load_weights(model, checkpoint).to(device).eval()
 
 
-__all__ = ["train_classifier", "accuracy", "rebuild_model", "load_resume", "build_model_config",
+__all__ = ["train_classifier", "ClassifierTask", "accuracy", "rebuild_model", "build_model_config",
            "add_model_arguments", "start_epoch_of", "COMMON_OPTIONS", "Batch"]

@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["main", "build_parser", "Example", "run", "ADAPTERS"]
+__all__ = ["main", "build_parser", "Example", "run", "report", "ADAPTERS"]
 
 
 @dataclass
@@ -120,7 +120,7 @@ def _piece(tok, i: int) -> str:
 
 
 def _translation(ckpt, text: str, device: str) -> Example:
-    from ..tasks import translation
+    from ..tasks.multi30k.recipe import forward, generate
     from ..tasks.subword import from_config
     from ..tasks.vocab import pad_batch
 
@@ -136,16 +136,16 @@ def _translation(ckpt, text: str, device: str) -> Example:
     src, lengths = src.to(device), lengths.to(device)
     dk = cfg.get("decode", {})
     max_len = int(dk.get("max_len_a", 1.5) * len(ids) + dk.get("max_len_b", 10))
-    out = list(translation.generate(model, src, lengths, beam=1, max_len=max_len)[0])
+    out = list(generate(model, src, lengths, beam=1, max_len=max_len)[0])
     ended = len(out) < max_len  # the model produced </s>: one more step, whose row is labelled </s>
     tgt_in = torch.tensor([[tgt_tok.bos_id] + (out if ended else out[:-1])], device=device)
     return Example([_piece(src_tok, i) for i in ids], [_piece(tgt_tok, i) for i in out] + (["</s>"] if ended else []),
-                   tgt_tok.decode(out), lambda: translation.forward(model, src, lengths, tgt_in),
+                   tgt_tok.decode(out), lambda: forward(model, src, lengths, tgt_in),
                    description=f"{cfg['model']} translation")
 
 
 def _sst2(ckpt, text: str, device: str) -> Example:
-    from ..tasks.text import tokenize
+    from ..tasks.sst2.data import tokenize
     from ..tasks.vocab import Vocab
 
     cfg = ckpt.config
@@ -299,10 +299,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def report(work: Callable[[], tuple[Sequence[str], Sequence[Path]]],
+           errors: tuple[type[Exception], ...]) -> int:
+    """Run ``work`` and end an ``attnkit viz`` command: its lines and a ``wrote FILE`` line for each
+    file it wrote, exit status 0; or, when it raises one of ``errors``, one line
+    ``attnkit viz: error: ...`` on stderr and exit status 2 (``ATTNKIT_DEBUG=1`` shows the traceback)."""
+    try:
+        lines, files = work()
+    except errors as e:
+        if os.environ.get("ATTNKIT_DEBUG"):
+            raise
+        print(f"attnkit viz: error: {e}", file=sys.stderr)
+        return 2
+    for line in lines:
+        print(line)
+    for f in files:
+        print(f"wrote {f}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``attnkit viz``'s entry point; returns the exit status."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
+
+    def work() -> tuple[list[str], list[Path]]:
         if args.threads is not None:
             if args.threads < 1:
                 raise ValueError(f"--threads must be >= 1; got {args.threads}")
@@ -315,18 +335,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"--align-layer must be an int or 'mean'; got {args.align_layer!r}") from None
         res = run(args.checkpoint, args.text, args.out, backend=args.backend, device=args.device, flow=args.flow,
                   pictures=args.pictures, align_layer=align)
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as e:
-        if os.environ.get("ATTNKIT_DEBUG"):
-            raise
-        print(f"attnkit viz: error: {e}", file=sys.stderr)
-        return 2
-    print(f"input:  {args.text}")
-    print(f"output: {res.example.output}")
-    for g in res.groups:
-        print(f"  {g.title}: {len(g.layers[0].heads)} head(s), {g.num_queries} × {g.num_keys}")
-    for f in res.files:
-        print(f"wrote {f}")
-    return 0
+        return [f"input:  {args.text}", f"output: {res.example.output}",
+                *(f"  {g.title}: {len(g.layers[0].heads)} head(s), {g.num_queries} × {g.num_keys}"
+                  for g in res.groups)], res.files
+
+    return report(work, (ValueError, TypeError, FileNotFoundError, NotADirectoryError))
 
 
 if __name__ == "__main__":  # pragma: no cover
