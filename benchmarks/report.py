@@ -48,7 +48,8 @@ ONE_RUN = {"classifiers.jsonl": "python benchmarks/classifiers.py --task TASK --
            "multi30k_transformer.json": "python benchmarks/multi30k.py --model transformer --threads 1 --out DIR "
                                         f"--results {RES}multi30k_transformer.json",
            "multi30k_seq2seq.json": "python benchmarks/multi30k.py --model seq2seq --threads 1 --out DIR "
-                                    f"--results {RES}multi30k_seq2seq.json"}
+                                    f"--results {RES}multi30k_seq2seq.json",
+           "captioning.json": f"python benchmarks/captioning.py --threads 2 --json {RES}captioning.json"}
 
 
 # -- numbers -------------------------------------------------------------------------------------
@@ -321,6 +322,52 @@ def sources(results: Path) -> str:
     return "\n".join(out)
 
 
+def captioning_block(results: Path) -> str:
+    """The captioning targets (soft: BLEU-4 and attention correctness >= 0.6; hard: BLEU-4 within
+    10% of soft's) and each run's validation curve."""
+    cmd = ONE_RUN["captioning.json"]
+    d = load(results, "captioning.json")
+    if not d:
+        return f"Not yet measured — run: `{cmd}`, then `python benchmarks/report.py`."
+    m = d["machine"]
+    ok = [r for r in d["runs"] if r["rc"] == 0 and r["metrics"]]
+    by = {}
+    for r in ok:
+        by.setdefault(r.get("label", r["attention"]), []).append(r)
+
+    def med(kind, key):
+        vals = sorted(r["metrics"][key] for r in by.get(kind, []) if r["metrics"].get(key) is not None)
+        return vals[len(vals) // 2] if vals else None
+
+    lines = [f"Command: `{d['command']}` → `{RES}captioning.json`; run {d['date']} on {m['cpu']} ({m['cores']} cores), "
+             f"{m['threads']} thread(s), torch {m['torch']}; {d['repeat']} run(s) per attention kind (long trainings).",
+             "", "| attention | command | test BLEU-4 | CIDEr-D | attention correctness | target | | wall time | epochs |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    soft_bleu = med("soft", "test_bleu4")
+    for kind in by:
+        for r in by.get(kind, []):
+            mt = r["metrics"]
+            if kind == "soft":
+                target = "BLEU-4 ≥ 0.6 and attention correctness ≥ 0.6"
+                met = mt["test_bleu4"] >= 0.6 and (mt.get("test_attention_correctness") or 0) >= 0.6
+            elif kind != "hard":
+                target, met = "— (a comparison: what the penalty does)", None
+            else:
+                target = "BLEU-4 within 10% of soft's" + (f" (≥ {0.9 * soft_bleu:.3f})" if soft_bleu else "")
+                met = soft_bleu is not None and mt["test_bleu4"] >= 0.9 * soft_bleu
+            ac = mt.get("test_attention_correctness")
+            lines.append(f"| {kind} | `{r['command']}` | **{mt['test_bleu4']:.3f}** | {mt['test_cider_d']:.3f} | "
+                         f"{'—' if ac is None else f'**{ac:.3f}**'} ({mt.get('test_grounded_words', 0)} words) | "
+                         f"{target} | {'' if met is None else 'met' if met else '**missed**'} | {fmt(r['wall_s'], 's')} s (1 run) | "
+                         f"{len((r['history'] or {}).get('loss', []))} |")
+    lines += ["", "Validation BLEU-4 (greedy, 300 scenes) after each epoch:", "",
+              "| attention | " + " | ".join(str(i + 1) for i in range(max(len(r["history"]["valid_bleu4"]) for r in ok)))
+              + " |", "|---|" + "---|" * max(len(r["history"]["valid_bleu4"]) for r in ok)]
+    for r in ok:
+        lines.append(f"| {r.get('label', r['attention'])} | " + " | ".join(f"{v:.3f}" for v in r["history"]["valid_bleu4"]) + " |")
+    return "\n".join(lines)
+
+
 def render(results: Path) -> dict[str, dict[str, str]]:
     two, one = load(results, "engine_2threads.json"), load(results, "engine_1thread.json")
     causal = load(results, "causal_64k.json")
@@ -333,6 +380,7 @@ def render(results: Path) -> dict[str, dict[str, str]]:
             "engine-2threads": engine2,
             "engine-1thread": engine_table(one, COMMANDS["engine_1thread.json"], "engine_1thread.json"),
             "causal-64k": causal_table(causal), "threads": threads_table(one, two),
+            "captioning": captioning_block(results),
             "hf-targets": engine_table(load(results, "hf_2threads.json"), COMMANDS["hf_2threads.json"],
                                        "hf_2threads.json", targets=hf_targets.TARGETS, what="target")},
         "README.md": {"readme-quality": readme_quality(results),

@@ -303,18 +303,19 @@ def _image_task(rest: Sequence[str]):
         task = tasks.get(name)
     except (OSError, ValueError, TypeError, AttributeError):
         return None
-    return task if hasattr(task, "viz_image") else None
+    return task if hasattr(task, "viz_image") or hasattr(task, "viz_files") else None
 
 
 def viz_image_main(argv: Sequence[str]) -> int:
     """``attnkit viz CHECKPOINT --index N`` for image tasks: writes ``image_attention.png`` (via
-    :func:`attnkit.viz.image.image_attention_png`) and ``image_attention.tsv`` into ``--out``."""
+    :func:`attnkit.viz.image.image_attention_png`) and ``image_attention.tsv`` into ``--out``; for
+    captioning, the caption with one map per word (``caption_attention.png`` and ``.html``)."""
     from .tasks.args import nonnegative_int
     from .viz.cli import report
 
     p = _Parser(prog="attnkit viz", description="Draw where an image model looks: one image of a split, beside "
                                                 "the model's attention over its patches (or rows) laid on it.")
-    p.add_argument("checkpoint", help="checkpoint folder of an image task (digits, mnist)")
+    p.add_argument("checkpoint", help="checkpoint folder of an image task (digits, mnist, captioning)")
     p.add_argument("--index", type=nonnegative_int, default=0, help="which image of the split (default 0)")
     p.add_argument("--split", default="test", help="split the image comes from: train, valid, test (default test)")
     p.add_argument("--data", default=None, help="mnist: folder with the idx files (default: the one trained on)")
@@ -334,6 +335,13 @@ def viz_image_main(argv: Sequence[str]) -> int:
         from .training import set_threads
 
         set_threads(args.threads)
+        task = _image_task([args.checkpoint])
+        if task is not None and hasattr(task, "viz_files"):  # the task draws its own pictures (captioning)
+            from .checkpoint import load_checkpoint
+
+            files, lines = task.viz_files(load_checkpoint(args.checkpoint), split=args.split, index=args.index,
+                                          out=args.out)
+            return lines, files
         files, r = _viz_image(args)
         return [f"input:  {args.split} image {args.index} (label {r.label})",
                 f"output: {r.prediction} (p = {r.probability:.3f})", f"  {r.description}: {', '.join(r.maps)}"], files

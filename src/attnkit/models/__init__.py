@@ -16,6 +16,7 @@ _MODELS = {
     "Transformer": "transformer:Transformer",
     "AttentionMemoryClassifier": "memory:AttentionMemoryClassifier",
     "HierarchicalAttentionNetwork": "han:HierarchicalAttentionNetwork",
+    "ShowAttendTell": "captioner:ShowAttendTell",
 }
 
 __all__ = sorted(_MODELS) + ["get"]

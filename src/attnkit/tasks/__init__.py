@@ -30,6 +30,7 @@ _TASKS = {
     "digits": "images.task:DigitsTask",
     "mnist": "images.task:MnistTask",
     "sst2": "sst2.task:Sst2Task",
+    "captioning": "captioning.task:CaptioningTask",
 }
 
 
