@@ -133,7 +133,7 @@ def test_vocab_and_batching():
 
 
 def test_registries_list_valid_names():
-    with pytest.raises(ValueError, match="unknown task 'nope'; valid names: 'dates', 'digits'"):
+    with pytest.raises(ValueError, match="unknown task 'nope'; valid names: 'captioning', 'dates', 'digits'"):
         attnkit.tasks.get("nope")
     with pytest.raises(ValueError, match="unknown model 'GPT'; valid names: 'AttentionClassifier'"):
         attnkit.models.get("GPT")

@@ -33,7 +33,8 @@ class CaptioningTask(Task):
             "download); real data: a Karpathy-split JSON (Flickr8k/30k, COCO). Reports test BLEU-4, CIDEr-D and "
             "attention correctness.")
     writes = ("the checkpoint: model.safetensors, config.json (model, vocabulary, data, history, test metrics), "
-              "trainer.json + trainer.safetensors (for --resume) and checkpoint.json; attnkit viz draws the pictures")
+              "trainer.json + trainer.safetensors (for --resume) and checkpoint.json; no pictures (attnkit viz draws "
+              "them: one attention map per word over the image)")
     viz_args = "--index 0"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
