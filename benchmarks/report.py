@@ -298,6 +298,12 @@ def readme_quality(results: Path) -> str:
     text += "; ".join(parts)
     if m30k:
         text += "; Multi30k En→De test2016, 1 run each: " + "; ".join(m30k)
+    cap = {r.get("label"): r["metrics"] for r in (load(results, "captioning.json") or {}).get("runs", [])
+           if r.get("rc") == 0 and r.get("metrics")}
+    if "soft" in cap and "hard" in cap:
+        text += (f"; captioning (generated scenes, 1,000 test images, 1 run each): soft attention "
+                 f"**{cap['soft']['test_bleu4']:.3f} BLEU-4**, attention correctness "
+                 f"{cap['soft']['test_attention_correctness']:.3f}; hard attention {cap['hard']['test_bleu4']:.3f} BLEU-4")
     return text + "."
 
 
