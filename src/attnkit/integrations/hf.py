@@ -18,8 +18,8 @@ What it does differently from ``"sdpa"``:
   cache's offsets, so the tiled backend skips empty tiles and nothing ``(N, N)`` is built; any
   other ``mask_function(b, h, q_idx, kv_idx)`` becomes an attnkit ``mask_mod``.
 * **Weights from the fast path.** ``output_attentions=True`` returns exact weights computed by
-  the tiled backend (recomputed from the log-sum-exp, one block at a time), not by falling back
-  to eager.
+  the tiled backend (under ``torch.no_grad()``: with the output, from one set of scores, row block
+  by row block; see :mod:`attnkit.kernels.weights`), not by falling back to eager.
 * **Variants.** :func:`configure` swaps the normalizer (``"entmax15"``, ``"sigmoid"``, ...),
   the score, adds a mask (a window on a model trained without one) or a bias (ALiBi) on a
   pretrained architecture.
