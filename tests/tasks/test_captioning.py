@@ -250,7 +250,7 @@ def test_soft_attention_overfits_a_tiny_batch():
     first = None
     for _ in range(150):
         loss = step(batch)
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
