@@ -117,7 +117,13 @@ def quarantine(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
 
     Returns ``(q, k, v, spec, guard)``; ``guard`` is None when every input is finite (then the
     inputs come back untouched), else a :class:`Guard` whose :meth:`Guard.apply` writes the NaN
-    back into the result."""
+    back into the result.
+
+    Under ``torch.compile`` the check is skipped (it asks the data whether it is finite, which
+    would break the graph): compiled attention on non-finite inputs gives what torch's kernels
+    give (NaN spreads through the rows and columns it reaches)."""
+    if torch.compiler.is_compiling():
+        return q, k, v, spec, None
     bad = [None if all_finite(x) else ~torch.isfinite(x) for x in (q, k, v)]
     bias_bad, mods = None, list(spec.score_mods)
     for i, m in enumerate(mods):

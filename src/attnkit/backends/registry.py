@@ -102,7 +102,8 @@ def choose(spec: AttentionSpec, backend: str = "auto", *, strict: bool = True) -
                 why = b.auto_reasons(spec)  # preferences that apply to auto only (e.g. size)
             reasons[name] = why
             if not why:
-                log.debug("attnkit: auto picked %s", name)
+                if not torch.compiler.is_compiling():  # logging inside a compiled region breaks the graph
+                    log.debug("attnkit: auto picked %s", name)
                 return Choice(name, reasons, _because(name, spec, [n for n in reasons if n != name]))
         if not strict:
             return Choice(None, reasons)

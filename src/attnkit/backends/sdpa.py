@@ -57,7 +57,7 @@ class SDPABackend:
     def native_causal(self, spec: AttentionSpec) -> bool:
         m = spec.mask
         return (isinstance(m, Causal) and query_offset(m.align, spec.Tq, spec.Tk) == 0  # SDPA's is_causal is top-left
-                and not spec.score_mods)
+                and len(spec.score_mods) == 0)
 
     def auto_reasons(self, spec: AttentionSpec) -> list[str]:
         """SDPA serves masks and biases by materializing a (Tq, Tk) tensor and doing all Tq·Tk work;
@@ -93,11 +93,10 @@ class SDPABackend:
             is_causal = True
         elif m is not None:
             mask = m.materialize(spec.Tq, spec.Tk, spec.B, spec.H, device=q.device)
+            # rows with no live key: let them read every key (no NaN from an all -inf row), zeroed
+            # below; done without asking whether there are any, so a compiled graph does not break
             dead = ~mask.any(-1, keepdim=True)
-            if dead.any():
-                mask = mask | dead
-            else:
-                dead = None
+            mask = mask | dead
         if spec.score_mods:
             bias = sum(mod.materialize_bias(spec.Tq, spec.Tk, spec.B, spec.H, device=q.device, dtype=q.dtype)
                        for mod in spec.score_mods)

@@ -170,10 +170,13 @@ class KeyPadding(Mask):
         elif not x.is_floating_point() and not x.is_complex():
             if x.dim() != 1:
                 raise ValueError(f"key_padding(lengths) needs an integer tensor of shape (B,); got shape {shape_str(x)}")
-            if (x < 0).any():
-                raise ValueError(f"key_padding lengths must be >= 0; got {x.tolist()}")
             self.keep, self.lengths = None, x
-            self._max_length = int(x.max()) if x.numel() else 0  # checked on every call: compute once
+            if torch.compiler.is_compiling():  # checking the values would break a compiled graph
+                self._max_length = None
+            else:
+                if (x < 0).any():
+                    raise ValueError(f"key_padding lengths must be >= 0; got {x.tolist()}")
+                self._max_length = int(x.max()) if x.numel() else 0  # checked on every call: compute once
         else:
             raise TypeError(
                 f"key_padding takes integer lengths (B,) or a bool keep-mask (B, Tk); got dtype {x.dtype}"
@@ -187,7 +190,7 @@ class KeyPadding(Mask):
             raise ValueError(
                 f"key_padding keep-mask has {self.keep.shape[1]} keys but the inputs have Tk = {num_keys}"
             )
-        if self.lengths is not None and self._max_length > num_keys:
+        if self.lengths is not None and self._max_length is not None and self._max_length > num_keys:
             raise ValueError(f"key_padding lengths must be <= Tk = {num_keys}; got max {self._max_length}")
 
     def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):

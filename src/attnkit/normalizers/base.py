@@ -49,7 +49,8 @@ class Normalizer:
         check_scores(scores, mask)
         # a finite sum proves every score finite in one pass (a NaN or inf makes it NaN or inf);
         # a sum that is not finite (or overflows) takes the exact path below, which checks entry by entry
-        finite = bool(torch.isfinite(scores.detach().sum()))
+        # (under torch.compile the data is not asked: the general path below is branch-free)
+        finite = False if torch.compiler.is_compiling() else bool(torch.isfinite(scores.detach().sum()))
         if mask is None and finite:
             return self.normalize(scores)
         hidden = torch.isneginf(scores)  # a -inf score (e.g. from a bias) hides its key as the mask does
