@@ -82,3 +82,60 @@ def test_eager_still_quarantines_non_finite_inputs():
     q[0, 0, 3, 0] = float("nan")
     out = attnkit.attention(q, k, v, mask=masks.causal(), backend="sdpa")
     assert torch.isnan(out[0, 0, 3]).all() and torch.isfinite(out[0, 0, 4:]).all()
+
+
+# -- modules and models ---------------------------------------------------------------------------
+def _mha_calls():
+    mask = torch.ones(T, T, dtype=torch.bool).triu(1)  # torch's convention: True = not allowed
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[1, 30:] = True
+    return {"plain": dict(), "causal": dict(attn_mask=mask, is_causal=True), "key_padding_mask": dict(key_padding_mask=pad)}
+
+
+@pytest.mark.parametrize("call", list(_mha_calls()))
+def test_multihead_attention_compiles_fullgraph_and_equals_eager(call):
+    torch.manual_seed(0)
+    mha = attnkit.nn.MultiheadAttention(32, 4, batch_first=True)
+    kw = _mha_calls()[call]
+
+    def f(x):
+        return mha(x, x, x, need_weights=False, **kw)[0]
+
+    x = torch.randn(B, T, 32, requires_grad=True)
+    explained = dynamo.explain(f)(x)
+    assert explained.graph_break_count == 0, [str(b.reason).split("\n")[0] for b in explained.break_reasons]
+    dynamo.reset()
+    want = f(x)
+    gw = torch.autograd.grad(want.square().sum(), (x, next(mha.parameters())))
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    gg = torch.autograd.grad(got.square().sum(), (x, next(mha.parameters())))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b)
+
+
+def test_transformer_training_step_traces_without_a_graph_break():
+    from attnkit.models import Transformer
+
+    torch.manual_seed(0)
+    m = Transformer(50, 60, d_model=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
+                    dropout=0.0)
+    src = torch.randint(3, 50, (2, 11))
+    pad = torch.zeros(2, 11, dtype=torch.bool)
+    pad[1, 8:] = True
+    tgt = torch.randint(3, 60, (2, 9))
+
+    def loss(src, pad, tgt):
+        return m(src, pad, tgt).float().logsumexp(-1).sum()
+
+    explained = dynamo.explain(loss)(src, pad, tgt)
+    assert explained.graph_break_count == 0, [str(b.reason).split("\n")[0] for b in explained.break_reasons]
+    dynamo.reset()
+    want = loss(src, pad, tgt)
+    gw = torch.autograd.grad(want, list(m.parameters()), allow_unused=True)
+    got = torch.compile(loss, fullgraph=True, backend="aot_eager")(src, pad, tgt)
+    gg = torch.autograd.grad(got, list(m.parameters()), allow_unused=True)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(gg, gw):
+        if b is not None:
+            torch.testing.assert_close(a, b)
