@@ -94,9 +94,12 @@ class SDPABackend:
         elif m is not None:
             mask = m.materialize(spec.Tq, spec.Tk, spec.B, spec.H, device=q.device)
             # rows with no live key: let them read every key (no NaN from an all -inf row), zeroed
-            # below; done without asking whether there are any, so a compiled graph does not break
+            # below; eagerly only when there are any, compiled without asking (a graph break)
             dead = ~mask.any(-1, keepdim=True)
-            mask = mask | dead
+            if torch.compiler.is_compiling() or dead.any():
+                mask = mask | dead
+            else:
+                dead = None
         if spec.score_mods:
             bias = sum(mod.materialize_bias(spec.Tq, spec.Tk, spec.B, spec.H, device=q.device, dtype=q.dtype)
                        for mod in spec.score_mods)

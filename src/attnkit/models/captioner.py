@@ -152,21 +152,23 @@ class ShowAttendTell(nn.Module):
         mean = a.mean(1) if self.init_from_image else torch.zeros_like(a[:, 0])
         return a, (torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)))
 
-    def step(self, a: Tensor, y_prev: Tensor, state: tuple[Tensor, Tensor], sample: bool = False):
-        """One decoding step: ``(logits (B, V), state, alpha (B, L), beta (B,), log_prob, entropy)``
-        (the last two None unless hard attention samples)."""
+    def step(self, a: Tensor, y_prev: Tensor, state: tuple[Tensor, Tensor], sample: bool = False,
+             expected: bool = False):
+        """One decoding step: ``(logits (B, V), state, alpha (B, L), beta (B,), log_prob, entropy)``.
+        Hard attention reads the sampled location (``sample``, training), the expected context
+        ``sum_i alpha_i a_i`` (``expected``) or, in eval mode, the most probable location;
+        ``log_prob`` and ``entropy`` are None unless it samples."""
         h, c = state
         log_prob = entropy = None
         if self.attention_kind == "soft":
             ctx, alpha = self.attend(h, a, a)                       # (B, D), (B, L)
         else:
             ctx, _, s = self.attend(h.unsqueeze(1), a, a)          # one query per image
-            alpha = s.probs.squeeze(1)
-            if sample:
+            alpha, ctx = s.probs.squeeze(1), ctx.squeeze(1)
+            if expected:
+                ctx = torch.bmm(alpha.unsqueeze(1), a).squeeze(1)
+            elif sample:
                 log_prob, entropy = s.log_prob.squeeze(1), s.entropy.squeeze(1)
-                ctx = ctx.squeeze(1)
-            else:  # eval: the most probable location (greedy_eval), or expected context below
-                ctx = ctx.squeeze(1)
         beta = torch.sigmoid(self.f_beta(h)).squeeze(-1)            # (B,)
         z = beta.unsqueeze(-1) * ctx
         e = self.embed(y_prev)
@@ -181,30 +183,16 @@ class ShowAttendTell(nn.Module):
         sample = self.attention_kind == "hard" and self.training
         out: dict[str, list[Tensor]] = {"logits": [], "alphas": [], "betas": [], "log_probs": [], "entropy": []}
         for t in range(words_in.shape[1]):
-            if sample and torch.rand((), generator=self.attend.generator).item() < self.expected_share:
-                logits, state, alpha, beta = self._expected_step(a, words_in[:, t], state)
-                lp = ent = torch.zeros(images.shape[0], device=images.device)  # no sample: no REINFORCE term
-            else:
-                logits, state, alpha, beta, lp, ent = self.step(a, words_in[:, t], state, sample=sample)
+            expected = sample and torch.rand((), generator=self.attend.generator).item() < self.expected_share
+            logits, state, alpha, beta, lp, ent = self.step(a, words_in[:, t], state, sample=sample, expected=expected)
+            if expected:  # no sample: no REINFORCE term
+                lp = ent = torch.zeros(images.shape[0], device=images.device)
             for k, v in (("logits", logits), ("alphas", alpha), ("betas", beta), ("log_probs", lp),
                          ("entropy", ent)):
                 if v is not None:
                     out[k].append(v)
         stack = {k: (torch.stack(v, 1) if v else None) for k, v in out.items()}
         return CaptionerOutput(**stack)
-
-    def _expected_step(self, a: Tensor, y_prev: Tensor, state: tuple[Tensor, Tensor]):
-        """A hard-attention step that uses the expected context ``sum_i alpha_i a_i``."""
-        h, c = state
-        _, _, s = self.attend(h.unsqueeze(1), a, a)
-        alpha = s.probs.squeeze(1)
-        ctx = torch.bmm(alpha.unsqueeze(1), a).squeeze(1)
-        beta = torch.sigmoid(self.f_beta(h)).squeeze(-1)
-        z = beta.unsqueeze(-1) * ctx
-        e = self.embed(y_prev)
-        h, c = self.lstm(torch.cat([e, z], -1), (h, c))
-        logits = self.L_o(self.drop(e + self.L_h(h) + self.L_z(z)))
-        return logits, (h, c), alpha, beta
 
     # -- decoding --------------------------------------------------------------------------------
     @torch.no_grad()

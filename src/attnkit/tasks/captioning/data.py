@@ -34,7 +34,6 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -286,8 +285,3 @@ def read_karpathy(json_path: str | Path, image_dir: str | Path, size: int = CANV
         image = _load_image(root / rel, size, where)
         out[split].append(Scene(image, [Caption(s) for s in sentences], [], str(rel)))
     return out
-
-
-def splits_summary(splits: dict[str, Sequence[Scene]]) -> dict[str, Any]:
-    """Sizes and caption counts per split (for the checkpoint's config and the log)."""
-    return {k: {"images": len(v), "captions": sum(len(s.captions) for s in v)} for k, v in splits.items()}

@@ -238,10 +238,8 @@ def train(task_name: str, args: Any, resume=None, log: Callable[[str], None] = p
             raise ValueError("the training split is empty")
         attention = option(args, "attention", "soft")
         vocab = build_vocab(splits["train"], min_freq=1 if not data.get("karpathy_json") else 5)
-        image_size = splits["train"][0].image.shape[-1]
-        model_cfg = {**MODEL_DEFAULTS, "image_size": image_size}
-        model = ShowAttendTell(len(vocab), bos_id=vocab.bos_id, eos_id=vocab.eos_id, pad_id=vocab.pad_id,
-                               attention=attention, generator=torch.Generator().manual_seed(seed + 17), **model_cfg)
+        model_cfg = {**MODEL_DEFAULTS, "image_size": splits["train"][0].image.shape[-1]}
+        model = build_model(vocab, attention, model_cfg["image_size"], seed=seed)
         train_cfg = {k: option(args, k, v) for k, v in TRAIN_DEFAULTS.items()}
     model.to(option(args, "device", "cpu"))
     epochs = int(option(args, "epochs", EPOCHS))
