@@ -49,7 +49,8 @@ ONE_RUN = {"classifiers.jsonl": "python benchmarks/classifiers.py --task TASK --
                                         f"--results {RES}multi30k_transformer.json",
            "multi30k_seq2seq.json": "python benchmarks/multi30k.py --model seq2seq --threads 1 --out DIR "
                                     f"--results {RES}multi30k_seq2seq.json",
-           "captioning.json": f"python benchmarks/captioning.py --threads 2 --json {RES}captioning.json"}
+           "captioning.json": f"python benchmarks/captioning.py --threads 2 --json {RES}captioning.json",
+           "vqa.json": f"python benchmarks/vqa.py --threads 2 --repeat 3 --json {RES}vqa.json"}
 
 
 # -- numbers -------------------------------------------------------------------------------------
@@ -374,6 +375,67 @@ def captioning_block(results: Path) -> str:
     return "\n".join(lines)
 
 
+#: VQA targets: (label, metric key, threshold, what it says)
+VQA_TARGETS = {"easy-VQA, SAN": [("test_accuracy", 0.98, "accuracy ≥ 98%")],
+               "Sort-of-CLEVR, SAN": [("test_relational_accuracy", 0.90, "relational ≥ 90%"),
+                                      ("test_non_relational_accuracy", 0.98, "non-relational ≥ 98%")],
+               "Sort-of-CLEVR, Transformer": [("test_relational_accuracy", 0.90, "relational ≥ 90%"),
+                                              ("test_non_relational_accuracy", 0.98, "non-relational ≥ 98%")]}
+
+
+def _median_spread(vals: list[float]) -> tuple[float, float, float]:
+    vals = sorted(vals)
+    return vals[len(vals) // 2], vals[0], vals[-1]
+
+
+def vqa_block(results: Path) -> str:
+    """The VQA targets per variant (median over the stored runs, with the spread) and each run's
+    validation curve."""
+    cmd = ONE_RUN["vqa.json"]
+    d = load(results, "vqa.json")
+    if not d:
+        return f"Not yet measured — run: `{cmd}`, then `python benchmarks/report.py`."
+    m = d["machine"]
+    ok = [r for r in d["runs"] if r["rc"] == 0 and r["metrics"]]
+    by: dict[str, list] = {}
+    for r in ok:
+        by.setdefault(r["label"], []).append(r)
+    lines = [f"Command: `{d['command']}` → `{RES}vqa.json`; run {d['date']} on {m['cpu']} ({m['cores']} cores), "
+             f"{m['threads']} thread(s), torch {m['torch']}. Figures are the median over the runs (seeds 0, 1, …) "
+             "with the lowest and highest in brackets.", "",
+             "| data, model | runs | test accuracy | per kind of question | target | | wall time | epochs |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def cell(rs, key, pct=True):
+        vals = [r["metrics"][key] for r in rs if r["metrics"].get(key) is not None]
+        if not vals:
+            return "—"
+        mid, lo, hi = _median_spread(vals)
+        f = (lambda v: f"{100 * v:.2f}%") if pct else (lambda v: fmt(v, "s"))
+        return f"{f(mid)}" + (f" ({f(lo)}–{f(hi)})" if len(vals) > 1 else "")
+
+    for label, rs in by.items():
+        kinds = sorted({k for r in rs for k in r["metrics"] if k.endswith("_accuracy") and k not in
+                        ("test_accuracy", "test_vqa_accuracy")})
+        per_kind = "; ".join(f"{k[5:-9].replace('_', '-')} {cell(rs, k)}" for k in kinds)
+        targets, verdicts = [], []
+        for key, threshold, what in VQA_TARGETS.get(label, []):
+            vals = [r["metrics"].get(key) for r in rs if r["metrics"].get(key) is not None]
+            targets.append(what)
+            verdicts.append("met" if vals and _median_spread(vals)[0] >= threshold else "**missed**")
+        walls = [r["wall_s"] for r in rs]
+        mid, lo, hi = _median_spread(walls)
+        wall = f"{fmt(mid, 's')} s" + (f" ({fmt(lo, 's')}–{fmt(hi, 's')})" if len(walls) > 1 else "")
+        lines.append(f"| {label} (`{rs[0]['command'].replace(' --seed 0', '')}`) | {len(rs)} | **{cell(rs, 'test_accuracy')}** | "
+                     f"{per_kind} | {'; '.join(targets)} | {'; '.join(verdicts)} | {wall} | "
+                     f"{len((rs[0]['history'] or {}).get('loss', []))} |")
+    lines += ["", "Validation accuracy after each epoch (seed 0):", ""]
+    for label, rs in by.items():
+        h = rs[0]["history"]["valid_accuracy"]
+        lines.append(f"- {label}: " + ", ".join(f"{100 * v:.1f}%" for v in h))
+    return "\n".join(lines)
+
+
 def render(results: Path) -> dict[str, dict[str, str]]:
     two, one = load(results, "engine_2threads.json"), load(results, "engine_1thread.json")
     causal = load(results, "causal_64k.json")
@@ -387,6 +449,7 @@ def render(results: Path) -> dict[str, dict[str, str]]:
             "engine-1thread": engine_table(one, COMMANDS["engine_1thread.json"], "engine_1thread.json"),
             "causal-64k": causal_table(causal), "threads": threads_table(one, two),
             "captioning": captioning_block(results),
+            "vqa": vqa_block(results),
             "hf-targets": engine_table(load(results, "hf_2threads.json"), COMMANDS["hf_2threads.json"],
                                        "hf_2threads.json", targets=hf_targets.TARGETS, what="target")},
         "README.md": {"readme-quality": readme_quality(results),

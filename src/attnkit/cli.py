@@ -315,7 +315,7 @@ def viz_image_main(argv: Sequence[str]) -> int:
 
     p = _Parser(prog="attnkit viz", description="Draw where an image model looks: one image of a split, beside "
                                                 "the model's attention over its patches (or rows) laid on it.")
-    p.add_argument("checkpoint", help="checkpoint folder of an image task (digits, mnist, captioning)")
+    p.add_argument("checkpoint", help="checkpoint folder of an image task (digits, mnist, captioning, vqa)")
     p.add_argument("--index", type=nonnegative_int, default=0, help="which image of the split (default 0)")
     p.add_argument("--split", default="test", help="split the image comes from: train, valid, test (default test)")
     p.add_argument("--data", default=None, help="mnist: folder with the idx files (default: the one trained on)")

@@ -148,7 +148,7 @@ FRACTIONS = ("accuracy", "exact match")
 #: metrics already on a 0-100 scale (two decimals, no percent sign, as sacreBLEU prints them)
 PERCENT_SCALE = ("BLEU", "chrF")
 #: counts and settings: printed in parentheses after the metrics, e.g. "(360 examples, greedy)"
-COUNTS = ("examples", "sentences")
+COUNTS = ("examples", "sentences", "questions", "images")
 SETTINGS = ("beam", "signature")
 _NAMES = {"bleu": "BLEU", "chrf": "chrF", "ppl": "perplexity", "s": "seconds"}
 

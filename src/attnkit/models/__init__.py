@@ -17,6 +17,8 @@ _MODELS = {
     "AttentionMemoryClassifier": "memory:AttentionMemoryClassifier",
     "HierarchicalAttentionNetwork": "han:HierarchicalAttentionNetwork",
     "ShowAttendTell": "captioner:ShowAttendTell",
+    "StackedAttentionNetwork": "vqa:StackedAttentionNetwork",
+    "VqaTransformer": "vqa:VqaTransformer",
 }
 
 __all__ = sorted(_MODELS) + ["get"]

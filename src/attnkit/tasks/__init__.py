@@ -31,6 +31,7 @@ _TASKS = {
     "mnist": "images.task:MnistTask",
     "sst2": "sst2.task:Sst2Task",
     "captioning": "captioning.task:CaptioningTask",
+    "vqa": "vqa.task:VqaTask",
 }
 
 

@@ -1,0 +1,66 @@
+"""Shared by the task benchmarks (captioning.py, vqa.py): run ``attnkit train TASK`` in a
+subprocess, read what the checkpoint's ``config.json`` says (test metrics, per-epoch history), and
+store every run with its command, date, machine and wall time (a rerun of some variants keeps the
+stored runs of the others)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine(threads: int | None) -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = " ".join(line.split(":", 1)[1].split()[:2])
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__}
+
+
+def run(task: str, label: str, options: list[str], folder: Path, threads: int | None, seed: int,
+        extra: list[str]) -> tuple[dict, dict]:
+    """One training run; returns the stored record and the checkpoint's config (empty on failure)."""
+    cmd = [sys.executable, "-m", "attnkit", "train", task, *options, "--out", str(folder), "--seed", str(seed),
+           "--no-progress", *extra]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    shown = " ".join(["attnkit"] + cmd[3:])
+    print(f"$ {shown}", flush=True)
+    load0 = os.getloadavg()
+    start = time.perf_counter()
+    rc = subprocess.call(cmd, cwd=ROOT)
+    wall = time.perf_counter() - start
+    cfg = json.loads((folder / "config.json").read_text()) if rc == 0 else {}
+    record = {"label": label, "seed": seed, "command": shown, "rc": rc, "wall_s": round(wall, 1),
+              "metrics": cfg.get("metrics"), "history": cfg.get("history"), "sizes": cfg.get("sizes"),
+              "loadavg_before": load0, "loadavg_after": os.getloadavg(),
+              "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")}
+    return record, cfg
+
+
+def save(path: str, command: str, threads: int | None, repeat: int, runs: list[dict], labels: list[str],
+         order: list[str]) -> None:
+    """Write ``runs`` to ``path``; stored runs of the labels not rerun (same thread count) are kept."""
+    previous = json.loads(Path(path).read_text()) if Path(path).exists() else {}
+    if previous.get("machine", {}).get("threads") == threads:
+        runs = [r for r in previous.get("runs", []) if r.get("label") not in labels] + runs
+    runs.sort(key=lambda r: (order.index(r["label"]) if r.get("label") in order else len(order), r["seed"]))
+    record = {"command": command, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+              "machine": machine(threads), "repeat": repeat, "runs": runs}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
