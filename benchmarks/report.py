@@ -305,6 +305,19 @@ def readme_quality(results: Path) -> str:
         text += (f"; captioning (generated scenes, 1,000 test images, 1 run each): soft attention "
                  f"**{cap['soft']['test_bleu4']:.3f} BLEU-4**, attention correctness "
                  f"{cap['soft']['test_attention_correctness']:.3f}; hard attention {cap['hard']['test_bleu4']:.3f} BLEU-4")
+    vqa: dict[str, list[dict]] = {}
+    for r in (load(results, "vqa.json") or {}).get("runs", []):
+        if r.get("rc") == 0 and r.get("metrics"):
+            vqa.setdefault(r["label"], []).append(r["metrics"])
+    parts = []
+    for label, ms in vqa.items():
+        acc = _median_spread([m["test_accuracy"] for m in ms])[0]
+        rel = [m["test_relational_accuracy"] for m in ms if "test_relational_accuracy" in m]
+        extra = (f" (relational {100 * _median_spread(rel)[0]:.1f}%, non-relational "
+                 f"{100 * _median_spread([m['test_non_relational_accuracy'] for m in ms])[0]:.1f}%)" if rel else "")
+        parts.append(f"{label} **{100 * acc:.2f}%**{extra} test accuracy ({len(ms)} run{'s' if len(ms) > 1 else ''})")
+    if parts:
+        text += "; VQA: " + "; ".join(parts)
     return text + "."
 
 
@@ -324,8 +337,14 @@ def sources(results: Path) -> str:
         if last:
             m = last.get("machine") or {}
             machine = f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}" if m else "not recorded"
+            runs = "1 run (long training, not repeated)"
+            if isinstance(last.get("runs"), list):  # a file of several runs: how many of each kind
+                counts: dict[str, int] = {}
+                for r in last["runs"]:
+                    counts[r.get("label", "?")] = counts.get(r.get("label", "?"), 0) + 1
+                runs = "; ".join(f"{k}: {n} run{'s' if n > 1 else ''}" for k, n in counts.items())
             out.append(f"| `{RES}{name}` | `{cmd}` (the stored run's own command: quality table) | "
-                       f"{last.get('date', 'not recorded')} | {machine} | 1 run (long training, not repeated) |")
+                       f"{last.get('date', 'not recorded')} | {machine} | {runs} |")
     return "\n".join(out)
 
 
@@ -400,7 +419,8 @@ def vqa_block(results: Path) -> str:
     by: dict[str, list] = {}
     for r in ok:
         by.setdefault(r["label"], []).append(r)
-    lines = [f"Command: `{d['command']}` → `{RES}vqa.json`; run {d['date']} on {m['cpu']} ({m['cores']} cores), "
+    commands = " and ".join(f"`{c}`" for c in d.get("commands", [d["command"]]))
+    lines = [f"Commands: {commands} → `{RES}vqa.json`; last run {d['date']} on {m['cpu']} ({m['cores']} cores), "
              f"{m['threads']} thread(s), torch {m['torch']}. Figures are the median over the runs (seeds 0, 1, …) "
              "with the lowest and highest in brackets.", "",
              "| data, model | runs | test accuracy | per kind of question | target | | wall time | epochs |",

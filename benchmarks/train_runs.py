@@ -54,12 +54,17 @@ def run(task: str, label: str, options: list[str], folder: Path, threads: int | 
 
 def save(path: str, command: str, threads: int | None, repeat: int, runs: list[dict], labels: list[str],
          order: list[str]) -> None:
-    """Write ``runs`` to ``path``; stored runs of the labels not rerun (same thread count) are kept."""
+    """Write ``runs`` to ``path``; stored runs of the labels not rerun (same thread count) are kept,
+    and ``commands`` lists every command whose runs the file still holds."""
     previous = json.loads(Path(path).read_text()) if Path(path).exists() else {}
+    commands = [command]
     if previous.get("machine", {}).get("threads") == threads:
         runs = [r for r in previous.get("runs", []) if r.get("label") not in labels] + runs
+        kept = {r["label"] for r in runs}
+        commands = [c for c in previous.get("commands", [previous.get("command")])
+                    if c and c != command and any(f'"{k}"' in c for k in kept)] + [command]
     runs.sort(key=lambda r: (order.index(r["label"]) if r.get("label") in order else len(order), r["seed"]))
-    record = {"command": command, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+    record = {"command": command, "commands": commands, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
               "machine": machine(threads), "repeat": repeat, "runs": runs}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(record, indent=1) + "\n")

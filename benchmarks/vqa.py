@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=DEFAULT, choices=list(VARIANTS))
     args, extra = p.parse_known_args(argv)
     runs = [run(v, Path(args.out), args.threads, seed, extra) for v in args.variants for seed in range(args.repeat)]
+    variants = " ".join(f'"{v}"' for v in args.variants)
     train_runs.save(args.json, f"python benchmarks/vqa.py --threads {args.threads} --repeat {args.repeat} "
-                               f"--json {args.json}", args.threads, args.repeat, runs, args.variants, list(VARIANTS))
+                               f"--variants {variants} --json {args.json}", args.threads, args.repeat, runs,
+                    args.variants, list(VARIANTS))
     return 0 if all(r["rc"] == 0 for r in runs) else 1
 
 

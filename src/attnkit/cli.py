@@ -264,8 +264,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
     ckpt, task = _load(args.checkpoint)
     if not task.translates:
         able = ", ".join(n for n in tasks.names() if tasks.get(n).translates)
-        raise ValueError(f"checkpoint {args.checkpoint!r} is a {task.name} model; translate needs a translation "
-                         f"model ({able})")
+        raise ValueError(f"checkpoint {args.checkpoint!r} is a {task.name} model; translate needs a model of a "
+                         f"task that turns lines into lines ({able})")
     lines = _input_lines(args.text)  # all of stdin is read and checked before anything is printed
     for out in task.translate(ckpt, lines, args):
         print(out)
@@ -417,8 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Translate each argument, or each line of stdin (UTF-8), with a dates or "
                                     "multi30k checkpoint: output line i answers input line i (an empty line gives "
                                     "an empty line; a line longer than the model reads is cut, with a warning on "
-                                    "stderr). A date that is not a calendar date is marked '[not a valid date]'.")
-    tr.add_argument("checkpoint", help="checkpoint folder of a translation model (dates, multi30k)")
+                                    "stderr). A date that is not a calendar date is marked '[not a valid date]'. "
+                                    "With a vqa checkpoint each line is IMAGE<TAB>QUESTION (an image file, or test:N "
+                                    "for image N of the run's test split) and the output is the answer.")
+    tr.add_argument("checkpoint", help="checkpoint folder of a dates, multi30k or vqa model")
     tr.add_argument("text", nargs="*", help="sentences (default: read lines from stdin)")
     tr.add_argument("--beam", type=positive_int, default=1, help="beam size (default 1: greedy)")
     tr.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")

@@ -469,6 +469,15 @@ def test_translate_bad_lines_are_clear_errors(runs, tmp_path):
         assert re.search(message.replace("line 1", "line 2"), err), (message, err)
 
 
+def test_translate_answers_an_empty_line_with_an_empty_line(runs):
+    folder = runs["san"][0]
+    code, out, err = _main("translate", folder, "test:0\twhat shape is the red object", "", "test:1\thow many objects "
+                           "have the same shape as the blue object")
+    assert code == 0, err
+    lines = out.split("\n")
+    assert len(lines) == 4 and lines[1] == "" and lines[0] and lines[2] and lines[3] == ""
+
+
 def test_viz_draws_the_question_over_its_image(runs, tmp_path):
     from PIL import Image
 
