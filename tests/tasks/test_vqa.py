@@ -593,3 +593,29 @@ def test_easy_vqa_malformed_questions_is_one_clear_error(tmp_path):
                          "--epochs", "1", "--no-progress")
     assert code == 2 and "is not valid JSON (line 1, column 28" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_curriculum_trains_the_first_epochs_on_non_relational_questions(tmp_path, monkeypatch):
+    seen = []
+    real = recipe.batches
+
+    def spy(split, enc, images_per_batch, seed, epoch):
+        seen.append((epoch, {q.kind for q in split.questions}))
+        return real(split, enc, images_per_batch, seed, epoch)
+
+    monkeypatch.setattr(recipe, "batches", spy)
+    out = tmp_path / "cur"
+    code, printed, err = _main("train", "vqa", "--data", "sort-of-clevr", "--n-train", "4", "--n-valid", "1",
+                               "--n-test", "1", "--epochs", "3", "--curriculum", "2", "--dim", "16", "--out", out,
+                               "--threads", "1", "--no-progress")
+    assert code == 0, err
+    assert [(e, kinds) for e, kinds in seen if e is not None] == [
+        (0, {"non-relational"}), (1, {"non-relational"}), (2, {"non-relational", "relational"})]
+    assert _config(out)["train"]["curriculum"] == 2
+
+
+def test_curriculum_needs_sort_of_clevr(tmp_path):
+    code, out, err = _main("train", "vqa", "--data", "easy-vqa", "--curriculum", "2", "--out", tmp_path / "x",
+                           "--threads", "1", "--no-progress")
+    assert code == 2 and not (tmp_path / "x").exists()
+    assert "--curriculum: only Sort-of-CLEVR has the non-relational questions" in err and "easy-vqa" in err

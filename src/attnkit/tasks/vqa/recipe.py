@@ -193,8 +193,25 @@ def evaluate(model: VqaModel, split: VqaSplit, vocab: Vocab, answers: Sequence[s
 #: Sort-of-CLEVR otherwise)
 DATA_DEFAULTS = dict(data="auto", n_train=10000, n_valid=200, n_test=1000, data_seed=1234)
 #: the recipe's defaults: ``images_per_batch`` images with all their questions per step
-TRAIN_DEFAULTS = dict(images_per_batch=16, lr=1e-3, weight_decay=1e-4, grad_clip=5.0)
+#: ``curriculum``: the first epochs that train on Sort-of-CLEVR's non-relational questions only
+TRAIN_DEFAULTS = dict(images_per_batch=16, lr=1e-3, weight_decay=1e-4, grad_clip=5.0, curriculum=0)
 EPOCHS = {"easy-vqa": 20, "sort-of-clevr": 30, "vqa-v2": 10}
+
+
+def curriculum_stage(split: VqaSplit, epoch: int, curriculum: int) -> VqaSplit:
+    """The questions epoch ``epoch`` trains on: only the non-relational ones during the first
+    ``curriculum`` epochs (the model first learns to find an object by its colour, then is asked
+    about relations), all of them after.
+
+    >>> from attnkit.tasks.vqa.data import generate_sort_of_clevr
+    >>> s = generate_sort_of_clevr(2, 1, 1, seed=0)["train"]
+    >>> {q.kind for q in curriculum_stage(s, 0, 1).questions}, len(curriculum_stage(s, 1, 1).questions)
+    ({'non-relational'}, 40)
+    """
+    if epoch >= curriculum:
+        return split
+    return VqaSplit(split.images, [q for q in split.questions if q.kind == "non-relational"], split.objects,
+                    split.names)
 
 
 def resolve_data(name: str) -> str:
@@ -310,12 +327,20 @@ def train(task_name: str, args: Any, resume=None, log: Callable[[str], None] = p
             overrides.pop("hops", None)
         model = build_model(name, vocab, answers, splits["train"].images.shape[-1], overrides)
         train_cfg = {k: option(args, k, v) for k, v in TRAIN_DEFAULTS.items()}
+    curriculum = int(train_cfg.get("curriculum", 0))
+    if curriculum and data["data"] != "sort-of-clevr":
+        raise ValueError(f"--curriculum: only Sort-of-CLEVR has the non-relational questions a curriculum starts "
+                         f"with; got --data {data['data']}")
     model.to(option(args, "device", "cpu"))
     # a resumed run keeps its length unless --epochs says otherwise
     epochs = int(option(args, "epochs", train_cfg.get("epochs") or EPOCHS[data["data"]]))
     train_cfg["epochs"] = epochs
     max_seconds = option(args, "max_seconds", None)
-    enc = encode(splits["train"], vocab, answers)
+    stages = {False: splits["train"]}
+    if curriculum:
+        stages[True] = curriculum_stage(splits["train"], 0, curriculum)
+    encoded = {k: encode(v, vocab, answers) for k, v in stages.items()}
+    enc = encoded[False]
     steps_per_epoch = -(-sum(1 for q in enc.by_image if q) // train_cfg["images_per_batch"])
     opt = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train_cfg["lr"],
@@ -349,7 +374,11 @@ def train(task_name: str, args: Any, resume=None, log: Callable[[str], None] = p
                            "history": history, "rng": rng_state()}
         save_checkpoint(args.out, model=model, config={**config, "history": history}, trainer_state=last["trainer"])
 
-    hist = fit(model, opt, lambda e: batches(splits["train"], enc, train_cfg["images_per_batch"], seed, e),
+    def epoch_batches(e: int) -> list[Batch]:
+        first = e < curriculum
+        return batches(stages[first], encoded[first], train_cfg["images_per_batch"], seed, e)
+
+    hist = fit(model, opt, epoch_batches,
                make_step(model), epochs=epochs, start_epoch=start_epoch, max_seconds=max_seconds,
                grad_clip=train_cfg["grad_clip"], scheduler=sched, evaluate=evaluate_valid, on_epoch_end=save,
                progress=bool(option(args, "progress", True)), desc=task_name, log=log)

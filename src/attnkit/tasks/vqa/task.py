@@ -50,6 +50,10 @@ class VqaTask(Task):
                             f"(default {recipe.TRAIN_DEFAULTS['images_per_batch']})")
         g.add_argument("--lr", type=positive_float, default=None,
                        help=f"peak learning rate (default {recipe.TRAIN_DEFAULTS['lr']})")
+        g.add_argument("--curriculum", type=nonnegative_int, default=None,
+                       help="train the first N epochs on Sort-of-CLEVR's non-relational questions only, so that the "
+                            "model learns to find an object by its colour before it is asked about relations "
+                            f"(default {recipe.TRAIN_DEFAULTS['curriculum']})")
         d = p.add_argument_group("data")
         d.add_argument("--data", choices=DATA_CHOICES, default="auto",
                        help="auto: easy-VQA when the easy-vqa package is installed, else Sort-of-CLEVR; vqa-v2 needs "
@@ -81,6 +85,10 @@ class VqaTask(Task):
                            if not option(args, f"{split}_{k}", None)]
                 if missing:
                     raise ValueError(f"--data vqa-v2 needs {', '.join(missing)}")
+        data = recipe.resolve_data(option(args, "data", "auto"))
+        if option(args, "curriculum", 0) and data != "sort-of-clevr":
+            raise ValueError(f"--curriculum: only Sort-of-CLEVR has the non-relational questions a curriculum starts "
+                             f"with; got --data {data}")
         resume = load_resume(self, args)
         run = recipe.train(self.name, args, resume=resume)
         metrics, _ = recipe.evaluate(run.model, run.splits["test"], run.vocab, run.answers)
