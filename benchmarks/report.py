@@ -398,6 +398,8 @@ def captioning_block(results: Path) -> str:
 VQA_TARGETS = {"easy-VQA, SAN": [("test_accuracy", 0.98, "accuracy ≥ 98%")],
                "Sort-of-CLEVR, SAN": [("test_relational_accuracy", 0.90, "relational ≥ 90%"),
                                       ("test_non_relational_accuracy", 0.98, "non-relational ≥ 98%")],
+               "Sort-of-CLEVR, SAN, curriculum 5": [("test_relational_accuracy", 0.90, "relational ≥ 90%"),
+                                                    ("test_non_relational_accuracy", 0.98, "non-relational ≥ 98%")],
                "Sort-of-CLEVR, Transformer": [("test_relational_accuracy", 0.90, "relational ≥ 90%"),
                                               ("test_non_relational_accuracy", 0.98, "non-relational ≥ 98%")]}
 

@@ -25,6 +25,7 @@ import train_runs
 #: what is run: (label, options after ``attnkit train vqa``)
 VARIANTS = {"easy-VQA, SAN": ["--data", "easy-vqa", "--model", "san"],
             "Sort-of-CLEVR, SAN": ["--data", "sort-of-clevr", "--model", "san"],
+            "Sort-of-CLEVR, SAN, curriculum 5": ["--data", "sort-of-clevr", "--model", "san", "--curriculum", "5"],
             "Sort-of-CLEVR, Transformer": ["--data", "sort-of-clevr", "--model", "transformer", "--epochs", "6"]}
 #: the default runs (the Transformer's is a comparison, run with --variants)
 DEFAULT = ["easy-VQA, SAN", "Sort-of-CLEVR, SAN"]
