@@ -348,22 +348,30 @@ def sources(results: Path) -> str:
     return "\n".join(out)
 
 
+def training_runs(results: Path, name: str):
+    """A file of training runs (benchmarks/train_runs.py): ``(data, machine, successful runs, runs
+    by label)``, or the line to print when it is not measured yet."""
+    d = load(results, name)
+    if not d:
+        return f"Not yet measured — run: `{ONE_RUN[name]}`, then `python benchmarks/report.py`."
+    ok = [r for r in d["runs"] if r["rc"] == 0 and r["metrics"]]
+    by: dict[str, list] = {}
+    for r in ok:
+        by.setdefault(r.get("label") or r.get("attention"), []).append(r)
+    return d, d["machine"], ok, by
+
+
 def captioning_block(results: Path) -> str:
     """The captioning targets (soft: BLEU-4 and attention correctness >= 0.6; hard: BLEU-4 within
     10% of soft's) and each run's validation curve."""
-    cmd = ONE_RUN["captioning.json"]
-    d = load(results, "captioning.json")
-    if not d:
-        return f"Not yet measured — run: `{cmd}`, then `python benchmarks/report.py`."
-    m = d["machine"]
-    ok = [r for r in d["runs"] if r["rc"] == 0 and r["metrics"]]
-    by = {}
-    for r in ok:
-        by.setdefault(r.get("label", r["attention"]), []).append(r)
+    runs = training_runs(results, "captioning.json")
+    if isinstance(runs, str):
+        return runs
+    d, m, ok, by = runs
 
     def med(kind, key):
-        vals = sorted(r["metrics"][key] for r in by.get(kind, []) if r["metrics"].get(key) is not None)
-        return vals[len(vals) // 2] if vals else None
+        vals = [r["metrics"][key] for r in by.get(kind, []) if r["metrics"].get(key) is not None]
+        return _median_spread(vals)[0] if vals else None
 
     lines = [f"Command: `{d['command']}` → `{RES}captioning.json`; run {d['date']} on {m['cpu']} ({m['cores']} cores), "
              f"{m['threads']} thread(s), torch {m['torch']}; {d['repeat']} run(s) per attention kind (long trainings).",
@@ -412,15 +420,10 @@ def _median_spread(vals: list[float]) -> tuple[float, float, float]:
 def vqa_block(results: Path) -> str:
     """The VQA targets per variant (median over the stored runs, with the spread) and each run's
     validation curve."""
-    cmd = ONE_RUN["vqa.json"]
-    d = load(results, "vqa.json")
-    if not d:
-        return f"Not yet measured — run: `{cmd}`, then `python benchmarks/report.py`."
-    m = d["machine"]
-    ok = [r for r in d["runs"] if r["rc"] == 0 and r["metrics"]]
-    by: dict[str, list] = {}
-    for r in ok:
-        by.setdefault(r["label"], []).append(r)
+    runs = training_runs(results, "vqa.json")
+    if isinstance(runs, str):
+        return runs
+    d, m, ok, by = runs
     commands = " and ".join(f"`{c}`" for c in d.get("commands", [d["command"]]))
     lines = [f"Commands: {commands} → `{RES}vqa.json`; last run {d['date']} on {m['cpu']} ({m['cores']} cores), "
              f"{m['threads']} thread(s), torch {m['torch']}. Figures are the median over the runs (seeds 0, 1, …) "
