@@ -16,6 +16,7 @@ _EXPORTS = {
     "KVCache": "cache",
     "AdditiveAttention": "additive",
     "LuongAttention": "luong",
+    "LocationAwareAttention": "location_aware",
     "AttentionPooling": "pooling",
     "LocalAttention": "local",
     "SlidingWindowAttention": "local",
