@@ -16,7 +16,6 @@ within 10% of soft's. A third run shows what the doubly stochastic penalty does 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import train_runs
@@ -34,17 +33,7 @@ def run(label: str, out: Path, threads: int | None, seed: int, extra: list[str])
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", default="benchmarks/results/captioning.json", help="results file")
-    p.add_argument("--out", default="runs/captioning", help="checkpoint folders")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--repeat", type=int, default=1, help="runs per attention kind (seeds 0, 1, ...)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    args, extra = p.parse_known_args(argv)
-    runs = [run(v, Path(args.out), args.threads, seed, extra) for seed in range(args.repeat) for v in args.variants]
-    train_runs.save(args.json, f"python benchmarks/captioning.py --threads {args.threads} --json {args.json}",
-                    args.threads, args.repeat, runs, args.variants, list(VARIANTS))
-    return 0 if all(r["rc"] == 0 for r in runs) else 1
+    return train_runs.main("captioning", __doc__, VARIANTS, run, argv)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,24 @@ def save(path: str, command: str, threads: int | None, repeat: int, runs: list[d
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {path}")
+
+
+def main(task: str, doc: str, variants: dict[str, list[str]], run_one, argv: list[str] | None = None,
+         default: list[str] | None = None) -> int:
+    """The command line of a task benchmark: ``--json``, ``--out``, ``--threads``, ``--repeat``,
+    ``--variants`` (default ``default``, else all); other options go to ``attnkit train``.
+    ``run_one(label, out, threads, seed, extra)`` runs one (see :func:`run`)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--json", default=f"benchmarks/results/{task}.json", help="results file")
+    p.add_argument("--out", default=f"runs/{task}", help="checkpoint folders")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeat", type=int, default=1, help="runs per variant (seeds 0, 1, ...)")
+    p.add_argument("--variants", nargs="+", default=default or list(variants), choices=list(variants))
+    args, extra = p.parse_known_args(argv)
+    runs = [run_one(v, Path(args.out), args.threads, seed, extra) for v in args.variants for seed in range(args.repeat)]
+    shown = " ".join(f'"{v}"' for v in args.variants)
+    save(args.json, f"python benchmarks/{task}.py --threads {args.threads} --repeat {args.repeat} --variants {shown} "
+                    f"--json {args.json}", args.threads, args.repeat, runs, args.variants, list(variants))
+    return 0 if all(r["rc"] == 0 for r in runs) else 1

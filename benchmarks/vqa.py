@@ -17,7 +17,6 @@ Targets (on the test split): easy-VQA accuracy >= 98%; Sort-of-CLEVR relational 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import train_runs
@@ -38,19 +37,7 @@ def run(label: str, out: Path, threads: int | None, seed: int, extra: list[str])
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", default="benchmarks/results/vqa.json", help="results file")
-    p.add_argument("--out", default="runs/vqa", help="checkpoint folders")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--repeat", type=int, default=1, help="runs per variant (seeds 0, 1, ...)")
-    p.add_argument("--variants", nargs="+", default=DEFAULT, choices=list(VARIANTS))
-    args, extra = p.parse_known_args(argv)
-    runs = [run(v, Path(args.out), args.threads, seed, extra) for v in args.variants for seed in range(args.repeat)]
-    variants = " ".join(f'"{v}"' for v in args.variants)
-    train_runs.save(args.json, f"python benchmarks/vqa.py --threads {args.threads} --repeat {args.repeat} "
-                               f"--variants {variants} --json {args.json}", args.threads, args.repeat, runs,
-                    args.variants, list(VARIANTS))
-    return 0 if all(r["rc"] == 0 for r in runs) else 1
+    return train_runs.main("vqa", __doc__, VARIANTS, run, argv, default=DEFAULT)
 
 
 if __name__ == "__main__":

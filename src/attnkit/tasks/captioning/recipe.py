@@ -210,9 +210,9 @@ def rebuild(checkpoint) -> tuple[ShowAttendTell, Vocab, dict[str, Any]]:
 def train(task_name: str, args: Any, resume=None, log: Callable[[str], None] = print) -> Run:
     """Train a captioner as ``args`` says (see :class:`attnkit.tasks.captioning.task.CaptioningTask`),
     saving a checkpoint after every epoch; ``resume`` continues a checkpoint's run."""
-    from ...checkpoint import save_checkpoint
-    from ...training import fit, rng_state, seed_everything, set_rng_state
+    from ...training import seed_everything
     from ..args import option
+    from ..loop import train_epochs
 
     seed = int(option(args, "seed", 0))
     seed_everything(seed)
@@ -242,48 +242,31 @@ def train(task_name: str, args: Any, resume=None, log: Callable[[str], None] = p
         model = build_model(vocab, attention, model_cfg["image_size"], seed=seed)
         train_cfg = {k: option(args, k, v) for k, v in TRAIN_DEFAULTS.items()}
     model.to(option(args, "device", "cpu"))
-    epochs = int(option(args, "epochs", EPOCHS))
-    max_seconds = option(args, "max_seconds", None)
-    steps_per_epoch = -(-len(splits["train"]) // train_cfg["batch_size"])
-    opt = torch.optim.Adam(model.parameters(), lr=train_cfg["lr"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train_cfg["lr"], total_steps=max(1, epochs * steps_per_epoch),
-                                                pct_start=0.1)
-    start_epoch, history = 0, {"loss": [], "valid_bleu4": []}
+    # a resumed run keeps its length unless --epochs says otherwise
+    epochs = int(option(args, "epochs", train_cfg.get("epochs") or EPOCHS))
+    train_cfg["epochs"] = epochs
     state = StepState()
-    if resume is not None:
-        st = resume.trainer_state
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        start_epoch, history = st["epoch"], st["history"]
-        state.baseline = st.get("baseline")
-        set_rng_state(st["rng"])
-        log(f"resuming {str(args.out)!r} after epoch {start_epoch}")
     config: dict[str, Any] = {"task": task_name, "model": "ShowAttendTell", "attention": attention,
                               "model_config": model_cfg, "vocab": vocab.to_json(), "data": data, "train": train_cfg,
                               "sizes": {s: len(v) for s, v in splits.items()}}
     step = make_step(model, doubly_stochastic=train_cfg["doubly_stochastic"],
                      entropy_weight=train_cfg["entropy_weight"], state=state)
     valid = splits["valid"]
-    last: dict[str, Any] = {"trainer": None if resume is None else resume.trainer_state}
 
-    def evaluate_valid(epoch: int) -> dict[str, float]:
+    def validate(epoch: int) -> dict[str, float]:
         m, _ = evaluate(model, valid, vocab, beam=1, cider=False)
         return {"valid bleu4": m["bleu4"]}
-
-    def save(epoch: int, hist: Any) -> None:
-        history["loss"].append(hist.losses[-1])
-        history["valid_bleu4"].append(hist.metrics[-1]["valid bleu4"])
-        last["trainer"] = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
-                           "history": history, "rng": rng_state(), "baseline": state.baseline}
-        save_checkpoint(args.out, model=model, config={**config, "history": history}, trainer_state=last["trainer"])
 
     def epoch_batches(e: int) -> list[Batch]:
         model.expected_share = expected_share(e, epochs, train_cfg.get("expected_share", 0.5))
         return batches(splits["train"], vocab, train_cfg["batch_size"], seed, e)
 
-    hist = fit(model, opt, epoch_batches, step,
-               epochs=epochs, start_epoch=start_epoch, max_seconds=max_seconds, grad_clip=train_cfg["grad_clip"],
-               scheduler=sched, evaluate=evaluate_valid, on_epoch_end=save,
-               progress=bool(option(args, "progress", True)), desc=task_name, log=log)
+    def restore(saved: dict[str, Any]) -> None:
+        state.baseline = saved.get("baseline")
+
+    hist, trainer, history = train_epochs(
+        model, args, task_name=task_name, config=config, train_cfg=train_cfg, epochs=epochs,
+        steps_per_epoch=-(-len(splits["train"]) // train_cfg["batch_size"]), batches=epoch_batches, step=step,
+        validate=validate, resume=resume, state=lambda: {"baseline": state.baseline}, restore=restore, log=log)
     config["history"] = history
-    return Run(model.eval(), vocab, splits, config, hist.seconds, hist.stopped, last["trainer"])
+    return Run(model.eval(), vocab, splits, config, hist.seconds, hist.stopped, trainer)

@@ -300,9 +300,9 @@ def data_config(args: Any) -> dict[str, Any]:
 def train(task_name: str, args: Any, resume=None, log: Callable[[str], None] = print) -> Run:
     """Train a VQA model as ``args`` says (see :class:`attnkit.tasks.vqa.task.VqaTask`), saving a
     checkpoint after every epoch; ``resume`` continues a checkpoint's run."""
-    from ...checkpoint import save_checkpoint
-    from ...training import fit, rng_state, seed_everything, set_rng_state
+    from ...training import seed_everything
     from ..args import option
+    from ..loop import train_epochs
 
     seed = int(option(args, "seed", 0))
     seed_everything(seed)
@@ -335,52 +335,30 @@ def train(task_name: str, args: Any, resume=None, log: Callable[[str], None] = p
     # a resumed run keeps its length unless --epochs says otherwise
     epochs = int(option(args, "epochs", train_cfg.get("epochs") or EPOCHS[data["data"]]))
     train_cfg["epochs"] = epochs
-    max_seconds = option(args, "max_seconds", None)
     stages = {False: splits["train"]}
     if curriculum:
         stages[True] = curriculum_stage(splits["train"], 0, curriculum)
     encoded = {k: encode(v, vocab, answers) for k, v in stages.items()}
     enc = encoded[False]
     steps_per_epoch = -(-sum(1 for q in enc.by_image if q) // train_cfg["images_per_batch"])
-    opt = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train_cfg["lr"],
-                                                total_steps=max(1, epochs * steps_per_epoch), pct_start=0.1)
-    start_epoch, history = 0, {"loss": [], "valid_accuracy": []}
-    if resume is not None:
-        st = resume.trainer_state
-        opt.load_state_dict(st["optimizer"])
-        # the schedule's length is this run's (--epochs may now be larger): keep the new one
-        sched.load_state_dict({k: v for k, v in st["scheduler"].items()
-                               if k not in ("total_steps", "_schedule_phases")})
-        start_epoch, history = st["epoch"], st["history"]
-        set_rng_state(st["rng"])
-        log(f"resuming {str(args.out)!r} after epoch {start_epoch}")
     config: dict[str, Any] = {"task": task_name, "model": type(model).__name__, "model_name": name,
                               "model_config": model.config, "vocab": vocab.to_json(), "answers": answers,
                               "data": data, "train": train_cfg, "sizes": {s: len(v) for s, v in splits.items()}}
     valid = splits.get("valid") or splits.get("test")
-    last: dict[str, Any] = {"trainer": None if resume is None else resume.trainer_state}
 
-    def evaluate_valid(epoch: int) -> dict[str, float]:
-        pred = predict(model, valid, vocab, answers)
+    def validate(epoch: int) -> dict[str, float]:
         from .metrics import accuracy
 
+        pred = predict(model, valid, vocab, answers)
         return {"valid accuracy": accuracy(pred.answers, valid.questions)}
-
-    def save(epoch: int, hist: Any) -> None:
-        history["loss"].append(hist.losses[-1])
-        history["valid_accuracy"].append(hist.metrics[-1]["valid accuracy"])
-        last["trainer"] = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
-                           "history": history, "rng": rng_state()}
-        save_checkpoint(args.out, model=model, config={**config, "history": history}, trainer_state=last["trainer"])
 
     def epoch_batches(e: int) -> list[Batch]:
         first = e < curriculum
         return batches(stages[first], encoded[first], train_cfg["images_per_batch"], seed, e)
 
-    hist = fit(model, opt, epoch_batches,
-               make_step(model), epochs=epochs, start_epoch=start_epoch, max_seconds=max_seconds,
-               grad_clip=train_cfg["grad_clip"], scheduler=sched, evaluate=evaluate_valid, on_epoch_end=save,
-               progress=bool(option(args, "progress", True)), desc=task_name, log=log)
+    hist, trainer, history = train_epochs(
+        model, args, task_name=task_name, config=config, train_cfg=train_cfg, epochs=epochs,
+        steps_per_epoch=steps_per_epoch, batches=epoch_batches, step=make_step(model), validate=validate,
+        resume=resume, weight_decay=train_cfg["weight_decay"], log=log)
     config["history"] = history
-    return Run(model.eval(), vocab, answers, splits, config, hist.seconds, hist.stopped, last["trainer"])
+    return Run(model.eval(), vocab, answers, splits, config, hist.seconds, hist.stopped, trainer)
