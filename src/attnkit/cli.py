@@ -315,7 +315,7 @@ def viz_image_main(argv: Sequence[str]) -> int:
 
     p = _Parser(prog="attnkit viz", description="Draw where an image model looks: one image of a split, beside "
                                                 "the model's attention over its patches (or rows) laid on it.")
-    p.add_argument("checkpoint", help="checkpoint folder of an image task (digits, mnist, captioning, vqa)")
+    p.add_argument("checkpoint", help="checkpoint folder of an image task (digits, mnist, captioning, vqa) or of speech")
     p.add_argument("--index", type=nonnegative_int, default=0, help="which image of the split (default 0)")
     p.add_argument("--split", default="test", help="split the image comes from: train, valid, test (default test)")
     p.add_argument("--data", default=None, help="mnist: folder with the idx files (default: the one trained on)")
@@ -407,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="checkpoint folder written by attnkit train")
     e.add_argument("--data", default=None, help="data path (default: the task's own test split)")
     e.add_argument("--split", default="test", help="split to evaluate (default test)")
-    e.add_argument("--beam", type=positive_int, default=1, help="beam size for sequence models (default 1: greedy)")
+    e.add_argument("--beam", type=positive_int, default=None,
+                   help="beam size for sequence models (default: the beam of the run's final test, so eval prints "
+                        "the line train ended with; 1, greedy, for models trained without one)")
     e.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     e.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object (raw values)")
@@ -419,10 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "an empty line; a line longer than the model reads is cut, with a warning on "
                                     "stderr). A date that is not a calendar date is marked '[not a valid date]'. "
                                     "With a vqa checkpoint each line is IMAGE<TAB>QUESTION (an image file, or test:N "
-                                    "for image N of the run's test split) and the output is the answer.")
-    tr.add_argument("checkpoint", help="checkpoint folder of a dates, multi30k or vqa model")
+                                    "for image N of the run's test split) and the output is the answer. With a speech "
+                                    "checkpoint each line is an audio file (.wav, .flac) or test:N and the output is "
+                                    "TRANSCRIPT<TAB>NORMALIZED.")
+    tr.add_argument("checkpoint", help="checkpoint folder of a dates, multi30k, vqa or speech model")
     tr.add_argument("text", nargs="*", help="sentences (default: read lines from stdin)")
-    tr.add_argument("--beam", type=positive_int, default=1, help="beam size (default 1: greedy)")
+    tr.add_argument("--beam", type=positive_int, default=None,
+                    help="beam size (default: the beam of the run's final test; 1, greedy, for models trained "
+                         "without one)")
     tr.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     tr.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     tr.set_defaults(fn=cmd_translate)

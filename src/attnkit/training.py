@@ -144,13 +144,13 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Calla
 
 
 #: metric names (or their endings) whose values are fractions, printed as percentages
-FRACTIONS = ("accuracy", "exact match")
+FRACTIONS = ("accuracy", "exact match", "CER", "WER", "monotonic")
 #: metrics already on a 0-100 scale (two decimals, no percent sign, as sacreBLEU prints them)
 PERCENT_SCALE = ("BLEU", "chrF")
 #: counts and settings: printed in parentheses after the metrics, e.g. "(360 examples, greedy)"
-COUNTS = ("examples", "sentences", "questions", "images")
+COUNTS = ("examples", "sentences", "questions", "images", "utterances", "dates", "numbers")
 SETTINGS = ("beam", "signature")
-_NAMES = {"bleu": "BLEU", "chrf": "chrF", "ppl": "perplexity", "s": "seconds"}
+_NAMES = {"bleu": "BLEU", "chrf": "chrF", "ppl": "perplexity", "s": "seconds", "cer": "CER", "wer": "WER"}
 
 
 def metric_name(key: str) -> str:
@@ -170,7 +170,7 @@ def format_value(key: str, value: Any) -> str:
     if math.isnan(value):
         return "n/a"
     name = metric_name(key)
-    if name.lower().endswith(FRACTIONS):
+    if name.endswith(FRACTIONS):
         return f"{100 * value:.2f}%"
     if name.endswith(PERCENT_SCALE):
         return f"{value:.2f}"
