@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Install what the browser tests (tests/viz/test_browser.py) need, when it is missing: Debian's
-# chromium and chromium-driver (apt-get) and selenium (pip, into the active Python environment).
+# Install the Debian packages and the Python package the tests use, when they are missing:
+#   chromium + chromium-driver and selenium (pip)  the browser tests of the HTML views (tests/viz/test_browser.py)
+#   espeak-ng                                       the generated speech corpus (tests/tasks/test_speech*.py)
 #
 # Idempotent and quiet: prints nothing and changes nothing when everything is there; otherwise
 # installs silently and shows the installer's output only when it fails. apt-get needs root (or
 # password-less sudo); without it, or without apt-get, it says so on stderr and exits 0, and the
-# browser tests skip with the reason.
+# tests that need the packages skip with the reason.
 set -euo pipefail
 
 PY="${PYTHON:-python}"
@@ -15,18 +16,18 @@ trap 'rm -f "$LOG"' EXIT
 
 quietly() {  # run a command, showing its output only if it fails
   if ! "$@" >"$LOG" 2>&1; then
-    echo ".ci/browser.sh: '$*' failed:" >&2
+    echo ".ci/system.sh: '$*' failed:" >&2
     cat "$LOG" >&2
     return 1
   fi
 }
 
-have_browser() {
-  command -v chromedriver >/dev/null 2>&1 &&
-    { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }
-}
+MISSING=()
+command -v chromedriver >/dev/null 2>&1 || MISSING+=(chromium-driver)
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || MISSING+=(chromium)
+command -v espeak-ng >/dev/null 2>&1 || MISSING+=(espeak-ng)
 
-if ! have_browser; then
+if [ "${#MISSING[@]}" -gt 0 ]; then
   SUDO=""
   if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
@@ -36,13 +37,13 @@ if ! have_browser; then
     fi
   fi
   if [ "$SUDO" = "none" ]; then
-    echo ".ci/browser.sh: chromium/chromedriver are missing and installing them needs root; the browser tests will skip" >&2
+    echo ".ci/system.sh: ${MISSING[*]} missing and installing them needs root; the tests that need them will skip" >&2
   elif ! command -v apt-get >/dev/null 2>&1; then
-    echo ".ci/browser.sh: no apt-get here; install chromium and its chromedriver yourself (the browser tests will skip)" >&2
+    echo ".ci/system.sh: no apt-get here; install ${MISSING[*]} yourself (the tests that need them will skip)" >&2
   else
     export DEBIAN_FRONTEND=noninteractive
     quietly $SUDO apt-get update -qq
-    quietly $SUDO apt-get install -y -qq --no-install-recommends -o Dpkg::Use-Pty=0 chromium chromium-driver
+    quietly $SUDO apt-get install -y -qq --no-install-recommends -o Dpkg::Use-Pty=0 "${MISSING[@]}"
   fi
 fi
 

@@ -50,7 +50,8 @@ ONE_RUN = {"classifiers.jsonl": "python benchmarks/classifiers.py --task TASK --
            "multi30k_seq2seq.json": "python benchmarks/multi30k.py --model seq2seq --threads 1 --out DIR "
                                     f"--results {RES}multi30k_seq2seq.json",
            "captioning.json": f"python benchmarks/captioning.py --threads 2 --json {RES}captioning.json",
-           "vqa.json": f"python benchmarks/vqa.py --threads 2 --repeat 3 --json {RES}vqa.json"}
+           "vqa.json": f"python benchmarks/vqa.py --threads 2 --repeat 3 --json {RES}vqa.json",
+           "speech.json": f"python benchmarks/speech.py --threads 2 --repeat 3 --json {RES}speech.json"}
 
 
 # -- numbers -------------------------------------------------------------------------------------
@@ -318,6 +319,12 @@ def readme_quality(results: Path) -> str:
         parts.append(f"{label} **{100 * acc:.2f}%**{extra} test accuracy ({len(ms)} run{'s' if len(ms) > 1 else ''})")
     if parts:
         text += "; VQA: " + "; ".join(parts)
+    speech = [r["metrics"] for r in (load(results, "speech.json") or {}).get("runs", [])
+              if r.get("rc") == 0 and r.get("metrics")]
+    if speech:
+        mid = {k: _median_spread([s[k] for s in speech])[0] for k in ("test_date_exact_match", "test_cer")}
+        text += (f"; speech (generated, held-out voices): dates **{100 * mid['test_date_exact_match']:.1f}%** exact, "
+                 f"CER **{100 * mid['test_cer']:.2f}%** ({len(speech)} run{'s' if len(speech) > 1 else ''})")
     return text + "."
 
 
@@ -417,6 +424,41 @@ def _median_spread(vals: list[float]) -> tuple[float, float, float]:
     return vals[len(vals) // 2], vals[0], vals[-1]
 
 
+def _cell(rs: list[dict], key: str, pct: bool = True) -> str:
+    """Median of ``key`` over the runs ``rs`` with the spread in brackets (percentages by default)."""
+    vals = [r["metrics"][key] for r in rs if r["metrics"].get(key) is not None]
+    if not vals:
+        return "—"
+    mid, lo, hi = _median_spread(vals)
+    f = (lambda v: f"{100 * v:.2f}%") if pct else (lambda v: fmt(v, "s"))
+    return f"{f(mid)}" + (f" ({f(lo)}–{f(hi)})" if len(vals) > 1 else "")
+
+
+def _verdicts(rs: list[dict], targets: list[tuple]) -> tuple[str, str]:
+    """``(what the targets say, met / missed for each)``; a target is ``(key, threshold, what)``
+    (the median must reach the threshold) or ``(key, threshold, what, "max")`` (stay at or under it)."""
+    said, verdicts = [], []
+    for key, threshold, what, *how in targets:
+        vals = [r["metrics"].get(key) for r in rs if r["metrics"].get(key) is not None]
+        mid = _median_spread(vals)[0] if vals else None
+        ok = mid is not None and (mid <= threshold if how == ["max"] else mid >= threshold)
+        said.append(what)
+        verdicts.append("met" if ok else "**missed**")
+    return "; ".join(said), "; ".join(verdicts)
+
+
+def _wall(rs: list[dict]) -> str:
+    mid, lo, hi = _median_spread([r["wall_s"] for r in rs])
+    return f"{fmt(mid, 's')} s" + (f" ({fmt(lo, 's')}–{fmt(hi, 's')})" if len(rs) > 1 else "")
+
+
+def _header(d: dict, m: dict, name: str) -> str:
+    commands = " and ".join(f"`{c}`" for c in d.get("commands", [d["command"]]))
+    return (f"Commands: {commands} → `{RES}{name}`; last run {d['date']} on {m['cpu']} ({m['cores']} cores), "
+            f"{m['threads']} thread(s), torch {m['torch']}. Figures are the median over the runs (seeds 0, 1, …) "
+            "with the lowest and highest in brackets.")
+
+
 def vqa_block(results: Path) -> str:
     """The VQA targets per variant (median over the stored runs, with the spread) and each run's
     validation curve."""
@@ -424,40 +466,51 @@ def vqa_block(results: Path) -> str:
     if isinstance(runs, str):
         return runs
     d, m, ok, by = runs
-    commands = " and ".join(f"`{c}`" for c in d.get("commands", [d["command"]]))
-    lines = [f"Commands: {commands} → `{RES}vqa.json`; last run {d['date']} on {m['cpu']} ({m['cores']} cores), "
-             f"{m['threads']} thread(s), torch {m['torch']}. Figures are the median over the runs (seeds 0, 1, …) "
-             "with the lowest and highest in brackets.", "",
+    lines = [_header(d, m, "vqa.json"), "",
              "| data, model | runs | test accuracy | per kind of question | target | | wall time | epochs |",
              "|---|---|---|---|---|---|---|---|"]
-
-    def cell(rs, key, pct=True):
-        vals = [r["metrics"][key] for r in rs if r["metrics"].get(key) is not None]
-        if not vals:
-            return "—"
-        mid, lo, hi = _median_spread(vals)
-        f = (lambda v: f"{100 * v:.2f}%") if pct else (lambda v: fmt(v, "s"))
-        return f"{f(mid)}" + (f" ({f(lo)}–{f(hi)})" if len(vals) > 1 else "")
-
     for label, rs in by.items():
         kinds = sorted({k for r in rs for k in r["metrics"] if k.endswith("_accuracy") and k not in
                         ("test_accuracy", "test_vqa_accuracy")})
-        per_kind = "; ".join(f"{k[5:-9].replace('_', '-')} {cell(rs, k)}" for k in kinds)
-        targets, verdicts = [], []
-        for key, threshold, what in VQA_TARGETS.get(label, []):
-            vals = [r["metrics"].get(key) for r in rs if r["metrics"].get(key) is not None]
-            targets.append(what)
-            verdicts.append("met" if vals and _median_spread(vals)[0] >= threshold else "**missed**")
-        walls = [r["wall_s"] for r in rs]
-        mid, lo, hi = _median_spread(walls)
-        wall = f"{fmt(mid, 's')} s" + (f" ({fmt(lo, 's')}–{fmt(hi, 's')})" if len(walls) > 1 else "")
-        lines.append(f"| {label} (`{rs[0]['command'].replace(' --seed 0', '')}`) | {len(rs)} | **{cell(rs, 'test_accuracy')}** | "
-                     f"{per_kind} | {'; '.join(targets)} | {'; '.join(verdicts)} | {wall} | "
+        per_kind = "; ".join(f"{k[5:-9].replace('_', '-')} {_cell(rs, k)}" for k in kinds)
+        targets, verdicts = _verdicts(rs, VQA_TARGETS.get(label, []))
+        lines.append(f"| {label} (`{rs[0]['command'].replace(' --seed 0', '')}`) | {len(rs)} | "
+                     f"**{_cell(rs, 'test_accuracy')}** | {per_kind} | {targets} | {verdicts} | {_wall(rs)} | "
                      f"{len((rs[0]['history'] or {}).get('loss', []))} |")
     lines += ["", "Validation accuracy after each epoch (seed 0):", ""]
     for label, rs in by.items():
         h = rs[0]["history"]["valid_accuracy"]
         lines.append(f"- {label}: " + ", ".join(f"{100 * v:.1f}%" for v in h))
+    return "\n".join(lines)
+
+
+#: speech targets on the held-out speakers (see :func:`_verdicts`)
+SPEECH_TARGETS = {"LAS, location-aware": [("test_date_exact_match", 0.95, "dates exact ≥ 95%"),
+                                          ("test_cer", 0.05, "CER ≤ 5%", "max"),
+                                          ("test_monotonic", 0.95, "monotonic ≥ 95%")]}
+
+
+def speech_block(results: Path) -> str:
+    """The speech targets (median over the stored runs, with the spread) and each run's validation
+    curve."""
+    runs = training_runs(results, "speech.json")
+    if isinstance(runs, str):
+        return runs
+    d, m, ok, by = runs
+    lines = [_header(d, m, "speech.json"), "",
+             "| model | runs | dates exact | numbers exact | CER | WER | monotonic steps | target | | wall time | epochs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, rs in by.items():
+        targets, verdicts = _verdicts(rs, SPEECH_TARGETS.get(label, []))
+        lines.append(f"| {label} (`{rs[0]['command'].replace(' --seed 0', '')}`) | {len(rs)} | "
+                     f"**{_cell(rs, 'test_date_exact_match')}** | {_cell(rs, 'test_number_exact_match')} | "
+                     f"**{_cell(rs, 'test_cer')}** | {_cell(rs, 'test_wer')} | {_cell(rs, 'test_monotonic')} | "
+                     f"{targets} | {verdicts} | {_wall(rs)} | {len((rs[0]['history'] or {}).get('loss', []))} |")
+    lines += ["", "Validation CER and exact match (greedy) after each epoch (seed 0):", ""]
+    for label, rs in by.items():
+        h = rs[0]["history"]
+        lines.append(f"- {label}: CER " + ", ".join(f"{100 * v:.1f}%" for v in h["valid_cer"]) + "; exact match "
+                     + ", ".join(f"{100 * v:.1f}%" for v in h.get("valid_exact_match", [])))
     return "\n".join(lines)
 
 
@@ -475,6 +528,7 @@ def render(results: Path) -> dict[str, dict[str, str]]:
             "causal-64k": causal_table(causal), "threads": threads_table(one, two),
             "captioning": captioning_block(results),
             "vqa": vqa_block(results),
+            "speech": speech_block(results),
             "hf-targets": engine_table(load(results, "hf_2threads.json"), COMMANDS["hf_2threads.json"],
                                        "hf_2threads.json", targets=hf_targets.TARGETS, what="target")},
         "README.md": {"readme-quality": readme_quality(results),

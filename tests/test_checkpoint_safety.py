@@ -135,7 +135,7 @@ def test_a_bad_manifest_is_named(tmp_path, manifest, msg):
     ({"task": "dates", "model": {"name": "Seq2Seq"}}, "field 'model' must be a string; got {\"name\": \"Seq2Seq\"}"),
     ({"model": "Seq2Seq", "model_config": [16, 32]}, r"field 'model_config' must be an object; got \[16, 32\]"),
     ({"history": "none"}, "field 'history' must be an object or an array"),
-    ({"task": "nope"}, "unknown task 'nope'; valid names: 'captioning', 'dates', 'digits', 'mnist', 'multi30k', 'sst2'"),
+    ({"task": "nope"}, "unknown task 'nope'; valid names: 'captioning', 'dates', 'digits', 'mnist', 'multi30k', 'speech', 'sst2'"),
 ])
 def test_config_with_wrong_types_or_an_unknown_task_is_named(tmp_path, config, msg):
     ck.save_checkpoint(tmp_path, model=torch.nn.Linear(2, 3), config=config)

@@ -128,7 +128,7 @@ def test_a_checkpoint_of_another_task_is_refused(ckpts, capsys):
     code, out, err = run(["translate", ckpts["digits"], "hello"], capsys)
     assert code == 2 and out == ""
     assert one_line_error(err) == (f"checkpoint {str(ckpts['digits'])!r} is a digits model; translate needs a "
-                                   "model of a task that turns lines into lines (dates, multi30k, vqa)")
+                                   "model of a task that turns lines into lines (dates, multi30k, speech, vqa)")
 
 
 def test_outputs_that_are_not_calendar_dates_are_marked(ckpts, capsys, monkeypatch):

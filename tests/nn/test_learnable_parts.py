@@ -168,6 +168,10 @@ def test_every_parameter_of_every_nn_module_gets_a_gradient(name):
                                     lambda m: m(torch.randn(2, 5, 6))[0]),
         "HierarchicalAttention": lambda: (attnkit.nn.HierarchicalAttention(embed_dim=8, word_hidden=5, sent_hidden=6),
                                           lambda m: m(torch.randn(2, 3, 4, 8))[0]),
+        "LocationAwareAttention": lambda: (
+            attnkit.nn.LocationAwareAttention(4, 6, 8, channels=3, kernel_size=3),
+            lambda m: m(torch.randn(2, 4), torch.randn(2, 7, 6), torch.randn(2, 7, 6),
+                        torch.softmax(torch.randn(2, 7), -1))[0]),
         "LocalAttention": lambda: (attnkit.nn.LocalAttention(6, 6, D=2, mode="p"),
                                    lambda m: m(torch.randn(2, 3, 6), torch.randn(2, 9, 6))[0]),
         # hard choices train through the straight-through Gumbel estimator ...

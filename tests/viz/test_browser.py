@@ -1,5 +1,5 @@
 """The interactive page in a real browser: headless Chromium (Debian's ``chromium`` and
-``chromium-driver``) driven by Selenium. ``.ci/browser.sh`` installs them; without them these
+``chromium-driver``) driven by Selenium. ``.ci/system.sh`` installs them; without them these
 tests skip, saying what is missing.
 
 A head is clicked and the matrix cells change to that head's weights; a token is hovered and the
@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-pytest.importorskip("selenium", reason="selenium is not installed (bash .ci/browser.sh installs it)")
+pytest.importorskip("selenium", reason="selenium is not installed (bash .ci/system.sh installs it)")
 from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
 from selenium.webdriver.chrome.options import Options  # noqa: E402
@@ -30,9 +30,9 @@ from .test_view import transformer_groups  # noqa: E402
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = [
-    pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (bash .ci/browser.sh installs Debian's "
+    pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (bash .ci/system.sh installs Debian's "
                                                 "chromium)"),
-    pytest.mark.skipif(CHROMEDRIVER is None, reason="no chromedriver on PATH (bash .ci/browser.sh installs Debian's "
+    pytest.mark.skipif(CHROMEDRIVER is None, reason="no chromedriver on PATH (bash .ci/system.sh installs Debian's "
                                                     "chromium-driver)"),
 ]
 

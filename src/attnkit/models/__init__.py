@@ -19,6 +19,7 @@ _MODELS = {
     "ShowAttendTell": "captioner:ShowAttendTell",
     "StackedAttentionNetwork": "vqa:StackedAttentionNetwork",
     "VqaTransformer": "vqa:VqaTransformer",
+    "ListenAttendSpell": "las:ListenAttendSpell",
 }
 
 __all__ = sorted(_MODELS) + ["get"]

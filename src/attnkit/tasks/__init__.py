@@ -32,6 +32,7 @@ _TASKS = {
     "sst2": "sst2.task:Sst2Task",
     "captioning": "captioning.task:CaptioningTask",
     "vqa": "vqa.task:VqaTask",
+    "speech": "speech.task:SpeechTask",
 }
 
 
