@@ -3,7 +3,7 @@ English, French, German and Spanish, synthesized with espeak-ng; the test speake
 in training), with default settings.
 
 Each run is ``python -m attnkit train speech ...`` in a subprocess (defaults: 6,000 training
-utterances, 300 for validation, 1,000 for the test, 20 epochs, beam 4 at the test); the script
+utterances, 300 for validation, 1,000 for the test, 16 epochs, beam 4 at the test); the script
 reads the checkpoint's ``config.json`` (test metrics, the per-epoch loss, validation CER and exact
 match) and writes every run to ``--json`` with its command, date, machine and wall time (the wall
 time includes synthesizing the corpus). ``benchmarks/report.py`` renders the table and the curves
