@@ -52,6 +52,26 @@ def run(task: str, label: str, options: list[str], folder: Path, threads: int | 
     return record, cfg
 
 
+def reevaluate(record: dict, threads: int | None) -> dict:
+    """``record`` with its test metrics recomputed by ``attnkit eval`` on its checkpoint (when decoding
+    changed, not training): the metrics at training move to ``evaluated.metrics_at_training``; the
+    wall time and history stay those of the training run."""
+    folder = record["command"].split("--out ", 1)[1].split()[0]
+    cmd = [sys.executable, "-m", "attnkit", "eval", folder, "--json"]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    shown = " ".join(["attnkit"] + cmd[3:])
+    print(f"$ {shown}", flush=True)
+    start = time.perf_counter()
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    metrics = json.loads(out.strip().splitlines()[-1])
+    metrics = {k if k.startswith("test_") or k == "beam" else f"test_{k}": v for k, v in metrics.items()}
+    previous = record.get("evaluated", {}).get("metrics_at_training", record.get("metrics"))
+    return record | {"metrics": metrics, "evaluated": {
+        "command": shown, "wall_s": round(time.perf_counter() - start, 1),
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"), "metrics_at_training": previous}}
+
+
 def save(path: str, command: str, threads: int | None, repeat: int, runs: list[dict], labels: list[str],
          order: list[str]) -> None:
     """Write ``runs`` to ``path``; stored runs of the labels not rerun (same thread count) are kept,
@@ -84,7 +104,18 @@ def main(task: str, doc: str, variants: dict[str, list[str]], run_one, argv: lis
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeat", type=int, default=1, help="runs per variant (seeds 0, 1, ...)")
     p.add_argument("--variants", nargs="+", default=default or list(variants), choices=list(variants))
+    p.add_argument("--reevaluate", action="store_true",
+                   help="train nothing: rerun the test of the stored runs' checkpoints (after a change to decoding)")
     args, extra = p.parse_known_args(argv)
+    if args.reevaluate:
+        stored = json.loads(Path(args.json).read_text())
+        stored["runs"] = [reevaluate(r, args.threads) if r.get("label") in args.variants else r for r in stored["runs"]]
+        stored["reevaluated"] = {"command": f"python benchmarks/{task}.py --threads {args.threads} --reevaluate "
+                                            f"--json {args.json}",
+                                 "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")}
+        Path(args.json).write_text(json.dumps(stored, indent=1) + "\n")
+        print(f"wrote {args.json}")
+        return 0
     runs = [run_one(v, Path(args.out), args.threads, seed, extra) for v in args.variants for seed in range(args.repeat)]
     shown = " ".join(f'"{v}"' for v in args.variants)
     save(args.json, f"python benchmarks/{task}.py --threads {args.threads} --repeat {args.repeat} --variants {shown} "

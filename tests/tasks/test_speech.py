@@ -105,6 +105,78 @@ def test_beam_one_is_greedy_and_a_wider_beam_scores_at_least_as_well():
         assert score(b, wide[b]) >= score(b, ids[b]) - 1e-4
 
 
+def test_nbest_is_the_final_beam_best_first_and_the_length_penalty_only_rescales_it():
+    m = _las()
+    torch.manual_seed(6)
+    feats, lengths = torch.randn(3, 70, 8), torch.tensor([70, 50, 33])
+    raw = m.nbest(feats, lengths, start_id=4, beam=3, max_len=12)
+    ids, maps = m.beam_search(feats, lengths, start_id=4, beam=3, max_len=12)
+    for b in range(3):
+        assert 1 <= len(raw[b]) <= 3 and raw[b][0][0] == ids[b]
+        torch.testing.assert_close(raw[b][0][2], maps[b])
+        assert [s for _, s, _ in raw[b]] == sorted((s for _, s, _ in raw[b]), reverse=True)
+    normed = m.nbest(feats, lengths, start_id=4, beam=3, max_len=12, length_penalty=1.0)
+    for b in range(3):  # the same hypotheses; each score divided by (5 + length) / 6
+        got = {tuple(seq): s for seq, s, _ in normed[b]}
+        assert set(got) == {tuple(seq) for seq, _, _ in raw[b]}
+        for seq, s, _ in raw[b]:
+            n = len(seq) + (len(seq) < 12)  # the end token counts, when there is one
+            assert got[tuple(seq)] == pytest.approx(s / ((5 + n) / 6), rel=1e-5)
+        best = max(normed[b], key=lambda h: h[1])[0]
+        assert m.beam_search(feats, lengths, start_id=4, beam=3, max_len=12, length_penalty=1.0)[0][b] == best
+    with pytest.raises(ValueError, match="length_penalty must be >= 0"):
+        m.beam_search(feats, lengths, start_id=4, length_penalty=-1.0)
+
+
+def test_sequence_logprobs_equal_a_step_by_step_sum():
+    utts = _utts(3)
+    vocab = recipe.build_vocab(utts)
+    torch.manual_seed(0)
+    m = recipe.build_model(vocab, 8, dict(hidden_dim=16, att_dim=12, emb_dim=8, dropout=0.0)).eval()
+    feats, lengths = recipe.pad_features(utts)
+    seqs, rows = ["one", "three two", "", "two"], [0, 2, 1, 0]  # rows may repeat and come in any order
+    with torch.no_grad():
+        enc = m.encode(feats, lengths)
+        got = recipe.sequence_logprobs(m, enc, rows, recipe.TEXT, seqs, vocab)
+        for r, seq, value in zip(rows, seqs, got.tolist()):
+            h, pk, pad = (t[r:r + 1] for t in enc)
+            state, ctx, w = m.init_state(h)
+            y, total = torch.tensor([vocab.stoi[recipe.TEXT]]), 0.0
+            for tok in vocab.encode(list(seq)) + [vocab.eos_id]:
+                logits, state, ctx, w = m.step(y, state, ctx, w, h, pk, pad)
+                total += float(torch.log_softmax(logits, -1)[0, tok])
+                y = torch.tensor([tok])
+            assert value == pytest.approx(total, rel=1e-5, abs=1e-5)
+
+
+def test_choose_dates_takes_the_candidate_both_outputs_find_likeliest():
+    pytest.importorskip("num2words", reason='the date grammar spells numbers with num2words (pip install -e ".[apps]")')
+    from attnkit.tasks.speech.reading import read_date, say_all
+
+    said = ["the first of may two thousand", "twelve"]
+    utts = [Utterance(torch.randn(48 + 8 * i, 8), t, "", "date", "en") for i, t in enumerate(said)]
+    utts += [Utterance(torch.randn(50, 8), " ".join(say_all("2001-05-02", ["en"])), "2001-05-02", "date", "en")]
+    vocab = recipe.build_vocab(utts)
+    m = recipe.build_model(vocab, 8, dict(hidden_dim=16, att_dim=12, emb_dim=8, dropout=0.0)).eval()
+    feats, lengths = recipe.pad_features(utts[:2])
+    texts = [["the first of may two thousand", "the first of may two thousand and one"], ["twelve"]]
+    norms = [["2000-05-03", "12", "2000-05-01"], ["12", "2000-05-01"]]
+    with torch.no_grad():
+        enc = m.encode(feats, lengths)
+        chosen = recipe.choose_dates(m, enc, texts, norms, vocab)
+
+        def joint(c):  # the score written out: the norm output's, plus the transcript's over the phrases
+            n = recipe.sequence_logprobs(m, enc, [0], recipe.NORM, [c], vocab)[0]
+            phrases = say_all(c, ["en"])
+            t = recipe.sequence_logprobs(m, enc, [0] * len(phrases), recipe.TEXT, phrases, vocab)
+            return float(n + torch.logsumexp(t, 0))
+
+        cands = ["2000-05-03", "2000-05-01", read_date(texts[0][1]).iso]
+        assert cands[2] == "2001-05-01"
+        assert chosen[0] == max(cands, key=joint)
+    assert chosen[1] == "12"  # the normalized output's best is no date: a number stays as it is
+
+
 def _utts(n=4, frames=48, n_mels=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     words = ["one", "two", "three", "four", "five", "six"]

@@ -188,13 +188,52 @@ class ListenAttendSpell(nn.Module):
 
     @torch.no_grad()
     def beam_search(self, feats: Tensor, lengths: Tensor, start_id: int, beam: int = 4, max_len: int = 100,
-                    encoded: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> tuple[list[list[int]], list[Tensor]]:
+                    encoded: Optional[tuple[Tensor, Tensor, Tensor]] = None, length_penalty: float = 0.0
+                    ) -> tuple[list[list[int]], list[Tensor]]:
         """Best output per utterance by beam search from ``start_id`` (``beam=1`` is greedy): ``(token
         ids without the end token, per utterance its attention weights (T_out, T'))``. Scores are
-        summed log-probabilities; a finished hypothesis keeps its score. ``encoded`` reuses
+        summed log-probabilities; a finished hypothesis keeps its score. The best of the final beam
+        is the one with the highest ``score / ((5 + length) / 6) ** length_penalty`` (Wu et al.,
+        2016; 0 compares summed scores, which favours stopping early). ``encoded`` reuses
         :meth:`encode`'s result (to write two outputs from one encoding)."""
+        toks, maps, scores = self._search(feats, lengths, start_id, beam, max_len, encoded, length_penalty)
+        best = scores.argmax(-1)
+        out_ids, out_maps = [], []
+        for b in range(toks.shape[0]):
+            seq = self._strip(toks[b, best[b]].tolist())
+            out_ids.append(seq)
+            out_maps.append(maps[b, best[b], :len(seq)].cpu().clone())
+        return out_ids, out_maps
+
+    @torch.no_grad()
+    def nbest(self, feats: Tensor, lengths: Tensor, start_id: int, beam: int = 4, max_len: int = 100,
+              encoded: Optional[tuple[Tensor, Tensor, Tensor]] = None, length_penalty: float = 0.0
+              ) -> list[list[tuple[list[int], float, Tensor]]]:
+        """The whole final beam of :meth:`beam_search`, per utterance ``[(token ids, score, attention
+        weights (T_out, T')), ...]``, best first (scores length-normalized as there; at most ``beam``
+        hypotheses; the first is :meth:`beam_search`'s)."""
+        toks, maps, scores = self._search(feats, lengths, start_id, beam, max_len, encoded, length_penalty)
+        out = []
+        for b in range(toks.shape[0]):
+            hyps = []
+            for k in scores[b].argsort(descending=True, stable=True).tolist():
+                if scores[b, k] > float("-inf"):
+                    seq = self._strip(toks[b, k].tolist())
+                    hyps.append((seq, float(scores[b, k]), maps[b, k, :len(seq)].cpu().clone()))
+            out.append(hyps)
+        return out
+
+    def _strip(self, seq: list[int]) -> list[int]:
+        return seq[:seq.index(self.eos_id)] if self.eos_id in seq else seq
+
+    def _search(self, feats: Tensor, lengths: Tensor, start_id: int, beam: int, max_len: int,
+                encoded: Optional[tuple[Tensor, Tensor, Tensor]], length_penalty: float
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """Beam search: ``(tokens (B, K, L), attention weights (B, K, L, T'), length-normalized scores (B, K))``."""
         check_positive("beam", beam, integer=True)
         check_positive("max_len", max_len, integer=True)
+        if not length_penalty >= 0:
+            raise ValueError(f"length_penalty must be >= 0; got {length_penalty!r}")
         was = self.training
         self.eval()
         try:
@@ -232,14 +271,9 @@ class ListenAttendSpell(nn.Module):
                 y = tok.view(-1)
                 if bool(done.all()):
                     break
-            best = scores.argmax(-1)
-            out_ids, out_maps = [], []
-            for b in range(B):
-                seq = toks[b, best[b]].tolist()
-                n = seq.index(self.eos_id) if self.eos_id in seq else len(seq)
-                out_ids.append(seq[:n])
-                out_maps.append(maps[b, best[b], :n].cpu().clone())
-            return out_ids, out_maps
+            ended = toks == self.eos_id
+            n_out = torch.where(ended.any(-1), ended.float().argmax(-1), toks.new_tensor(toks.shape[-1]))
+            return toks, maps, scores / ((5.0 + n_out.float()) / 6.0) ** length_penalty
         finally:
             self.train(was)
 

@@ -6,8 +6,10 @@ https://arxiv.org/abs/1508.01211) and location-aware attention (Chorowski et al.
   transcript TSV, LibriSpeech's layout).
 * :mod:`.features`: log-mel filterbank features in plain torch.
 * :mod:`.metrics`: CER and WER (``jiwer``), exact match, how monotonic an alignment is.
-* :mod:`.recipe`: the model (:mod:`attnkit.models.las`), training, decoding and the metrics of a
-  split.
+* :mod:`.reading`: a spoken date read back from a (misrecognized) transcript: the closest phrase
+  the date grammar can say.
+* :mod:`.recipe`: the model (:mod:`attnkit.models.las`), training, decoding (a date chosen from
+  both outputs' beams) and the metrics of a split.
 * :mod:`.task`: ``attnkit train speech``, ``attnkit eval``, ``attnkit translate`` (transcribe
   audio files), ``attnkit viz`` (the alignment over the spectrogram).
 """
