@@ -114,6 +114,25 @@ def test_the_wav_parser_reads_streamed_headers():
 
 
 @needs_espeak
+def test_every_accent_and_speaker_sounds_different():
+    """espeak-ng silently ignores a variant it cannot apply (``en-gb+m3`` sounds like ``en-gb+f2``):
+    every accent must change with the speaker, and every speaker must be a voice of its own."""
+    import subprocess
+
+    def audio(voice):
+        done = subprocess.run([data.ESPEAK, "-v", voice, "-q", "--pho", "--stdout", "2000"], capture_output=True)
+        assert done.returncode == 0, done.stderr
+        return subprocess.run([data.ESPEAK, "-v", voice, "--stdout", "2000"], capture_output=True).stdout
+
+    for accents in data.ACCENTS.values():
+        for accent in accents:
+            assert audio(f"{accent}+m3") != audio(f"{accent}+f2"), accent
+    speakers = [s for split in ("train", "valid", "test") for s in data.SPEAKERS[split]]
+    sounds = {audio(f"es+{s}") for s in speakers}
+    assert len(sounds) == len(speakers)
+
+
+@needs_espeak
 def test_synthesis_is_deterministic_and_its_noise_has_the_asked_snr():
     v = data.Voice("en-us", "m3", 170, 50, 200.0, 7)
     clean, rate = data.synthesize("the third of march", v)

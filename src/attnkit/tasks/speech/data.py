@@ -65,19 +65,27 @@ MONTHS: dict[str, tuple[str, ...]] = {
     "es": ("enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre", "octubre",
            "noviembre", "diciembre"),
 }
-#: the languages and the ``espeak-ng`` accents (voices) each is spoken with
+#: the languages and the ``espeak-ng`` accents (voices) each is spoken with. British English and
+#: the French of France are named ``en`` and ``fr``, the names of their voice files: espeak-ng 1.51
+#: ignores the ``+variant`` of the aliases ``en-gb`` and ``fr-fr`` (every speaker sounds the same)
 ACCENTS: dict[str, tuple[str, ...]] = {
-    "en": ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc"),
-    "fr": ("fr-fr", "fr-be", "fr-ch"),
+    "en": ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc"),
+    "fr": ("fr", "fr-be", "fr-ch"),
     "de": ("de",),
     "es": ("es", "es-419"),
 }
 LANGUAGES = tuple(ACCENTS)
-#: the speakers (``espeak-ng`` voice variants) of each split; no speaker is in two splits
+#: the speakers (``espeak-ng`` voice variants, named as their files: a name espeak-ng does not
+#: know, such as ``alex`` for ``Alex``, silently gives the default voice) of each split; no speaker
+#: is in two splits (nor a variant of a test speaker, such as ``iven2``; robotic, whispering and
+#: joke variants are left out)
 SPEAKERS: dict[str, tuple[str, ...]] = {
-    "train": ("m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3", "adam", "alex", "andy", "annie", "benjamin",
+    "train": ("m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3", "adam", "Alex", "Andy", "Annie", "benjamin",
               "caleb", "david", "ed", "edward", "john", "linda", "max", "michel", "paul", "pedro", "robert",
-              "steph", "travis", "zac"),
+              "steph", "travis", "zac", "Alicia", "Andrea", "antonio", "aunty", "belinda", "boris", "Denis", "Diogo",
+              "edward2", "Gene", "Gene2", "gustave", "Henrique", "Hugo", "Jacky", "Lee", "Marco", "Mario", "Michael",
+              "miguel", "Mike", "Nguyen", "pablo", "rob", "steph2", "steph3", "Storm", "anika", "grandpa", "grandma",
+              "sandro", "klatt2", "klatt3"),
     "valid": ("m8", "f4", "norbert", "shelby"),
     "test": ("m7", "f5", "victor", "quincy", "marcelo", "iven"),
 }
