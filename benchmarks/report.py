@@ -36,6 +36,7 @@ COMMANDS = {
     "demo_quality.json": f"python benchmarks/demo_quality.py --threads 1 --repeat 3 --out {RES}demo_quality.json",
     "engine_1thread.json": f"python benchmarks/engine_targets.py --run --threads 1 --repeat 3 --json {RES}engine_1thread.json",
     "hf_2threads.json": f"python benchmarks/hf_targets.py --run --threads 2 --repeat 3 --json {RES}hf_2threads.json",
+    "compile.json": f"python benchmarks/compile.py --threads 2 --repeat 3 --steps 10 --json {RES}compile.json",
 }
 #: the settings a stored file must have for the docs to use it (a smoke run with other sizes is ignored)
 EXPECT = {"engine_2threads.json": {"threads": 2, "quick": False}, "engine_1thread.json": {"threads": 1, "quick": False},
@@ -519,6 +520,29 @@ def speech_block(results: Path) -> str:
     return "\n".join(lines)
 
 
+def compile_block(results: Path) -> str:
+    """Compiled against eager training steps (benchmarks/compile.py), same run."""
+    d = load(results, "compile.json")
+    if d is None:
+        return f"Not yet measured — run: `{COMMANDS['compile.json']}`"
+    m = d["machine"]
+    steps = d["results"][0]["steps"] if d["results"] else 0
+    lines = [f"Command: `{d['command']}` → `{RES}compile.json`; run {d['date']} on {m['cpu']} ({m['cores']} cores), "
+             f"{m['threads']} thread(s), torch {m['torch']}. Seconds per step (a training step: forward, loss, "
+             f"backward, AdamW; a decode: 12 greedy steps of the batch): the median over the timed repeats ({steps} "
+             "steps each) with the spread; eager is timed before and after the compiled repeats. Compile cost: the "
+             "first compiled step less a steady one, with inductor's graph caches off.", "",
+             "| case | target tokens | eager | compiled | speed-up | tokens/s, eager → compiled "
+             "| compile cost |", "|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        same = {True: " (tokens equal eager's)", False: " (tokens differ from eager's)"}.get(r.get("same_tokens"), "")
+        lines.append(f"| {r['case']}{same} | {r['tokens_per_step']:,} | {measured(r['eager_s'], 's')} | "
+                     f"{measured(r['compiled_s'], 's')} | {fmt(r['speedup'])}× | "
+                     f"{r['eager_tokens_per_s']:,.0f} → {r['compiled_tokens_per_s']:,.0f} | "
+                     f"{fmt(r['compile_cost_s'], 's')} s |")
+    return "\n".join(lines)
+
+
 def render(results: Path) -> dict[str, dict[str, str]]:
     two, one = load(results, "engine_2threads.json"), load(results, "engine_1thread.json")
     causal = load(results, "causal_64k.json")
@@ -534,6 +558,7 @@ def render(results: Path) -> dict[str, dict[str, str]]:
             "captioning": captioning_block(results),
             "vqa": vqa_block(results),
             "speech": speech_block(results),
+            "compile": compile_block(results),
             "hf-targets": engine_table(load(results, "hf_2threads.json"), COMMANDS["hf_2threads.json"],
                                        "hf_2threads.json", targets=hf_targets.TARGETS, what="target")},
         "README.md": {"readme-quality": readme_quality(results),

@@ -26,7 +26,8 @@ from report import COMMANDS  # noqa: E402
 #: rough minutes on the 2-core machine, estimated from the archived single runs (every repeat
 #: pays a process start and a warm-up call)
 ESTIMATE_MIN = {"engine_2threads.json": "13-20", "causal_64k.json": "7-12", "demo_quality.json": "13-17",
-                "engine_1thread.json": "22-30", "hf_2threads.json": "10-20"}
+                "engine_1thread.json": "22-30", "hf_2threads.json": "10-20",
+                "compile.json": "4-8"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,14 @@ def shape_str(x: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in x.shape) + ")"
 
 
+def sizes_text(*sizes) -> str:
+    """``"T1 x T2"`` for a message; inside ``torch.compile`` the sizes are symbolic and formatting
+    them would specialize the graph to these values, so the text says ``symbolic`` instead."""
+    if torch.compiler.is_compiling():
+        return "symbolic sizes"
+    return " x ".join(str(int(s)) for s in sizes)
+
+
 def check_tensor(name: str, x: object, ndim: int | None = None, layout: str = "") -> Tensor:
     """Raise ``TypeError`` unless ``x`` is a tensor, ``ValueError`` unless it has ``ndim`` dims."""
     if not isinstance(x, torch.Tensor):

@@ -139,3 +139,61 @@ def test_transformer_training_step_traces_without_a_graph_break():
     for a, b in zip(gg, gw):
         if b is not None:
             torch.testing.assert_close(a, b)
+
+
+# -- auto inside a compiled region ------------------------------------------------------------------
+def test_auto_inside_compile_passes_over_the_tiled_backend(monkeypatch):
+    """Eagerly, a long sliding window goes to the tiled backend; traced on CPU, auto takes SDPA with
+    a dense mask, never the tiled backend (a graph break), flex (inductor's CPU kernel cannot lower
+    masks built inside the graph) nor the reference (slower than SDPA). Where SDPA cannot serve
+    (a cosine score), the tiled backend is passed over for the traceable reference."""
+    q = torch.randn(1, 2, 2048, 16)
+    mask = masks.sliding_window(16)
+    assert attnkit.explain(q, q, q, mask=mask).backend == "tiled"
+    assert attnkit.explain(q, q, q, mask=mask, score="cosine").backend == "tiled"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert attnkit.explain(q, q, q, mask=mask).backend == "sdpa"
+    choice = attnkit.explain(q, q, q, mask=mask, score="cosine")
+    assert choice.backend == "reference" and "torch.compile" in "; ".join(choice.reasons["tiled"])
+    g = q.clone().requires_grad_(True)
+    assert attnkit.explain(g, g, g, mask=mask).backend == "sdpa"
+    assert attnkit.explain(g, g, g, mask=mask, return_weights=True).backend == "reference"
+    assert attnkit.explain(q, q, q, mask=mask, backend="tiled").backend == "tiled"  # asked for by name
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "forward+backward"])
+def test_a_long_sliding_window_under_auto_traces_as_one_graph(grad):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 1024, 16, generator=g).requires_grad_(grad) for _ in range(3))
+    assert attnkit.explain(q, k, v, mask=masks.sliding_window(16)).backend == "tiled"  # eagerly
+
+    def f(q, k, v):
+        return attnkit.attention(q, k, v, mask=masks.sliding_window(16))
+
+    explained = dynamo.explain(f)(q, k, v)
+    assert explained.graph_break_count == 0, [str(b.reason).split("\n")[0] for b in explained.break_reasons]
+    dynamo.reset()
+    want = f(q, k, v)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager" if grad else "inductor")(q, k, v)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    if grad:
+        for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask", ["causal", "sliding_window", "key_padding lengths"])
+def test_flex_traces_without_a_graph_break_and_equals_the_reference(mask):
+    """Asked for by name, flex is traced into the caller's graph. The mask and the ALiBi slopes are
+    built outside the compiled function, as a module builds them in ``__init__``: inductor's CPU
+    flex kernel (torch 2.13) cannot lower a mask or bias tensor computed inside the graph."""
+    m, b = MASKS[mask](), positions.ALiBi(H)
+
+    def f(q, k, v):
+        return attnkit.attention(q, k, v, mask=m, bias=b, backend="flex")
+
+    q, k, v = _qkv()
+    explained = dynamo.explain(f)(q, k, v)
+    assert explained.graph_break_count == 0, [str(b.reason).split("\n")[0] for b in explained.break_reasons]
+    dynamo.reset()
+    want = attnkit.attention(q, k, v, mask=m, bias=b, backend="reference")
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v), want, rtol=1e-4, atol=1e-5)

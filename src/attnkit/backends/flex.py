@@ -7,6 +7,11 @@ bilinear: ``tile`` is a plain dot product after ``prepare``), any mask without a
 any score mod, GQA. On CPU FlexAttention has no backward (PyTorch raises NotImplementedError), so
 requests that need gradients on CPU are refused. The first call for each shape compiles a kernel
 (seconds); later calls with the same shapes reuse it.
+
+Inside ``torch.compile`` flex is traced into the caller's graph. On CPU, torch 2.13's inductor
+cannot lower it when a mask or score mod holds a tensor computed inside the compiled region (a
+``NoValidChoicesError``), e.g. ``key_padding(tokens != pad)``; masks and biases built outside
+(a module's ``__init__``, an input) work. ``auto`` does not take flex there.
 """
 
 from __future__ import annotations
@@ -63,6 +68,14 @@ class FlexBackend:
         return why
 
     def auto_reasons(self, spec: AttentionSpec) -> list[str]:
+        if torch.compiler.is_compiling():
+            if spec.device.type == "cpu":
+                # torch 2.13: inductor's CPU flex kernel fails to lower ("NoValidChoicesError") when a
+                # mask or score mod captures a tensor computed inside the compiled region, e.g.
+                # key_padding(tokens != pad) or ALiBi(H) built in forward; SDPA always lowers
+                return ["inside torch.compile on CPU, inductor's flex kernel cannot take a mask or bias "
+                        "tensor computed in the compiled region; auto takes SDPA"]
+            return []  # compiled anyway: flex becomes part of the caller's graph
         # measured (docs/benchmarks.md): the tiled backend's fused body matches or beats compiled
         # flex on the forward-only cases flex serves, without a per-shape compile
         return ["compiling a flex kernel costs seconds per shape and the tiled backend is as fast "
@@ -74,12 +87,16 @@ class FlexBackend:
         qp, kp = spec.score.prepare(q, k)
         temp = spec.normalizer.temperature
         scale = spec.scale if spec.score_mods else spec.scale / temp  # temperature divides after the mods
+        compiling = torch.compiler.is_compiling()  # then flex is traced into the caller's graph
         block_mask = None
         if spec.mask is not None:
             mask_mod = spec.mask.bind(spec.Tq, spec.Tk)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            if compiling:  # the compiler cannot trace a change of the warning filters
                 block_mask = create_block_mask(mask_mod, spec.B, spec.H, spec.Tq, spec.Tk, device=q.device)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    block_mask = create_block_mask(mask_mod, spec.B, spec.H, spec.Tq, spec.Tk, device=q.device)
         score_mod = None
         if spec.score_mods:
             mods = [m.bind(spec.Tq, spec.Tk) for m in spec.score_mods]
@@ -89,6 +106,8 @@ class FlexBackend:
                     score = m(score, b, h, q_idx, kv_idx)
                 return score / temp if temp != 1.0 else score
 
-        out = _compiled()(qp, kp, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+        from torch.nn.attention.flex_attention import flex_attention
+
+        out = (flex_attention if compiling else _compiled())(qp, kp, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
                           enable_gqa=spec.groups > 1)
         return out, None

@@ -2,9 +2,17 @@
 
 A backend is an object with a ``name``, ``not_supported_reasons(spec) -> list[str]`` and
 ``__call__(q, k, v, spec) -> (out, weights | None)``; optionally ``auto_reasons(spec)``, reasons
-that only ``auto`` heeds (a request the backend serves correctly but slower than the next one). ``auto`` walks :data:`PRIORITY` and takes
-the first backend with no reasons; a forced backend that cannot serve a request raises an
-error listing its reasons.
+that only ``auto`` heeds (a request the backend serves correctly but slower than the next one),
+``traces = False`` for a backend that breaks a ``torch.compile`` graph, and
+``compile_fallback = True`` for one that inside ``torch.compile`` beats the reference on every
+request it supports. ``auto`` walks
+:data:`PRIORITY` and takes the first backend with no reasons; a forced backend that cannot serve
+a request raises an error listing its reasons.
+
+Inside ``torch.compile`` (and ``torch.export``), ``auto`` passes over the backends that do not
+trace, and when the only one left without reasons is ``reference``, takes the first
+``compile_fallback`` backend that serves the request (SDPA with a dense mask, still faster than
+the reference).
 """
 
 from __future__ import annotations
@@ -34,6 +42,11 @@ REGISTRY: dict[str, Backend] = {}
 #: the order in which ``auto`` tries backends; ``reference`` serves everything and comes last
 PRIORITY: list[str] = []
 _forced: list[str] = []
+
+
+#: why ``auto`` passes over a backend whose ``traces`` attribute is False inside ``torch.compile``
+NOT_TRACED = ("inside torch.compile: this backend runs Python the compiler cannot trace into the graph (a graph "
+              "break); auto takes one that traces")
 
 
 def register(backend: Backend, *, priority: int | None = None) -> Backend:
@@ -94,17 +107,31 @@ def choose(spec: AttentionSpec, backend: str = "auto", *, strict: bool = True) -
     if backend == "auto" and _forced:
         backend = _forced[-1]
     if backend == "auto":
+        compiling = torch.compiler.is_compiling()
         reasons: dict[str, list[str]] = {}
+        supported: list[str] = []
         for name in PRIORITY:
             b = REGISTRY[name]
-            why = b.not_supported_reasons(spec)
-            if not why and hasattr(b, "auto_reasons"):
-                why = b.auto_reasons(spec)  # preferences that apply to auto only (e.g. size)
-            reasons[name] = why
+            if compiling and not getattr(b, "traces", True):
+                why = [NOT_TRACED]  # decided before any size test: no shape guard for a backend never taken
+            else:
+                why = b.not_supported_reasons(spec)
             if not why:
-                if not torch.compiler.is_compiling():  # logging inside a compiled region breaks the graph
-                    log.debug("attnkit: auto picked %s", name)
+                if getattr(b, "compile_fallback", False):
+                    supported.append(name)
+                if hasattr(b, "auto_reasons"):
+                    why = b.auto_reasons(spec)  # preferences that apply to auto only (e.g. size)
+            reasons[name] = why
+            if not why and not (compiling and name == "reference" and supported):
+                if compiling:  # no logging (a graph break), no text with the sizes (it would specialize them)
+                    return Choice(name, reasons, "first in auto's order that traces")
+                log.debug("attnkit: auto picked %s", name)
                 return Choice(name, reasons, _because(name, spec, [n for n in reasons if n != name]))
+        if compiling and supported:
+            # traced, a backend auto passed over for speed (sdpa's dense mask) still beats the reference
+            name = supported[0]
+            return Choice(name, reasons, "the first backend in auto's order that serves this request and traces "
+                                         "under torch.compile")
         if not strict:
             return Choice(None, reasons)
         raise RuntimeError("no backend can serve this request:\n" + "\n".join(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._checks import sizes_text
 from ..masks.base import FromTensor, query_offset
 from ..masks.basic import Causal
 from ..normalizers.base import Softmax
@@ -26,6 +27,7 @@ _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # add
 
 class SDPABackend:
     name = "sdpa"
+    compile_fallback = True  # traced, a dense mask in torch's kernel still beats the reference
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         why = []
@@ -61,7 +63,13 @@ class SDPABackend:
 
     def auto_reasons(self, spec: AttentionSpec) -> list[str]:
         """SDPA serves masks and biases by materializing a (Tq, Tk) tensor and doing all Tq·Tk work;
-        past ``auto_dense_limit`` pairs the tiled backend, which skips masked tiles, wins."""
+        past ``auto_dense_limit`` pairs the tiled backend, which skips masked tiles, wins.
+
+        Inside ``torch.compile`` on CPU no faster backend traces (the tiled one breaks the graph,
+        flex cannot lower masks built in the graph), so there is no size test: a dynamic sequence
+        length then gets no guard at the limit."""
+        if torch.compiler.is_compiling() and spec.device.type == "cpu":
+            return []
         pairs = spec.Tq * spec.Tk
         # a query-invariant mask (key padding) materializes as one row broadcast over the queries
         dense_mask = (spec.mask is not None and not isinstance(spec.mask, FromTensor)
@@ -69,7 +77,7 @@ class SDPABackend:
         dense_bias = any(not isinstance(m, TensorBias) for m in spec.score_mods)
         limit = self.auto_dense_limit_dropout if spec.dropout_p > 0 else self.auto_dense_limit
         if pairs >= limit and (dense_mask or dense_bias):
-            return [f"the mask or bias would be materialized densely ({spec.Tq} x {spec.Tk}) and every pair "
+            return [f"the mask or bias would be materialized densely ({sizes_text(spec.Tq, spec.Tk)}) and every pair "
                     "computed; a block-sparse backend is faster"]
         return []
 

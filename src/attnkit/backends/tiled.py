@@ -58,6 +58,9 @@ def _partial_share(plan) -> float:
 
 class TiledBackend:
     name = "tiled"
+    #: its tile loop and plan are Python that ``torch.compile`` cannot trace into one graph:
+    #: ``auto`` passes over it inside a compiled region (asked for by name, it breaks the graph)
+    traces = False
 
     def __init__(self, block_q: int = 128, block_k: int = 128, kv_chunk: int = 1024, fuse: bool = True):
         self.block_q, self.block_k, self.kv_chunk = block_q, block_k, kv_chunk

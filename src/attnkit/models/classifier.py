@@ -24,7 +24,7 @@ from torch import nn
 
 from .._checks import check_positive, check_probability, lookup, shape_str
 from ..nn import AttentionPooling, MultiheadAttention
-from ..nn.hierarchical import run_rnn
+from ..nn.rnn import run_rnn
 from ..positions import LearnedPositionalEmbedding
 
 Tensor = torch.Tensor

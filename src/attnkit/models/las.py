@@ -34,10 +34,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .._checks import check_positive
 from ..nn.location_aware import LocationAwareAttention
+from ..nn.rnn import padded_rnn
 
 Tensor = torch.Tensor
 
@@ -83,7 +83,7 @@ class Listener(nn.Module):
         if feats.dim() != 3 or feats.shape[-1] != self.n_mels:
             raise ValueError(f"feats must be (B, T, {self.n_mels}); got {tuple(feats.shape)}")
         lengths = lengths.to(torch.long).cpu()
-        if bool((self.out_lengths(lengths) < 1).any()):
+        if not torch.compiler.is_compiling() and bool((self.out_lengths(lengths) < 1).any()):
             raise ValueError(f"every utterance needs at least {4 * 2 ** (self.layers - 1)} frames "
                              f"({self.layers} listener layers); got lengths {lengths.tolist()}")
         mask = torch.arange(feats.shape[1])[None] < lengths[:, None]
@@ -99,9 +99,9 @@ class Listener(nn.Module):
                 n = n // 2
                 x = x[:, : 2 * (x.shape[1] // 2)]
                 x = x.reshape(x.shape[0], x.shape[1] // 2, 2 * x.shape[2])
-            packed = pack_padded_sequence(self.dropout(x), n, batch_first=True, enforce_sorted=False)
-            x, _ = rnn(packed)
-            x, _ = pad_packed_sequence(x, batch_first=True, total_length=int(n.max()))
+            # eagerly packed, cut to the longest utterance; traced, padded with T kept (nn/rnn.py)
+            x = padded_rnn(rnn, self.dropout(x), n,
+                           total_length=None if torch.compiler.is_compiling() else int(n.max()))
             outs.append((x, n.to(feats.device)))
         return outs
 

@@ -125,6 +125,8 @@ class Seq2Seq(nn.Module):
         if src_lengths.shape[0] != src.shape[0]:
             raise ValueError(f"src_lengths must have shape ({src.shape[0]},) for src {shape_str(src)}; "
                              f"got {shape_str(src_lengths)}")
+        if torch.compiler.is_compiling():  # reading the lengths' values would break a compiled graph
+            return
         if src.shape[0] and (int(src_lengths.min()) < 1 or int(src_lengths.max()) > src.shape[1]):
             raise ValueError(f"src_lengths must be in [1, {src.shape[1]}] (the padded length of src); "
                              f"got {src_lengths.tolist()}")

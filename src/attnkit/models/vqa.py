@@ -48,6 +48,7 @@ from torch import nn
 
 from .._checks import check_positive, check_probability, shape_str
 from ..nn import AdditiveAttention
+from ..nn.rnn import last_state
 from .classifier import TransformerEncoder
 
 Tensor = torch.Tensor
@@ -196,11 +197,8 @@ class StackedAttentionNetwork(nn.Module):
 
     def question_vector(self, questions: Tensor) -> Tensor:
         """``u_0 (B, D)``: the LSTM's last state over each question's real words."""
-        lengths = (questions != self.pad_id).sum(1).clamp(min=1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(questions), lengths, batch_first=True,
-                                                   enforce_sorted=False)
-        _, (h, _) = self.lstm(packed)
-        return h[-1]
+        lengths = (questions != self.pad_id).sum(1).clamp(min=1)
+        return last_state(self.lstm, self.embed(questions), lengths)
 
     def forward(self, images: Tensor, questions: Tensor, image_index: Optional[Tensor] = None, *,
                 need_maps: bool = True) -> VqaOutput:

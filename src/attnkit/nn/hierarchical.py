@@ -5,48 +5,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .._checks import shape_str
 from .additive import _check_dims, _check_input, _choice
 from .pooling import AttentionPooling
+from .rnn import run_rnn
 
 Tensor = torch.Tensor
 
 RNNS = {"gru": nn.GRU, "lstm": nn.LSTM}
-
-
-def run_rnn(rnn: nn.RNNBase, x: Tensor, keep: Tensor) -> Tensor:
-    """Run a batch-first bidirectional RNN over the real positions of each row only.
-
-    ``x (N, T, F)``, ``keep (N, T)`` bool (True = real). The real positions of a row are fed in
-    their order (padding may sit anywhere), so padded values never reach the RNN; the outputs
-    ``(N, T, 2*hidden)`` are put back at the real positions and are 0 at padded ones. Rows with no
-    real position are skipped (packed sequences cannot be empty).
-
-    Example::
-
-        >>> import torch
-        >>> from attnkit.nn.hierarchical import run_rnn
-        >>> rnn = torch.nn.GRU(3, 4, batch_first=True, bidirectional=True)
-        >>> keep = torch.tensor([[True, True, False], [False, False, False]])
-        >>> y = run_rnn(rnn, torch.randn(2, 3, 3), keep)
-        >>> y.shape, bool((y[0, 2] == 0).all()), bool((y[1] == 0).all())
-        (torch.Size([2, 3, 8]), True, True)
-    """
-    N, T, feat = x.shape
-    out_dim = rnn.hidden_size * (2 if rnn.bidirectional else 1)
-    lengths = keep.sum(-1)
-    live = (lengths > 0).nonzero().squeeze(-1)
-    if live.numel() == 0:
-        return x.new_zeros(N, T, out_dim)
-    order = torch.argsort((~keep).to(torch.int32), dim=-1, stable=True)  # real positions first, in order
-    compact = x.gather(1, order.unsqueeze(-1).expand(N, T, feat))[live]  # (n, T, F)
-    packed = pack_padded_sequence(compact, lengths[live].cpu(), batch_first=True, enforce_sorted=False)
-    y, _ = rnn(packed)
-    y, _ = pad_packed_sequence(y, batch_first=True, total_length=T)  # (n, T, out), 0 past each length
-    y = x.new_zeros(N, T, out_dim).index_copy(0, live, y)
-    return torch.zeros_like(y).scatter(1, order.unsqueeze(-1).expand(N, T, out_dim), y)  # undo the compaction
 
 
 class HierarchicalAttention(nn.Module):

@@ -1,0 +1,185 @@
+"""Compiled against eager training: ``torch.compile`` (inductor) of a training step's forward and
+loss, the backward and the optimizer step as usual, against the same step in eager mode, in the
+same run, on the models of two tasks with their default sizes:
+
+* the Multi30k Transformer (d_model 256, 4 heads, 3 + 3 pre-norm layers, feed-forward 1024), a
+  batch of 64 sentence pairs of 32 source and 32 target tokens (the task's 2,048-token batches),
+  vocabularies of 8,000;
+* the dates Seq2Seq (GRU 128, Luong general attention with input feeding), a batch of 128 examples
+  of 32 source and 12 target tokens.
+
+and the dates Seq2Seq's decoding: greedy decoding of the same batch for 12 steps with the
+decoder step (GRU, attention, output layer) compiled, in ``no_grad`` and eval mode.
+
+Shapes are fixed (every batch padded to the same lengths), so compilation happens once; its cost
+is the first compiled step's time less a steady step's, with inductor's on-disk caches off (a cold
+compile, as on a fresh machine). The RNN models need torch's switch
+``torch._dynamo.config.allow_rnn = True`` (else every GRU is a graph break); it is set here. Each timed repeat runs ``--steps`` steps;
+the figures are the median over ``--repeat`` repeats with the spread, throughput in target tokens
+per second.
+
+    python benchmarks/compile.py --threads 2 --repeat 3 --json benchmarks/results/compile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_runs  # noqa: E402
+
+from attnkit import models  # noqa: E402
+
+
+def transformer_case():
+    m = models.Transformer(8000, 8000, d_model=256, num_heads=4, num_encoder_layers=3, num_decoder_layers=3,
+                           dim_feedforward=1024, dropout=0.1, norm_first=True, tie_embeddings="decoder")
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(3, 8000, (64, 32), generator=g)
+    pad = torch.arange(32) >= torch.randint(12, 33, (64, 1), generator=g)
+    tgt = torch.randint(3, 8000, (64, 33), generator=g)
+
+    def loss(src, pad, tgt):
+        logits = m(src, pad, tgt[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt[:, 1:].reshape(-1),
+                               label_smoothing=0.1)
+
+    return m, loss, (src, pad, tgt), 64 * 32
+
+
+def seq2seq_case():
+    m = models.Seq2Seq(40, 16, emb_dim=64, hidden_dim=128, rnn="gru", attention="luong-general", input_feeding=True)
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(3, 40, (128, 32), generator=g)
+    lengths = torch.randint(12, 33, (128,), generator=g)
+    lengths[0] = 32
+    tgt = torch.randint(3, 16, (128, 13), generator=g)
+
+    def loss(src, lengths, tgt):
+        logits = m(src, lengths, tgt[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt[:, 1:].reshape(-1))
+
+    return m, loss, (src, lengths, tgt), 128 * 12
+
+
+def greedy_case():
+    """The dates Seq2Seq in eval mode; the "loss" is a whole greedy decode (12 steps) whose step
+    function is what gets compiled."""
+    m, _, (src, lengths, _), _ = seq2seq_case()
+    m.eval()
+
+    def step(y, state, feed, memory, pad):
+        logits, state, feed, _ = m._step(y, state, feed, memory, pad, False, None)
+        return logits.argmax(-1), state, feed
+
+    def decode(step_fn):
+        with torch.no_grad():
+            memory, pad, state = m.encode(src, lengths)
+            feed = memory.new_zeros(src.shape[0], m.hidden_dim)
+            y = torch.full((src.shape[0],), m.bos_id, dtype=torch.long)
+            out = []
+            for _ in range(12):
+                y, state, feed = step_fn(y, state, feed, memory, pad)
+                out.append(y)
+            return torch.stack(out, 1)
+
+    return m, step, decode, 128 * 12
+
+
+CASES = {"Multi30k Transformer": transformer_case, "dates Seq2Seq": seq2seq_case,
+         "dates Seq2Seq, greedy decoding": greedy_case}
+
+
+def _timed(fn, steps: int, repeat: int) -> list[float]:
+    per_step = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        per_step.append((time.perf_counter() - start) / steps)
+    return per_step
+
+
+def run_case(name: str, steps: int, repeat: int) -> dict:
+    torch.manual_seed(0)
+    if name.endswith("greedy decoding"):
+        model, step_fn, decode, tokens = CASES[name]()
+        eager_call = lambda: decode(step_fn)  # noqa: E731
+        compiled_step = torch.compile(step_fn)
+        compiled_call = lambda: decode(compiled_step)  # noqa: E731
+    else:
+        model, loss, args, tokens = CASES[name]()
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        compiled_loss = torch.compile(loss)
+
+        def train_step(fn):
+            opt.zero_grad(set_to_none=True)
+            value = fn(*args)
+            value.backward()
+            opt.step()
+            return value
+
+        eager_call = lambda: train_step(loss)  # noqa: E731
+        compiled_call = lambda: train_step(compiled_loss)  # noqa: E731
+    for _ in range(2):  # warm-up
+        eager_call()
+    eager = _timed(eager_call, steps, repeat)
+    start = time.perf_counter()
+    compiled_call()
+    first = time.perf_counter() - start
+    compiled_call()
+    fast = _timed(compiled_call, steps, repeat)
+    # eager again after the compiled runs: the machine has not drifted between the two
+    eager += _timed(eager_call, steps, repeat)
+    same = bool(torch.equal(eager_call(), compiled_call())) if name.endswith("greedy decoding") else None
+    e, c = statistics.median(eager), statistics.median(fast)
+    return {"case": name, "steps": steps, "repeat": repeat, "tokens_per_step": tokens,
+            "eager_s": eager, "compiled_s": fast, "first_compiled_step_s": round(first, 2),
+            "compile_cost_s": round(first - c, 2), "speedup": e / c,
+            "eager_tokens_per_s": tokens / e, "compiled_tokens_per_s": tokens / c,
+            "same_tokens": same, "loadavg": os.getloadavg()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10, help="training steps per timed repeat")
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--json", default="benchmarks/results/compile.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch._dynamo.config.allow_rnn = True  # trace nn.GRU instead of breaking the graph at it
+    # a cold compile every run: the compile cost reported is not a cache hit from an earlier run
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+    results = []
+    for name in args.cases:
+        r = run_case(name, args.steps, args.repeat)
+        print(f"{name}: eager {statistics.median(r['eager_s']):.3f} s/step, compiled {statistics.median(r['compiled_s']):.3f} "
+              f"s/step ({r['speedup']:.2f}x), compile cost {r['compile_cost_s']:.1f} s", flush=True)
+        results.append(r)
+    record = {"command": f"python benchmarks/compile.py --threads {args.threads} --repeat {args.repeat} "
+                         f"--steps {args.steps} --json {args.json}",
+              "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+              "machine": train_runs.machine(args.threads), "repeat": args.repeat, "results": results}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
