@@ -146,8 +146,13 @@ def check_qkv(q: object, k: object, v: object, *, same_qk_dim: bool = False) -> 
 
 def check_arity(what: str, fn, n: int, form: str, hint: str = "") -> None:
     """A user callable that cannot take ``n`` positional arguments fails here, naming the form it
-    must have (``what`` must take ``n`` arguments, ``form``) and, optionally, how to get there."""
+    must have (``what`` must take ``n`` arguments, ``form``) and, optionally, how to get there.
+    Inside ``torch.compile`` the check is skipped (``inspect.signature`` cannot be traced): a wrong
+    callable then fails at its call."""
     import inspect
+
+    if torch.compiler.is_compiling():
+        return
 
     try:
         sig = inspect.signature(fn)

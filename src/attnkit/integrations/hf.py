@@ -29,6 +29,10 @@ The attention function honours what models pass: ``scaling``, ``dropout``, ``sli
 repeated), the KV cache (mask offsets) and padding; it returns ``(attn_output (B, Tq, H, Dv),
 weights (B, H, Tq, Tk) or None)`` as HF expects.
 
+Under ``torch.compile`` the models trace with no graph break (``tests/integrations/test_hf_compile.py``);
+traced, the mask functions a model builds in its forward become ``mask_mod``s (Dynamo cannot read
+their closures), exact but without the analytic masks' tile skipping.
+
 Requires ``pip install -e ".[hf]"`` (transformers 5.x); the core of attnkit never imports
 transformers.
 """
@@ -196,7 +200,9 @@ def _translate(fn: Callable, d: int, kv_offset: int, kv_length: int, q_offset: i
         return _masks.Causal(d)
     if fn is _mu.bidirectional_mask_function:
         return None
-    if isinstance(fn, types.FunctionType):
+    # traced, the closures of mask functions the model builds in its forward cannot be read: they
+    # become a mask_mod (exact; SDPA materializes it, as it would the analytic masks there)
+    if isinstance(fn, types.FunctionType) and not torch.compiler.is_compiling():
         qual = fn.__qualname__
         env = _closure(fn)
         if qual.startswith("and_masks.") or qual.startswith("or_masks."):
@@ -253,7 +259,10 @@ class _Shifted:
 
     def __init__(self, fn: Callable, q_offset: int, kv_offset: int):
         self.fn, self.q_offset, self.kv_offset = fn, q_offset, kv_offset
-        self.__name__ = getattr(fn, "__qualname__", repr(fn))
+        if not torch.compiler.is_compiling():  # a name for messages; Dynamo cannot read __qualname__
+            self.__name__ = getattr(fn, "__qualname__", repr(fn))
+        else:
+            self.__name__ = "hf_mask_function"
 
     def __call__(self, b, h, q_idx, kv_idx):
         out = self.fn(b, h, q_idx + self.q_offset, kv_idx + self.kv_offset)
@@ -283,7 +292,8 @@ def build_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0
     if attention_mask is not None:
         pm = _mu.prepare_padding_mask(attention_mask.to(torch.bool), kv_length, kv_offset)
         keep = pm[:, kv_offset:kv_offset + kv_length]
-        if not bool(keep.all()):
+        # traced, the values cannot be read (a graph break): the padding mask is kept even when all-True
+        if torch.compiler.is_compiling() or not bool(keep.all()):
             pad = _masks.KeyPadding(keep)
             mask = pad if mask is None else mask & pad
     return HFMask(mask, q_length, kv_length)
@@ -310,7 +320,12 @@ def _weights_requested(kwargs: dict) -> bool:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:  # pragma: no cover - another transformers layout
         return False
-    active = _active_collector.get()
+    if torch.compiler.is_compiling():
+        # traced, the collector's context variable cannot be read (a graph break); transformers keeps
+        # what it set during compilation in ``global_var``
+        active = _active_collector.global_var if getattr(_active_collector, "compiling", False) else None
+    else:
+        active = _active_collector.get()
     return bool(active) and "attentions" in active
 
 
