@@ -529,7 +529,7 @@ def compile_block(results: Path) -> str:
     steps = d["results"][0]["steps"] if d["results"] else 0
     lines = [f"Command: `{d['command']}` → `{RES}compile.json`; run {d['date']} on {m['cpu']} ({m['cores']} cores), "
              f"{m['threads']} thread(s), torch {m['torch']}. Seconds per step (a training step: forward, loss, "
-             f"backward, AdamW; a decode: 12 greedy steps of the batch): the median over the timed repeats ({steps} "
+             f"backward, AdamW; a decode: the batch decoded greedily, 12 steps for the Seq2Seq, 20 for the Transformer): the median over the timed repeats ({steps} "
              "steps each) with the spread; eager is timed before and after the compiled repeats. Compile cost: the "
              "first compiled step less a steady one, with inductor's graph caches off.", "",
              "| case | target tokens | eager | compiled | speed-up | tokens/s, eager → compiled "

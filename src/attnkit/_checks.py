@@ -62,7 +62,7 @@ def check_positive(name: str, x: object, *, integer: bool = False, allow_zero: b
     kinds = (int,) if integer else (int, float)
     if isinstance(x, bool) or not isinstance(x, kinds):
         raise TypeError(f"{name} must be {'an int' if integer else 'a number'}; got {type(x).__name__}")
-    if not math.isfinite(x):
+    if isinstance(x, float) and not math.isfinite(x):  # (an int is finite: no math call on a traced SymInt)
         raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}; got {x}")
     if x < 0 or (x == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {x}")

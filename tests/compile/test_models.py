@@ -140,3 +140,34 @@ def test_attention_with_a_new_batch_size_recompiles_at_most_once():
         q, k, v = (torch.randn(B, 2, 16, 8) for _ in range(3))
         torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
     assert counter.frame_count <= 2, counter.frame_count
+
+
+def test_transformer_decoding_with_the_kv_cache_compiles_twice_and_decodes_as_eager():
+    """``decode_step`` compiled with dynamic shapes: one graph for the first step (empty caches) and
+    one for every later step (the cache length is symbolic), no graph break, the same tokens."""
+    torch.manual_seed(0)
+    m = models.Transformer(30, 40, d_model=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=2,
+                           dim_feedforward=48, dropout=0.0).eval()
+    src = torch.randint(3, 30, (3, 9))
+    pad = torch.arange(9) >= _lengths(3, 9).unsqueeze(1)
+
+    def decode(step, n=8):
+        with torch.no_grad():
+            state = m.init_state(m.encode(src, pad), pad, 16)
+            tok, out = torch.full((3, 1), m.bos_id, dtype=torch.long), []
+            for _ in range(n):
+                tok = step(tok, state)[:, -1].argmax(-1, keepdim=True)
+                out.append(tok)
+            return torch.cat(out, 1)
+
+    counter = CompileCounter()
+    got = decode(torch.compile(m.decode_step, backend=counter, dynamic=True))
+    assert torch.equal(got, decode(m.decode_step))
+    assert counter.frame_count == 2, counter.frame_count
+    with torch.no_grad():
+        state = m.init_state(m.encode(src, pad), pad, 16)
+        tok = torch.full((3, 1), m.bos_id, dtype=torch.long)
+        m.decode_step(tok, state)
+        dynamo.reset()
+        explained = dynamo.explain(m.decode_step)(tok, state)
+    assert explained.graph_break_count == 0, [str(b.reason).split("\n")[0] for b in explained.break_reasons]
