@@ -37,6 +37,7 @@ COMMANDS = {
     "engine_1thread.json": f"python benchmarks/engine_targets.py --run --threads 1 --repeat 3 --json {RES}engine_1thread.json",
     "hf_2threads.json": f"python benchmarks/hf_targets.py --run --threads 2 --repeat 3 --json {RES}hf_2threads.json",
     "compile.json": f"python benchmarks/compile.py --threads 2 --repeat 3 --steps 10 --json {RES}compile.json",
+    "small_calls.json": f"python benchmarks/small_calls.py --threads 2 --repeat 5 --json {RES}small_calls.json",
 }
 #: the settings a stored file must have for the docs to use it (a smoke run with other sizes is ignored)
 EXPECT = {"engine_2threads.json": {"threads": 2, "quick": False}, "engine_1thread.json": {"threads": 1, "quick": False},
@@ -543,6 +544,22 @@ def compile_block(results: Path) -> str:
     return "\n".join(lines)
 
 
+def small_calls_block(results: Path) -> str:
+    """One decoding step, attnkit against SDPA (benchmarks/small_calls.py), same run."""
+    d = load(results, "small_calls.json")
+    if d is None:
+        return f"Not yet measured — run: `{COMMANDS['small_calls.json']}`"
+    m, s = d["machine"], d["shape"]
+    lines = [f"Command: `{d['command']}` → `{RES}small_calls.json`; run {d['date']} on {m['cpu']} ({m['cores']} cores), "
+             f"{m['threads']} thread(s), torch {m['torch']}. B={s['B']}, H={s['H']}, Tq={s['Tq']}, Tk={s['Tk']}, "
+             f"D={s['D']}, float32, no grad; microseconds per call: the median over {d['repeat']} repeats of "
+             f"{d['calls']:,} calls with the spread.", "",
+             "| call | time per call | against SDPA without a mask |", "|---|---|---|"]
+    for r in d["results"]:
+        lines.append(f"| {r['case']} | {measured(r['us'], 'us')} | {fmt(r['ratio_to_sdpa'])}× |")
+    return "\n".join(lines)
+
+
 def render(results: Path) -> dict[str, dict[str, str]]:
     two, one = load(results, "engine_2threads.json"), load(results, "engine_1thread.json")
     causal = load(results, "causal_64k.json")
@@ -559,6 +576,7 @@ def render(results: Path) -> dict[str, dict[str, str]]:
             "vqa": vqa_block(results),
             "speech": speech_block(results),
             "compile": compile_block(results),
+            "small-calls": small_calls_block(results),
             "hf-targets": engine_table(load(results, "hf_2threads.json"), COMMANDS["hf_2threads.json"],
                                        "hf_2threads.json", targets=hf_targets.TARGETS, what="target")},
         "README.md": {"readme-quality": readme_quality(results),

@@ -27,7 +27,7 @@ from report import COMMANDS  # noqa: E402
 #: pays a process start and a warm-up call)
 ESTIMATE_MIN = {"engine_2threads.json": "13-20", "causal_64k.json": "7-12", "demo_quality.json": "13-17",
                 "engine_1thread.json": "22-30", "hf_2threads.json": "10-20",
-                "compile.json": "4-8"}
+                "compile.json": "4-8", "small_calls.json": "1"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,7 +124,9 @@ def quarantine(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
     give (NaN spreads through the rows and columns it reaches)."""
     if torch.compiler.is_compiling():
         return q, k, v, spec, None
-    bad = [None if all_finite(x) else ~torch.isfinite(x) for x in (q, k, v)]
+    with torch.no_grad():  # one sum and one read for the three in the usual case (decoding steps are short)
+        fine = bool(torch.isfinite(q.sum() + k.sum().to(q.dtype) + v.sum().to(q.dtype)))
+    bad = [None] * 3 if fine else [None if all_finite(x) else ~torch.isfinite(x) for x in (q, k, v)]
     bias_bad, mods = None, list(spec.score_mods)
     for i, m in enumerate(mods):
         if isinstance(m, TensorBias) and not all_finite(m.tensor):

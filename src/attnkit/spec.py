@@ -133,6 +133,8 @@ def canonicalize(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normali
     mask_obj = None if mask is None else as_mask(mask)
     if mask_obj is not None:
         mask_obj.check(B, H, Tq, Tk)
+        if not mask_obj.has_weight_factor and mask_obj.sees_every_key(Tq, Tk):
+            mask_obj = None  # e.g. causal for one query at the end of the cache: the unmasked call
 
     if bias is None:
         mods: tuple[ScoreMod, ...] = ()

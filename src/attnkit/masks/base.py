@@ -92,6 +92,12 @@ class Mask:
     def check(self, batch: int, heads: int, num_queries: int, num_keys: int) -> None:
         """Raise ``ValueError`` when the mask cannot apply to inputs of these sizes."""
 
+    def sees_every_key(self, num_queries: int, num_keys: int) -> bool:
+        """True when, from its parameters alone, every query sees every key at these sizes (a
+        causal mask for one query at the end of a decoding cache): ``attnkit.attention`` then drops
+        the mask. False when unsure (the default)."""
+        return False
+
     # -- views -----------------------------------------------------------------------------
     def bind(self, num_queries: int, num_keys: int) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
         """A FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx)`` for these sequence lengths."""
@@ -254,6 +260,9 @@ class And(Mask):
         self.left.check(batch, heads, num_queries, num_keys)
         self.right.check(batch, heads, num_queries, num_keys)
 
+    def sees_every_key(self, num_queries, num_keys):
+        return self.left.sees_every_key(num_queries, num_keys) and self.right.sees_every_key(num_queries, num_keys)
+
     def classify_blocks(self, num_queries, num_keys, block_q, block_k, batch=1, heads=1, device=None):
         args = (num_queries, num_keys, block_q, block_k, batch, heads, device)
         a, b = _broadcast_pair(self.left.classify_blocks(*args), self.right.classify_blocks(*args))
@@ -282,6 +291,9 @@ class Or(Mask):
     def check(self, batch, heads, num_queries, num_keys):
         self.left.check(batch, heads, num_queries, num_keys)
         self.right.check(batch, heads, num_queries, num_keys)
+
+    def sees_every_key(self, num_queries, num_keys):
+        return self.left.sees_every_key(num_queries, num_keys) or self.right.sees_every_key(num_queries, num_keys)
 
     def classify_blocks(self, num_queries, num_keys, block_q, block_k, batch=1, heads=1, device=None):
         args = (num_queries, num_keys, block_q, block_k, batch, heads, device)

@@ -33,6 +33,10 @@ class Causal(Mask):
     def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
         return q_idx + query_offset(self.align, num_queries, num_keys) >= kv_idx
 
+    def sees_every_key(self, num_queries, num_keys):
+        # the first query reaches the last key (one query at the end of a decoding cache)
+        return query_offset(self.align, num_queries, num_keys) >= num_keys - 1
+
     def classify_blocks(self, num_queries, num_keys, block_q, block_k, batch=1, heads=1, device=None):
         o = query_offset(self.align, num_queries, num_keys)
         qs, qe = tile_bounds(num_queries, block_q, device)
@@ -75,6 +79,11 @@ class SlidingWindow(Mask):
     def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
         pos = q_idx + query_offset(self.align, num_queries, num_keys)
         return (kv_idx >= pos - self.left) & (kv_idx <= pos + self.right)
+
+    def sees_every_key(self, num_queries, num_keys):
+        # the first query reaches the last key and the last query the first
+        o = query_offset(self.align, num_queries, num_keys)
+        return o + self.right >= num_keys - 1 and num_queries - 1 + o - self.left <= 0
 
     def classify_blocks(self, num_queries, num_keys, block_q, block_k, batch=1, heads=1, device=None):
         o = query_offset(self.align, num_queries, num_keys)
