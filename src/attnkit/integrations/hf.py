@@ -30,7 +30,7 @@ repeated), the KV cache (mask offsets) and padding; it returns ``(attn_output (B
 weights (B, H, Tq, Tk) or None)`` as HF expects.
 
 Under ``torch.compile`` the models trace with no graph break (``tests/integrations/test_hf_compile.py``);
-traced, the mask functions a model builds in its forward become ``mask_mod``s (Dynamo cannot read
+traced, the mask functions a model builds in its forward become ``mask_mod`` masks (Dynamo cannot read
 their closures), exact but without the analytic masks' tile skipping.
 
 Requires ``pip install -e ".[hf]"`` (transformers 5.x); the core of attnkit never imports
