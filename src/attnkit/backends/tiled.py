@@ -27,6 +27,7 @@ from ..masks.base import query_offset
 from ..masks.basic import Causal
 from ..scores import Kernel
 from ..spec import AttentionSpec
+from .tiled_op import describe
 
 Tensor = torch.Tensor
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -58,8 +59,10 @@ def _partial_share(plan) -> float:
 
 class TiledBackend:
     name = "tiled"
-    #: its tile loop and plan are Python that ``torch.compile`` cannot trace into one graph:
-    #: ``auto`` passes over it inside a compiled region (asked for by name, it breaks the graph)
+    #: its tile loop and plan are Python that ``torch.compile`` cannot trace into one graph, so
+    #: ``auto`` passes over it inside a compiled region. Asked for by name there, a request that
+    #: :func:`~attnkit.backends.tiled_op.describe` describes runs as one opaque operator
+    #: (``torch.ops.attnkit.tiled_attention``); any other breaks the graph.
     traces = False
 
     def __init__(self, block_q: int = 128, block_k: int = 128, kv_chunk: int = 1024, fuse: bool = True):
@@ -138,12 +141,11 @@ class TiledBackend:
             return False
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
-        if self.chunked_linear(spec):
-            # c·s / (c·Σs + eps) = s / (Σs + eps / c): the scale only moves eps
-            out = linear_attention(q, k, v, feature_map=spec.score.feature_map, causal=spec.mask is not None,
-                                   eps=spec.normalizer.eps / spec.scale)
-            return out, None
+    def setup(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
+        """``(qp, kp, v, plan, seed, params)``: the prepared (and, for a prescaled plan, scaled)
+        queries and keys, the values in the working dtype (float32 for half precision), the tile
+        plan, the dropout seed and the tensors that may need gradients. Deterministic for a given
+        request (the dropout seed aside), so the backward of the traced operator rebuilds it."""
         qp, kp = spec.score.prepare(q, k)
         dtype = v.dtype
         if dtype in _LOW_PRECISION:  # accumulate in float32
@@ -169,6 +171,20 @@ class TiledBackend:
             plan = replace(plan, fused=True)
         if plan.prescaled:
             qp = qp * query_scale(spec)
+        return qp, kp, v, plan, seed, params
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
+        if torch.compiler.is_compiling():
+            desc = describe(spec)
+            if desc is not None:
+                return torch.ops.attnkit.tiled_attention(q, k, v, desc)[0], None
+        if self.chunked_linear(spec):
+            # c·s / (c·Σs + eps) = s / (Σs + eps / c): the scale only moves eps
+            out = linear_attention(q, k, v, feature_map=spec.score.feature_map, causal=spec.mask is not None,
+                                   eps=spec.normalizer.eps / spec.scale)
+            return out, None
+        dtype = v.dtype
+        qp, kp, v, plan, seed, params = self.setup(q, k, v, spec)
         if self.one_pass_weights(spec, seed, params, qp, kp, v):
             out, weights = weights_pass(qp, kp, v, spec, plan, weights_dtype=dtype)
             return out.to(dtype), weights
