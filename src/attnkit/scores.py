@@ -431,8 +431,9 @@ def get(score: str | Score) -> Score:
 
 
 #: one instance per named score: they hold no parameters or state, and building an nn.Module
-#: on every call costs more than a short decoder step's attention
-_SHARED: dict[str, Score] = {}
+#: on every call costs more than a short decoder step's attention. The default ones exist from the
+#: start: filled on a first call inside ``torch.compile``, the cache would cost a recompile
+_SHARED: dict[str, Score] = {"dot": Dot(), "scaled_dot": ScaledDot()}
 
 
 __all__ = ["Score", "Dot", "ScaledDot", "Cosine", "General", "Additive", "Location", "Kernel", "get", "NAMED"]

@@ -142,23 +142,43 @@ def test_transformer_training_step_traces_without_a_graph_break():
 
 
 # -- auto inside a compiled region ------------------------------------------------------------------
-def test_auto_inside_compile_passes_over_the_tiled_backend(monkeypatch):
-    """Eagerly, a long sliding window goes to the tiled backend; traced on CPU, auto takes SDPA with
-    a dense mask, never the tiled backend (a graph break), flex (inductor's CPU kernel cannot lower
-    masks built inside the graph) nor the reference (slower than SDPA). Where SDPA cannot serve
-    (a cosine score), the tiled backend is passed over for the traceable reference."""
+def test_auto_inside_compile_takes_the_tiled_operator_or_passes_over_the_tiled_backend(monkeypatch):
+    """Eagerly, a long sliding window goes to the tiled backend. Traced with static sizes it still
+    does when the tiled operator describes the request (one opaque op, forward and backward);
+    where it cannot (a cosine score: the Python tile loop, a graph break) auto passes over it for
+    the traceable reference. With symbolic sizes auto takes SDPA, with no size test (no guard at
+    the size limit). Never flex on CPU (inductor cannot lower masks built inside the graph)."""
     q = torch.randn(1, 2, 2048, 16)
     mask = masks.sliding_window(16)
     assert attnkit.explain(q, q, q, mask=mask).backend == "tiled"
     assert attnkit.explain(q, q, q, mask=mask, score="cosine").backend == "tiled"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert attnkit.explain(q, q, q, mask=mask).backend == "sdpa"
+    assert attnkit.explain(q, q, q, mask=mask).backend == "tiled"
     choice = attnkit.explain(q, q, q, mask=mask, score="cosine")
     assert choice.backend == "reference" and "torch.compile" in "; ".join(choice.reasons["tiled"])
+    assert "torch.compile" in "; ".join(choice.reasons["flex"])
     g = q.clone().requires_grad_(True)
-    assert attnkit.explain(g, g, g, mask=mask).backend == "sdpa"
+    assert attnkit.explain(g, g, g, mask=mask).backend == "tiled"
     assert attnkit.explain(g, g, g, mask=mask, return_weights=True).backend == "reference"
-    assert attnkit.explain(q, q, q, mask=mask, backend="tiled").backend == "tiled"  # asked for by name
+    small = torch.randn(1, 2, 64, 16)
+    assert attnkit.explain(small, small, small, mask=mask).backend == "sdpa"
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "forward+backward"])
+def test_auto_with_a_dynamic_length_takes_sdpa_without_a_size_guard(grad):
+    """A dynamic sequence length compiles once for lengths on both sides of auto's size limit."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+
+    def f(q):
+        return attnkit.attention(q, q, q, mask=masks.sliding_window(16))
+
+    compiled = torch.compile(f, backend=counter, dynamic=True, fullgraph=True)
+    for T in (64, 1100):
+        q = torch.randn(1, 2, T, 16, requires_grad=grad)
+        torch.testing.assert_close(compiled(q), f(q), rtol=1e-4, atol=1e-5)
+    assert counter.frame_count == 1, counter.frame_count
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "forward+backward"])

@@ -3,7 +3,8 @@
 A backend is an object with a ``name``, ``not_supported_reasons(spec) -> list[str]`` and
 ``__call__(q, k, v, spec) -> (out, weights | None)``; optionally ``auto_reasons(spec)``, reasons
 that only ``auto`` heeds (a request the backend serves correctly but slower than the next one),
-``traces = False`` for a backend that breaks a ``torch.compile`` graph, and
+``traces`` (a bool, or a function of the request) False for a request the backend serves only
+with a ``torch.compile`` graph break, and
 ``compile_fallback = True`` for one that inside ``torch.compile`` beats the reference on every
 request it supports. ``auto`` walks
 :data:`PRIORITY` and takes the first backend with no reasons; a forced backend that cannot serve
@@ -47,6 +48,13 @@ _forced: list[str] = []
 #: why ``auto`` passes over a backend whose ``traces`` attribute is False inside ``torch.compile``
 NOT_TRACED = ("inside torch.compile: this backend runs Python the compiler cannot trace into the graph (a graph "
               "break); auto takes one that traces")
+
+
+def _traces(backend, spec: AttentionSpec) -> bool:
+    """Whether ``backend`` serves ``spec`` inside ``torch.compile`` without a graph break: its
+    ``traces`` attribute, a bool or a function of the request (default True)."""
+    t = getattr(backend, "traces", True)
+    return t(spec) if callable(t) else bool(t)
 
 
 def register(backend: Backend, *, priority: int | None = None) -> Backend:
@@ -112,7 +120,7 @@ def choose(spec: AttentionSpec, backend: str = "auto", *, strict: bool = True) -
         supported: list[str] = []
         for name in PRIORITY:
             b = REGISTRY[name]
-            if compiling and not getattr(b, "traces", True):
+            if compiling and not _traces(b, spec):
                 why = [NOT_TRACED]  # decided before any size test: no shape guard for a backend never taken
             else:
                 why = b.not_supported_reasons(spec)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .._checks import sizes_text
 from ..masks.base import FromTensor, query_offset
@@ -65,18 +66,21 @@ class SDPABackend:
         """SDPA serves masks and biases by materializing a (Tq, Tk) tensor and doing all Tq·Tk work;
         past ``auto_dense_limit`` pairs the tiled backend, which skips masked tiles, wins.
 
-        Inside ``torch.compile`` on CPU no faster backend traces (the tiled one breaks the graph,
-        flex cannot lower masks built in the graph), so there is no size test: a dynamic sequence
-        length then gets no guard at the limit."""
-        if torch.compiler.is_compiling() and spec.device.type == "cpu":
-            return []
+        Inside ``torch.compile`` with symbolic (dynamic) sizes there is no size test, so a dynamic
+        sequence length gets no guard at the limit; with static sizes the tiled backend's operator
+        takes the long masked requests it describes (``backends/tiled_op.py``)."""
         pairs = spec.Tq * spec.Tk
         # a query-invariant mask (key padding) materializes as one row broadcast over the queries
         dense_mask = (spec.mask is not None and not isinstance(spec.mask, FromTensor)
                       and not spec.mask.query_invariant and not self.native_causal(spec))
         dense_bias = any(not isinstance(m, TensorBias) for m in spec.score_mods)
         limit = self.auto_dense_limit_dropout if spec.dropout_p > 0 else self.auto_dense_limit
-        if pairs >= limit and (dense_mask or dense_bias):
+        if torch.compiler.is_compiling():
+            # true only when known without a guard: static sizes; a symbolic length stays with SDPA
+            big = statically_known_true(pairs >= limit)
+        else:
+            big = pairs >= limit
+        if big and (dense_mask or dense_bias):
             return [f"the mask or bias would be materialized densely ({sizes_text(spec.Tq, spec.Tk)}) and every pair "
                     "computed; a block-sparse backend is faster"]
         return []

@@ -59,11 +59,13 @@ def _partial_share(plan) -> float:
 
 class TiledBackend:
     name = "tiled"
-    #: its tile loop and plan are Python that ``torch.compile`` cannot trace into one graph, so
-    #: ``auto`` passes over it inside a compiled region. Asked for by name there, a request that
-    #: :func:`~attnkit.backends.tiled_op.describe` describes runs as one opaque operator
-    #: (``torch.ops.attnkit.tiled_attention``); any other breaks the graph.
-    traces = False
+    @staticmethod
+    def traces(spec: AttentionSpec) -> bool:
+        """Inside ``torch.compile`` a request that :func:`~attnkit.backends.tiled_op.describe`
+        states runs as one opaque operator (``torch.ops.attnkit.tiled_attention``); any other runs
+        the Python tile loop, a graph break, and ``auto`` passes over it. (On a GPU ``auto`` passes
+        over it anyway: there compiled flex is the block-sparse kernel.)"""
+        return spec.device.type == "cpu" and describe(spec) is not None
 
     def __init__(self, block_q: int = 128, block_k: int = 128, kv_chunk: int = 1024, fuse: bool = True):
         self.block_q, self.block_k, self.kv_chunk = block_q, block_k, kv_chunk

@@ -56,7 +56,8 @@ def get(normalizer) -> Normalizer:
                   "instance")()
 
 
-_SHARED: dict[str, Normalizer] = {}
+_SHARED: dict[str, Normalizer] = {name: NAMED[name]() for name in ("softmax", "sigmoid")}  # (filled on a first
+# call inside torch.compile, the cache would cost a recompile)
 
 
 __all__ = ["Normalize", "Normalizer", "Softmax", "Sigmoid", "Sparsemax", "Entmax15", "Entmax", "Hardmax", "TopK", "Gumbel",
