@@ -26,8 +26,6 @@ per second.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -193,13 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: eager {statistics.median(r['eager_s']):.3f} s/step, compiled {statistics.median(r['compiled_s']):.3f} "
               f"s/step ({r['speedup']:.2f}x), compile cost {r['compile_cost_s']:.1f} s", flush=True)
         results.append(r)
-    record = {"command": f"python benchmarks/compile.py --threads {args.threads} --repeat {args.repeat} "
-                         f"--steps {args.steps} --json {args.json}",
-              "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": train_runs.machine(args.threads), "repeat": args.repeat, "results": results}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.json}")
+    train_runs.write_record(args.json, f"python benchmarks/compile.py --threads {args.threads} --repeat {args.repeat} "
+                            f"--steps {args.steps} --json {args.json}", args.threads, repeat=args.repeat,
+                            results=results)
     return 0
 
 

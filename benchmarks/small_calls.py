@@ -11,8 +11,6 @@ microseconds, with the spread; the ratio is against SDPA without a mask in the s
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -75,15 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     base = statistics.median(results[0]["us"])
     for r in results:
         r["ratio_to_sdpa"] = statistics.median(r["us"]) / base
-    record = {"command": f"python benchmarks/small_calls.py --threads {a.threads} --repeat {a.repeat} "
-                         f"--json {a.json}",
-              "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": train_runs.machine(a.threads), "repeat": a.repeat, "calls": a.calls,
-              "shape": {"B": 1, "H": 8, "Tq": 1, "Tk": 512, "D": 64}, "loadavg": os.getloadavg(),
-              "results": results}
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {a.json}")
+    train_runs.write_record(a.json, f"python benchmarks/small_calls.py --threads {a.threads} --repeat {a.repeat} "
+                            f"--json {a.json}", a.threads, repeat=a.repeat, calls=a.calls,
+                            shape={"B": 1, "H": 8, "Tq": 1, "Tk": 512, "D": 64}, loadavg=os.getloadavg(),
+                            results=results)
     return 0
 
 

@@ -31,6 +31,16 @@ def machine(threads: int | None) -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__}
 
 
+def write_record(path: str, command: str, threads: int | None, **fields) -> dict:
+    """Write a benchmark's JSON: its command, the date, the machine, then ``fields``."""
+    record = {"command": command, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+              "machine": machine(threads), **fields}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
+    return record
+
+
 def run(task: str, label: str, options: list[str], folder: Path, threads: int | None, seed: int,
         extra: list[str]) -> tuple[dict, dict]:
     """One training run; returns the stored record and the checkpoint's config (empty on failure)."""
