@@ -159,3 +159,20 @@ def test_softcap_rejects_bad_cap():
         softcap(0.0)
     with pytest.raises(TypeError, match="cap"):
         softcap("big")
+
+
+def test_a_bias_mod_is_flagged_as_needing_gradients_only_when_it_reads_a_tensor_that_requires_grad():
+    """``bias_mod`` functions take four arguments (no score): the probe calls them with four, so
+    a plain one stays on the tiled backend's closed-form backward under autograd."""
+    q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    plain = attnkit.positions.bias_mod(lambda b, h, q_idx, kv_idx: -0.1 * (q_idx - kv_idx).abs().double())
+    w = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    learned = attnkit.positions.bias_mod(lambda b, h, q_idx, kv_idx: -w[h] * (q_idx - kv_idx).abs())
+    assert not plain.closes_over_grad(torch.float64) and learned.closes_over_grad(torch.float64)
+    assert attnkit.canonicalize(q, k, v, bias=plain).grad_mods == ()
+    assert attnkit.canonicalize(q, k, v, bias=learned).grad_mods == (repr(learned),)
+    assert attnkit.explain(q, k, v, bias=plain, backend="tiled").backend == "tiled"
+    out = attnkit.attention(q, k, v, bias=plain, backend="tiled")
+    ref = attnkit.attention(q, k, v, bias=plain, backend="reference")
+    g, g_ref = torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))
+    assert torch.allclose(out, ref) and all(torch.allclose(a, b) for a, b in zip(g, g_ref))

@@ -197,7 +197,16 @@ class FromBias(ScoreMod):
                              f"{shape_str(torch.empty(target))}")
         return score + out.to(score.dtype)
 
-    closes_over_grad = FromScoreMod.closes_over_grad
+    def closes_over_grad(self, dtype: torch.dtype = torch.float32, device=None) -> bool:
+        """Whether ``fn``'s bias depends on a tensor that requires grad (see
+        :meth:`FromScoreMod.closes_over_grad`; here ``fn`` takes no score)."""
+        idx = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+        try:
+            with torch.enable_grad():
+                out = self.fn(idx, idx, idx, idx)
+        except Exception:  # noqa: BLE001 -- unknown: be safe
+            return True
+        return isinstance(out, torch.Tensor) and out.requires_grad
 
     def __repr__(self):
         return f"bias_mod({getattr(self.fn, '__name__', self.fn)!r})"
