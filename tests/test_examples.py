@@ -21,6 +21,8 @@ EXPECTED = {
                             r"mask handed to attnkit: \(SlidingWindow\(left=7, right=0, align=0\) & key_padding",
                             r"captured: model\.layers\.0\.self_attn \(2, 1, 1, 24\)",
                             r"ok: a Hugging Face model runs on attnkit"]),
+    "ring_attention.py": ([], [r"rank 0/2: computed on the K/V shards of ranks \[0, 1\]",
+                               r"max \|diff\| = \d\.\de-(1[0-9]|[2-9]\d)", r"ok: ring attention equals one process"]),
     "attention_html.py": (["{tmp}/heads.html"], [r"captured layers\.0: weights \(1, 2, 8, 8\)",
                                                 r"wrote .*heads\.html"]),
 }

@@ -6,7 +6,7 @@ may attend; causal masks with ``Tq != Tk`` align bottom-right. ``attnkit.nn`` mo
 ``True`` = padding).
 """
 
-from . import backends, linear, masks, models, nn, normalizers, positions, scores, tasks
+from . import backends, distributed, linear, masks, models, nn, normalizers, positions, scores, tasks
 from .backends import use_backend
 from .recording import capture
 from .functional import attention, explain
@@ -15,4 +15,4 @@ from .spec import AttentionSpec, WeightsRequest, canonicalize
 __version__ = "0.1.0"
 
 __all__ = ["attention", "explain", "use_backend", "capture", "AttentionSpec", "WeightsRequest", "canonicalize", "scores", "normalizers",
-           "masks", "positions", "linear", "backends", "nn", "models", "tasks", "__version__"]
+           "masks", "positions", "linear", "backends", "distributed", "nn", "models", "tasks", "__version__"]

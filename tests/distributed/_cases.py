@@ -1,0 +1,401 @@
+"""The distributed cases, run inside spawned gloo groups by :mod:`tests.distributed._harness`.
+
+Each case is ``fn(rank, world)`` and asserts numbers: in float64, the ranks' outputs and the
+gradients of their shards equal single-process ``attnkit.attention(..., backend="reference")`` on
+the full tensors (every rank draws the same full tensors from one seed), within 1e-10.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import attnkit
+from attnkit import masks, normalizers, positions
+from attnkit.distributed import RingStats, gather, ring_attention, shard, shard_positions, ulysses_attention
+
+DEFAULT_WORLDS = (2, 3)
+LAYOUTS = ("zigzag", "contiguous")
+TOL = dict(rtol=1e-10, atol=1e-10)
+CASES: dict = {}
+
+
+def case(name: str, worlds=DEFAULT_WORLDS):
+    def register(fn):
+        fn.worlds = worlds
+        CASES[name] = fn
+        return fn
+    return register
+
+
+def _close(got, want, what):
+    torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{what}: {m}")
+
+
+def _full(world, B, H, Hkv, n, nk, D, Dv, seed=1234):
+    g = torch.Generator().manual_seed(seed)
+    N, Nk = world * n, world * nk
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    return r(B, H, N, D), r(B, Hkv, Nk, D), r(B, Hkv, Nk, Dv), r(B, H, N, Dv)
+
+
+def compare(fn, world, layout, *, B=2, H=4, Hkv=2, n=8, nk=None, D=8, Dv=6, params=(), ref_kwargs=None,
+            **kwargs):
+    """``fn(q, k, v, layout=..., **kwargs)`` on the shards against the reference on the full
+    tensors: output and the gradients of q, k, v, and of ``params`` (summed over the ranks)."""
+    nk = n if nk is None else nk
+    q, k, v, g = _full(world, B, H, Hkv, n, nk, D, Dv)
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = attnkit.attention(*full, backend="reference", **(ref_kwargs if ref_kwargs is not None else kwargs))
+    (ref * g).sum().backward()
+    ref_pgrads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    shards = [shard(x, layout).detach().requires_grad_() for x in (q, k, v)]
+    out = fn(*shards, layout=layout, **kwargs)
+    (out * shard(g, layout)).sum().backward()
+    _close(out, shard(ref.detach(), layout), "out")
+    for name, s, f in zip("qkv", shards, full):
+        _close(s.grad, shard(f.grad, layout), f"d{name}")
+    for i, (p, want) in enumerate(zip(params, ref_pgrads)):
+        got = p.grad.clone()
+        dist.all_reduce(got)
+        _close(got, want, f"gradient of parameter {i} (summed over the ranks)")
+    return out
+
+
+def ring(world, layout, **kw):
+    return compare(ring_attention, world, layout, **kw)
+
+
+# -- ring attention: equal to the single-process reference ---------------------------------------
+def _score_mod(score, b, h, q_idx, kv_idx):
+    return score + 0.3 * torch.cos(0.7 * (q_idx - kv_idx).double()) * (h + 1) - 0.1 * b
+
+
+def _mask_mod(b, h, q_idx, kv_idx):
+    return ((q_idx - kv_idx) % 3 != 1) & ((kv_idx <= q_idx) | (h == 1))
+
+
+RING_CONFIGS = {
+    "plain": lambda R: {},
+    "causal": lambda R: {"mask": masks.causal()},
+    "window": lambda R: {"mask": masks.sliding_window(3)},
+    "window_bidirectional": lambda R: {"mask": masks.sliding_window(2, 5)},
+    "causal_and_window": lambda R: {"mask": masks.causal() & masks.sliding_window(6, 6)},
+    "window_or_chunked": lambda R: {"mask": masks.sliding_window(1) | masks.chunked(5)},
+    "not_causal": lambda R: {"mask": ~masks.causal()},  # the first row has no key: zero output
+    "key_padding": lambda R: {"mask": masks.key_padding(torch.tensor([R * 8 - 5, R * 4 + 1])) & masks.causal()},
+    "key_padding_keep": lambda R: {"mask": masks.key_padding(torch.arange(R * 8).remainder(5).ne(2).expand(2, -1))},
+    "mask_mod": lambda R: {"mask": _mask_mod},
+    "bool_tensor_mask": lambda R: {"mask": torch.rand(R * 8, R * 8, generator=torch.Generator().manual_seed(7)) > 0.3},
+    "longformer": lambda R: {"mask": masks.longformer(2, [0, 5])},
+    "bigbird": lambda R: {"mask": masks.bigbird(block_size=2, random_blocks=1, seed=3)},
+    "alibi_causal": lambda R: {"mask": masks.causal(), "bias": positions.ALiBi(4)},
+    "alibi_symmetric_window": lambda R: {"mask": masks.sliding_window(4, 4),
+                                         "bias": positions.ALiBi(4, symmetric=True)},
+    "softcap": lambda R: {"mask": masks.causal(), "bias": positions.softcap(2.0)},
+    "score_mod": lambda R: {"mask": masks.sliding_window(5), "bias": _score_mod},
+    "bias_mod_and_softcap": lambda R: {"bias": [positions.bias_mod(lambda b, h, i, j: -0.05 * (i - j).abs().double()),
+                                                positions.softcap(3.0)]},
+    "sigmoid": lambda R: {"normalizer": "sigmoid"},
+    "sigmoid_log_n_causal": lambda R: {"normalizer": normalizers.Sigmoid(bias="log_n"), "mask": masks.causal(),
+                                       "bias": positions.ALiBi(4)},
+    "softmax_temperature": lambda R: {"normalizer": normalizers.Softmax(temperature=0.7), "mask": masks.causal()},
+    "dot_scale": lambda R: {"score": "dot", "scale": 0.2, "mask": masks.causal()},
+    "cosine": lambda R: {"score": "cosine", "mask": masks.causal()},
+    "mha": lambda R: {"Hkv": 4, "mask": masks.causal()},
+    "mqa": lambda R: {"Hkv": 1, "mask": masks.sliding_window(4)},
+    "cross_attention": lambda R: {"nk": 6, "n": 4},
+    "cross_attention_causal": lambda R: {"nk": 6, "n": 4, "mask": masks.causal()},
+}
+
+#: also run with 4 ranks (the group of 4 processes is the slowest on a small machine: a few only)
+ALSO_R4 = {"causal", "window", "alibi_causal", "mqa", "cross_attention_causal"}
+
+for _name, _cfg in RING_CONFIGS.items():
+    for _layout in LAYOUTS:
+        def _run(rank, world, _cfg=_cfg, _layout=_layout):
+            ring(world, _layout, **_cfg(world))
+        case(f"ring[{_name}-{_layout}]", worlds=(2, 3, 4) if _name in ALSO_R4 else DEFAULT_WORLDS)(_run)
+
+
+@case("ring[float32_bfloat16]", worlds=(2,))
+def _low_precision(rank, world):
+    q, k, v, _ = _full(world, 1, 4, 2, 8, 8, 16, 16)
+    ref = attnkit.attention(q, k, v, mask=masks.causal(), bias=positions.ALiBi(4), backend="reference")
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        for layout in LAYOUTS:
+            shards = [shard(x.to(dtype), layout).requires_grad_() for x in (q, k, v)]
+            out = ring_attention(*shards, mask=masks.causal(), bias=positions.ALiBi(4), layout=layout)
+            assert out.dtype == dtype
+            out.sum().backward()
+            assert all(s.grad.dtype == dtype and bool(s.grad.isfinite().all()) for s in shards)
+            torch.testing.assert_close(out.double(), shard(ref, layout), rtol=tol, atol=tol)
+
+
+@case("ring[t5_learnable]")
+def _t5(rank, world):
+    torch.manual_seed(5)
+    t5 = positions.T5RelativeBias(4, num_buckets=8, max_distance=16).double()
+    with torch.no_grad():
+        t5.embedding.weight.normal_()
+    for layout in LAYOUTS:
+        ring(world, layout, mask=masks.causal(), bias=t5, params=(t5.embedding.weight,))
+        t5.embedding.weight.grad = None
+
+
+@case("ring[tensor_bias_learnable]")
+def _tensor_bias(rank, world):
+    N = world * 8
+    bias = torch.randn(1, 4, N, N, generator=torch.Generator().manual_seed(9), dtype=torch.float64).requires_grad_()
+    for layout in LAYOUTS:
+        ring(world, layout, mask=masks.causal(), bias=bias, params=(bias,))
+        bias.grad = None
+
+
+@case("ring[gather_and_no_grad]")
+def _gather(rank, world):
+    q, k, v, _ = _full(world, 1, 2, 2, 6, 6, 4, 3)
+    ref = attnkit.attention(q, k, v, mask=masks.causal(), backend="reference")
+    for layout in LAYOUTS:
+        with torch.no_grad():
+            out = ring_attention(*(shard(x, layout) for x in (q, k, v)), mask=masks.causal(), layout=layout)
+        assert not out.requires_grad
+        _close(gather(out, layout), ref, f"gather of the ring output ({layout})")
+        _close(gather(shard(q, layout), layout), q, f"gather(shard(q)) ({layout})")
+        pos = shard_positions(layout, q.shape[2], rank, world)
+        _close(shard(q, layout), q[:, :, pos], "shard == q at shard_positions")
+
+
+# -- skipping: which K/V shards each rank computes on --------------------------------------------
+def _expected(mask, layout, world, rank, n):
+    N = world * n
+    allowed = mask.materialize(N, N)[0, 0]
+    mine = shard_positions(layout, N, rank, world)
+    live = [src for src in range(world)
+            if bool(allowed[mine][:, shard_positions(layout, N, src, world)].any())]
+    return [src for src in ((rank - t) % world for t in range(world)) if src in live]
+
+
+def _stats(world, layout, mask, n=8):
+    q, k, v, g = _full(world, 1, 2, 2, n, n, 4, 4)
+    st = RingStats()
+    shards = [shard(x, layout).requires_grad_() for x in (q, k, v)]
+    out = ring_attention(*shards, mask=mask, layout=layout, stats=st)
+    (out * shard(g, layout)).sum().backward()
+    return st
+
+
+@case("skip[window]", worlds=(2, 3, 4))
+def _skip_window(rank, world):
+    w = masks.sliding_window(3)  # narrower than a shard (n = 8) and than a zigzag chunk (4)
+    st = _stats(world, "contiguous", w)
+    # contiguous: a rank needs only its own shard and its left neighbour's; the ring stops after 2 steps
+    want = [rank] if rank == 0 else [rank, rank - 1]
+    assert st.shards_computed == want, (st.shards_computed, want)
+    assert st.backward_shards_computed == want, (st.backward_shards_computed, want)
+    assert st.steps == 2, st.steps
+    assert st.tiles_computed == len(want) and st.tiles_total == world
+    # zigzag: the neighbours of both chunks (the window never reaches further than a chunk)
+    st = _stats(world, "zigzag", w)
+    want = _expected(w, "zigzag", world, rank, 8)
+    assert st.shards_computed == want, (st.shards_computed, want)
+    assert len(want) <= 3 and st.num_shards_computed == len(want)
+    assert st.backward_shards_computed == want
+    assert st.tiles_total == 4 * world
+
+
+@case("skip[causal_balance]", worlds=(2, 3, 4))
+def _skip_causal(rank, world):
+    c = masks.causal()
+    st = _stats(world, "contiguous", c)
+    assert st.shards_computed == list(range(rank, -1, -1)), st.shards_computed  # itself and every rank before
+    assert st.tiles_computed == rank + 1
+    st = _stats(world, "zigzag", c)
+    # zigzag: every rank computes on every shard, but only 2R+1 of its 4R tiles: balanced
+    assert sorted(st.shards_computed) == list(range(world))
+    assert st.tiles_computed == 2 * world + 1 and st.backward_tiles_computed == 2 * world + 1, st
+    assert st.steps == world
+
+
+@case("skip[mask_mod_fallback]")
+def _skip_mask_mod(rank, world):
+    # a mask_mod callable has no closed form: tiles are classified by evaluating it, with the same result
+    fn = lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (kv_idx >= q_idx - 3)  # noqa: E731
+    for layout in LAYOUTS:
+        st = _stats(world, layout, fn)
+        want = _expected(masks.sliding_window(3), layout, world, rank, 8)
+        assert st.shards_computed == want, (layout, st.shards_computed, want)
+
+
+# -- Ulysses ---------------------------------------------------------------------------------
+def uly(world, layout, **kw):
+    kw.setdefault("H", 2 * world)
+    kw.setdefault("Hkv", world)
+    return compare(ulysses_attention, world, layout, **kw)
+
+
+ULYSSES_CONFIGS = {
+    "sparsemax_causal": lambda R: {"normalizer": "sparsemax", "mask": masks.causal()},
+    "entmax15_causal": lambda R: {"normalizer": "entmax15", "mask": masks.causal()},
+    "softmax_alibi_window": lambda R: {"mask": masks.sliding_window(3), "bias": positions.ALiBi(2 * R)},
+    "head_dependent_mods": lambda R: {"mask": lambda b, h, i, j: (j <= i) | (h == 1),
+                                      "bias": [lambda s, b, h, i, j: s + 0.2 * h * (i - j).double().abs().sqrt(),
+                                               positions.bias_mod(lambda b, h, i, j: 0.1 * h.double())]},
+    "per_head_tensor_bias": lambda R: {"bias": torch.randn(1, 2 * R, R * 8, R * 8, dtype=torch.float64,
+                                                           generator=torch.Generator().manual_seed(2))},
+    "mha_sigmoid": lambda R: {"Hkv": 2 * R, "normalizer": "sigmoid", "mask": masks.causal()},
+    "cross_attention": lambda R: {"n": 4, "nk": 6, "normalizer": "entmax15"},
+    "general_per_head": lambda R: {"score": attnkit.scores.General(weight=torch.randn(
+        2 * R, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))), "mask": masks.causal()},
+}
+
+for _name, _cfg in ULYSSES_CONFIGS.items():
+    for _layout in LAYOUTS:
+        def _run(rank, world, _cfg=_cfg, _layout=_layout):
+            uly(world, _layout, **_cfg(world))
+        case(f"ulysses[{_name}-{_layout}]", worlds=(2, 3, 4) if _name == "sparsemax_causal" else DEFAULT_WORLDS)(_run)
+
+
+@case("ulysses[weights]")
+def _uly_weights(rank, world):
+    H = 2 * world
+    q, k, v, _ = _full(world, 1, H, world, 8, 8, 4, 4)
+    ref_out, ref_w = attnkit.attention(q, k, v, normalizer="entmax15", mask=masks.causal(), return_weights=True,
+                                       backend="reference")
+    for layout in LAYOUTS:
+        out, w = ulysses_attention(*(shard(x, layout) for x in (q, k, v)), layout=layout, normalizer="entmax15",
+                                   mask=masks.causal(), return_weights=True)
+        _close(out, shard(ref_out, layout), "out")
+        _close(w, ref_w[:, 2 * rank:2 * rank + 2], "this rank's heads' weights")  # global positions, in order
+
+
+@case("ulysses[t5_learnable]")
+def _uly_t5(rank, world):
+    torch.manual_seed(5)
+    t5 = positions.T5RelativeBias(2 * world, num_buckets=8, max_distance=16).double()
+    with torch.no_grad():
+        t5.embedding.weight.normal_()
+    uly(world, "zigzag", mask=masks.causal(), bias=t5, params=(t5.embedding.weight,), normalizer="sparsemax")
+
+
+# -- bad use: the same error on every rank, never a hang ------------------------------------------
+def _raises(exc, *fragments):
+    class _Ctx:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, typ, val, tb):
+            assert typ is not None, f"expected {exc.__name__} mentioning {fragments}; nothing was raised"
+            assert issubclass(typ, exc), f"expected {exc.__name__}, got {typ.__name__}: {val}"
+            for f in fragments:
+                assert f in str(val), f"{f!r} not in the message: {val}"
+            return True
+    return _Ctx()
+
+
+@case("bad[zigzag_length]")
+def _bad_zigzag(rank, world):
+    N = 2 * world + 2  # not a multiple of 2R
+    x = torch.zeros(1, 1, N, 2)
+    with _raises(ValueError, "zigzag", f"multiple of {2 * world}", str(N)):
+        shard(x, "zigzag")
+    assert shard(x, "contiguous").shape[2] == N // world if N % world == 0 else True
+    with _raises(ValueError, "shard_positions", "zigzag"):
+        shard_positions("zigzag", N, rank, world)
+    q = torch.zeros(1, 2, 3, 4)  # odd shard length: every rank raises, before any traffic
+    with _raises(ValueError, "zigzag", "even"):
+        ring_attention(q, q, q, layout="zigzag")
+    with _raises(ValueError, "layout must be one of"):
+        ring_attention(q, q, q, layout="striped")
+
+
+@case("bad[uneven_contiguous]")
+def _bad_uneven(rank, world):
+    with _raises(ValueError, "contiguous", f"multiple of {world}"):
+        shard(torch.zeros(1, 1, world * 4 + 1, 2), "contiguous")
+
+
+@case("bad[ulysses_heads]")
+def _bad_heads(rank, world):
+    q = torch.zeros(1, world + 1, 4, 4)
+    with _raises(ValueError, "ulysses_attention", f"multiple of {world}", f"H = {world + 1}"):
+        ulysses_attention(q, q, q, layout="contiguous")
+    kv = torch.zeros(1, 1, 4, 4)  # MQA: one key head cannot be split
+    with _raises(ValueError, "Hkv"):
+        ulysses_attention(torch.zeros(1, world, 4, 4), kv, kv, layout="contiguous")
+
+
+@case("bad[ulysses_arguments]")
+def _bad_uly_args(rank, world):
+    q = torch.zeros(1, world, 4, 4)
+    with _raises(TypeError, "unexpected keyword", "layouts"):
+        ulysses_attention(q, q, q, layouts="zigzag")
+    with _raises(ValueError, "sdpa"):  # the local request is validated before any exchange
+        ulysses_attention(q, q, q, normalizer="sparsemax", backend="sdpa")
+    with _raises(ValueError, "dropout_p"):
+        ulysses_attention(q, q, q, dropout_p=0.5)
+    bad = torch.ones(1, 1, 3, 3, dtype=torch.bool) if rank == 0 else None  # one rank's mask is wrong
+    with _raises(ValueError, "mask" if rank == 0 else "rank(s) [0]"):
+        ulysses_attention(q, q, q, mask=bad)
+
+
+@case("bad[mismatched_shapes]")
+def _bad_shapes(rank, world):
+    n = 4 if rank == 0 else 6  # rank 0 disagrees: every rank raises, listing every rank's shapes
+    q = torch.zeros(1, 2, n, 4)
+    with _raises(ValueError, "disagree", "rank 0: q (1, 2, 4, 4)", "rank 1: q (1, 2, 6, 4)"):
+        ring_attention(q, q, q, layout="contiguous")
+    with _raises(ValueError, "disagree"):
+        kv = torch.zeros(1, world, n, 4)
+        ulysses_attention(torch.zeros(1, 2 * world, n, 4), kv, kv, layout="contiguous")
+    with _raises(ValueError, "gather", "disagree"):
+        gather(q, "contiguous")
+    dt = torch.float64 if rank == world - 1 else torch.float32
+    with _raises(ValueError, "disagree", "float64", "float32"):
+        ring_attention(*(torch.zeros(1, 2, 4, 4, dtype=dt),) * 3, layout="contiguous")
+
+
+@case("bad[one_rank_invalid]")
+def _bad_one_rank(rank, world):
+    q = torch.zeros(1, 2, 4, 4)
+    norm = "sparsemax" if rank == 1 else "softmax"
+    if rank == 1:
+        with _raises(ValueError, "normalizer", "sparsemax", "ulysses_attention"):
+            ring_attention(q, q, q, normalizer=norm, layout="contiguous")
+    else:
+        with _raises(ValueError, "rank(s) [1]"):
+            ring_attention(q, q, q, normalizer=norm, layout="contiguous")
+
+
+@case("bad[unsupported_arguments]")
+def _bad_args(rank, world):
+    q = torch.zeros(1, 2, 4, 4)
+    with _raises(ValueError, "normalizer", "entmax", "ulysses_attention"):
+        ring_attention(q, q, q, normalizer="entmax15")
+    with _raises(ValueError, "dropout_p", "0.1"):
+        ring_attention(q, q, q, dropout_p=0.1)
+    with _raises(ValueError, "return_weights"):
+        ring_attention(q, q, q, return_weights=True)
+    with _raises(ValueError, "score", "additive"):
+        ring_attention(q, q, q, score=attnkit.scores.Additive(4, 4, 3))
+    with _raises(ValueError, "weight factor"):
+        ring_attention(q, q, q, mask=masks.local_p(torch.zeros(1, 4 * world), 2))
+    w = torch.ones((), requires_grad=True)
+    with _raises(ValueError, "bias", "ScoreMod"):
+        ring_attention(q, q, q, bias=lambda s, b, h, i, j: s * w)
+    with _raises(ValueError, "global sizes", "mask"):  # a tensor mask must cover the global sequence
+        ring_attention(q, q, q, mask=torch.ones(4, 4, dtype=torch.bool))
+    with _raises(ValueError, "ALiBi"):
+        ring_attention(q, q, q, bias=positions.ALiBi(3))
+    with _raises(TypeError, "group"):
+        ring_attention(q, q, q, group=object())
+    with _raises(TypeError, "stats"):
+        ring_attention(q, q, q, stats={})
+    # after all of that the group still works
+    out = ring_attention(q + 1, q + 1, q + 1, layout="zigzag")
+    assert torch.equal(out, torch.ones_like(out))
