@@ -310,7 +310,7 @@ def _flex(B, H, T, D, mask):
     return setup
 
 
-def _mha(grad, B, H, T, D):
+def _mha(grad, B, H, T, D, need_weights=False):
     def setup():
         E = H * D
         mha = torch.nn.MultiheadAttention(E, H, batch_first=True)
@@ -323,8 +323,8 @@ def _mha(grad, B, H, T, D):
                 out.sum().backward()
             else:
                 with torch.no_grad():
-                    mha(x, x, x, attn_mask=mask, need_weights=False)
-        return fn, "with projections"
+                    mha.eval()(x, x, x, attn_mask=mask, need_weights=need_weights)
+        return fn, "with projections" + (", head-averaged weights returned" if need_weights else "")
     return setup
 
 
@@ -400,6 +400,13 @@ def cases(quick: bool = False) -> list[Case]:
                     lambda N=N: attention_flops(B, H, N * (N + 1) // 2, D, True), [
                         Variant("attnkit nn.MultiheadAttention", _attnkit_mha(True, B, H, N, D)),
                         Variant("torch nn.MultiheadAttention", _mha(True, B, H, N, D)),
+                    ]))
+    N = 16384 // s
+    out.append(Case(f"mha_weights_eval_N{N}", f"causal self-attention module with need_weights=True (torch's "
+                    f"default: weights averaged over the heads), N={N}, E=512, eval, no grad",
+                    lambda N=N: attention_flops(B, H, N * (N + 1) // 2, D, False), [
+                        Variant("attnkit nn.MultiheadAttention", _attnkit_mha(False, B, H, N, D, True)),
+                        Variant("torch nn.MultiheadAttention", _mha(False, B, H, N, D, True)),
                     ]))
     return out + _hf_cases(s)
 
@@ -478,7 +485,7 @@ def _hf_cases(s: int) -> list[Case]:
     return out
 
 
-def _attnkit_mha(grad, B, H, T, D):
+def _attnkit_mha(grad, B, H, T, D, need_weights=False):
     def setup():
         import attnkit
 
@@ -492,8 +499,8 @@ def _attnkit_mha(grad, B, H, T, D):
                 out.sum().backward()
             else:
                 with torch.no_grad():
-                    mha(x, is_causal=True, need_weights=False)
-        return fn, "with projections"
+                    mha.eval()(x, is_causal=True, need_weights=need_weights)
+        return fn, "with projections" + (", head-averaged weights returned" if need_weights else "")
     return setup
 
 

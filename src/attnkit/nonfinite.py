@@ -109,7 +109,10 @@ class Guard:
         live = _live(spec, r, torch.arange(spec.Tk, device=spec.device))  # (B', H', r', Tk)
         if live.shape[1] != 1:
             live = live.index_select(1, h)
-        return weights.masked_fill(sel.unsqueeze(-1) & live, _NAN)
+        poison = sel.unsqueeze(-1) & live
+        if req is not None and req.average:   # a head's NaN makes the mean NaN
+            poison = poison.any(1, keepdim=True)
+        return weights.masked_fill(poison, _NAN)
 
 
 def quarantine(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):

@@ -28,18 +28,40 @@ Tensor = torch.Tensor
 @dataclass(frozen=True)
 class WeightsRequest:
     """Which weights to return: a subset of ``heads`` and of query ``rows`` (None = all), so that
-    looking at a long sequence costs ``O(len(rows) · Tk)`` instead of ``O(Tq · Tk)``.
+    looking at a long sequence costs ``O(len(rows) · Tk)`` instead of ``O(Tq · Tk)``; and whether
+    to ``average`` the chosen heads.
 
     Pass it as ``return_weights=WeightsRequest(heads=[0, 3], rows=range(0, 4096, 512))``; the
-    weights then have shape ``(B, len(heads), len(rows), Tk)``, in the order given.
+    weights then have shape ``(B, len(heads), len(rows), Tk)``, in the order given. With
+    ``average=True`` they are the mean over those heads, ``(B, 1, len(rows), Tk)``
+    (``nn.MultiheadAttention``'s ``average_attn_weights``): the tiled backend sums the heads tile
+    by tile, so the per-head ``(B, H, Tq, Tk)`` tensor never exists.
+
+    Example::
+
+        >>> import torch, attnkit
+        >>> q = k = v = torch.randn(1, 4, 6, 8)
+        >>> _, w = attnkit.attention(q, k, v, return_weights=attnkit.WeightsRequest(average=True))
+        >>> _, full = attnkit.attention(q, k, v, return_weights=True)
+        >>> w.shape, torch.allclose(w, full.mean(1, keepdim=True))
+        (torch.Size([1, 1, 6, 6]), True)
     """
 
     heads: Optional[tuple[int, ...]] = None
     rows: Optional[tuple[int, ...]] = None
+    average: bool = False
 
-    def __init__(self, heads=None, rows=None):
+    def __init__(self, heads=None, rows=None, average: bool = False):
+        if not isinstance(average, bool):
+            raise TypeError(f"WeightsRequest average must be a bool; got {type(average).__name__}")
         object.__setattr__(self, "heads", None if heads is None else _index_tuple("heads", heads))
         object.__setattr__(self, "rows", None if rows is None else _index_tuple("rows", rows))
+        object.__setattr__(self, "average", average)
+
+    @property
+    def everything(self) -> bool:
+        """Every head and every row asked for (averaged or not)."""
+        return self.heads is None and self.rows is None
 
     def check(self, H: int, Tq: int) -> None:
         for name, idx, n in (("heads", self.heads, H), ("rows", self.rows, Tq)):
@@ -47,12 +69,13 @@ class WeightsRequest:
                 raise ValueError(f"WeightsRequest {name} must lie in [0, {n}); got {list(idx)}")
 
     def select(self, w: Tensor) -> Tensor:
-        """Pick the requested heads and rows out of full weights ``(B, H, Tq, Tk)``."""
+        """Pick the requested heads and rows out of full weights ``(B, H, Tq, Tk)`` (and average
+        the heads when asked)."""
         if self.heads is not None:
             w = w[:, list(self.heads)]
         if self.rows is not None:
             w = w[:, :, list(self.rows)]
-        return w
+        return w.mean(1, keepdim=True) if self.average else w
 
 
 def _index_tuple(name: str, idx) -> tuple[int, ...]:

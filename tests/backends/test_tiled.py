@@ -320,6 +320,47 @@ def test_weights_for_a_subset_of_heads_and_rows(backend):
     assert_close(out, attnkit.attention(q, k, v, backend="reference", **kw))
 
 
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("heads,rows", [(None, None), ([3, 0, 1], None), (None, [36, 0, 17])])
+def test_head_averaged_weights_are_summed_tile_by_tile(monkeypatch, grad, heads, rows):
+    """WeightsRequest(average=True): the mean over the chosen heads, equal to the reference's; the
+    tiled backend never allocates a per-head weights tensor for it (one pass without autograd,
+    recomputed from the log-sum-exp with it)."""
+    import attnkit.kernels.weights as kweights
+
+    q, k, v = make_qkv(2, 4, 37, 29, D=5, Hkv=2, dtype=torch.float64)
+    q.requires_grad_(grad)
+    kw = dict(mask=masks.causal() & masks.key_padding(torch.tensor([29, 11])), bias=attnkit.positions.ALiBi(4))
+    _, full = attnkit.attention(q, k, v, backend="reference", return_weights=True, **kw)
+    expected = full if heads is None else full[:, heads]
+    expected = (expected if rows is None else expected[:, :, rows]).mean(1, keepdim=True)
+    shapes = []
+    real = kweights.zeros_result
+    monkeypatch.setattr(kweights, "zeros_result", lambda shape, *a: shapes.append(shape) or real(shape, *a))
+    req = attnkit.WeightsRequest(heads=heads, rows=rows, average=True)
+    out, w = attnkit.attention(q, k, v, backend="tiled", return_weights=req, **kw)
+    assert w.shape == expected.shape == (2, 1, 37 if rows is None else 3, 29)
+    assert_close(w, expected)
+    assert_close(out, attnkit.attention(q, k, v, backend="reference", **kw))
+    assert shapes and all(sh[1] == 1 for sh in shapes if len(sh) == 4), shapes
+    _, w_ref = attnkit.attention(q, k, v, backend="reference", return_weights=req, **kw)
+    assert_close(w_ref, expected)
+
+
+def test_head_averaged_weights_of_a_nan_row_are_nan_on_its_live_keys():
+    q, k, v = make_qkv(1, 2, 6, D=4, dtype=torch.float64)
+    q = q.clone()
+    q[0, 1, 2, 0] = float("nan")                          # head 1, row 2
+    _, w = attnkit.attention(q, k, v, mask=masks.causal(), backend="tiled",
+                             return_weights=attnkit.WeightsRequest(average=True))
+    bad = torch.zeros(6, 6, dtype=torch.bool)
+    bad[2, :3] = True                                     # the row's live keys (causal: 0..2)
+    assert torch.equal(torch.isnan(w[0, 0]), bad)
+    q[0, 1, 2, 0] = 0.0
+    _, w_ok = attnkit.attention(q, k, v, mask=masks.causal(), backend="tiled", return_weights=True)
+    assert_close(w[0, 0][~bad], w_ok.mean(1)[0][~bad])
+
+
 def test_weights_of_a_few_rows_of_a_long_sequence_are_cheap_and_exact(monkeypatch):
     monkeypatch.setitem(attnkit.backends.REGISTRY, "tiled", TiledBackend())
     T = 16384
@@ -338,6 +379,8 @@ def test_weights_request_errors():
         attnkit.attention(q, k, v, return_weights=attnkit.WeightsRequest(rows=[4]))
     with pytest.raises(TypeError, match="WeightsRequest heads must be an int or a sequence of ints"):
         attnkit.WeightsRequest(heads="all")
+    with pytest.raises(TypeError, match="WeightsRequest average must be a bool; got str"):
+        attnkit.WeightsRequest(average="yes")
     with pytest.raises(TypeError, match="return_weights must be a bool or an attnkit.WeightsRequest"):
         attnkit.attention(q, k, v, return_weights=1)
 

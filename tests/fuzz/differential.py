@@ -123,8 +123,12 @@ def expected_nonfinite(built: Built) -> tuple[torch.Tensor, torch.Tensor]:
 def _select(w: torch.Tensor, r: Request) -> torch.Tensor:
     if r.weights is True or not r.weights:
         return w
-    heads, rows = r.weights
-    return w[:, list(heads)][:, :, list(rows)]
+    heads, rows, average = r.weights
+    w = w if heads is None else w[:, list(heads)]
+    w = w if rows is None else w[:, :, list(rows)]
+    if average:  # a bool tensor here is the expected non-finite pattern: a head's NaN makes the mean NaN
+        return w.any(1, keepdim=True) if w.dtype == torch.bool else w.mean(1, keepdim=True)
+    return w
 
 
 def compare(name: str, fast: torch.Tensor, ref: torch.Tensor, gold: torch.Tensor, dtype: torch.dtype,

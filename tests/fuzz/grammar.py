@@ -49,7 +49,7 @@ class Request:
     biases: tuple = ()
     scale: Optional[float] = None
     dropout: float = 0.0
-    weights: Any = False          # False, True, or (heads, rows)
+    weights: Any = False          # False, True, or (heads, rows, average)
     grad: bool = True
     nonfinite: Optional[tuple] = None  # ("masked" | "live", tensor name, value)
     seed: int = 0
@@ -157,10 +157,10 @@ def requests(draw, *, max_len: int = 300) -> Request:
     scale = draw(st.none() | st.sampled_from([0.05, 0.3, 1.0]))
     dropout = 0.0 if focus else draw(st.sampled_from([0.0, 0.0, 0.0, 0.25]))
     weights = draw(st.sampled_from([False, False, False, True, "request"] if focus else [False, True, "request"]))
-    if weights == "request":
-        heads = tuple(draw(st.lists(st.integers(0, H - 1), min_size=1, max_size=3)))
-        rows = tuple(draw(st.lists(st.integers(0, Tq - 1), min_size=1, max_size=4)))
-        weights = (heads, rows)
+    if weights == "request":  # a subset of heads and rows (or all of either), averaged over the heads or not
+        heads = draw(st.none() | st.lists(st.integers(0, H - 1), min_size=1, max_size=3).map(tuple))
+        rows = draw(st.none() | st.lists(st.integers(0, Tq - 1), min_size=1, max_size=4).map(tuple))
+        weights = (heads, rows, draw(st.booleans()))
     grad = draw(st.sampled_from([True, False] if focus else [True, True, False]))
     nonfinite = draw(st.sampled_from([None] * 6 + [("masked", "k"), ("masked", "v"), ("masked", "kv"), ("live", "q"),
                                                    ("live", "k"), ("live", "v")]))
@@ -207,7 +207,7 @@ class Built:
         if r.weights is True:
             kw["return_weights"] = True
         elif r.weights:
-            kw["return_weights"] = attnkit.WeightsRequest(heads=r.weights[0], rows=r.weights[1])
+            kw["return_weights"] = attnkit.WeightsRequest(heads=r.weights[0], rows=r.weights[1], average=r.weights[2])
         return kw
 
 

@@ -139,7 +139,7 @@ class TiledBackend:
         asked for are recomputed from its log-sum-exp."""
         if not spec.return_weights or seed is not None or params:
             return False
-        if spec.weights is not None and (spec.weights.heads is not None or spec.weights.rows is not None):
+        if spec.weights is not None and not spec.weights.everything:
             return False
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
@@ -188,7 +188,8 @@ class TiledBackend:
         dtype = v.dtype
         qp, kp, v, plan, seed, params = self.setup(q, k, v, spec)
         if self.one_pass_weights(spec, seed, params, qp, kp, v):
-            out, weights = weights_pass(qp, kp, v, spec, plan, weights_dtype=dtype)
+            out, weights = weights_pass(qp, kp, v, spec, plan, weights_dtype=dtype,
+                                        average=spec.weights is not None and spec.weights.average)
             return out.to(dtype), weights
         out, lse = TiledAttentionFn.apply(qp, kp, v, spec, plan, seed, *params)
         weights = None
@@ -197,5 +198,5 @@ class TiledBackend:
                 weights = tiled_weights(qp.detach(), kp.detach(), spec,
                                         None if isinstance(spec.normalizer, Sigmoid) else lse,
                                         spec.weights.heads, spec.weights.rows, plan.block_q, self.kv_chunk,
-                                        plan.prescaled).to(dtype)
+                                        plan.prescaled, average=spec.weights.average).to(dtype)
         return out.to(dtype), weights

@@ -51,9 +51,10 @@ def zeros_result(shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
 
 
 def weights_pass(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: Plan,
-                 weights_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+                 weights_dtype: torch.dtype | None = None, average: bool = False) -> tuple[Tensor, Tensor]:
     """``out (B, H, Tq, Dv)`` and every weight ``(B, H, Tq, Tk)`` in one pass (no dropout, no
-    autograd: the caller checks). For each query block of ``plan``, its live keys
+    autograd: the caller checks); with ``average``, their mean over the heads ``(B, 1, Tq, Tk)``,
+    each stripe's heads summed as it is computed. For each query block of ``plan``, its live keys
     ``[first run start, last run stop)`` are scored in one matmul (``s = q kᵀ`` with GQA's query
     heads grouped over their key head, so K is never repeated), the mask is applied where the
     plan says a tile is partial (or skipped), and then, in place::
@@ -81,7 +82,7 @@ def weights_pass(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: P
     offset = spec.normalizer.offset(Tk) if kind == "sigmoid" else 0.0
     tile = Tile(spec, dev, plan.prescaled)
     dot = spec.score.tile_is_dot
-    w = zeros_result((B, H, Tq, Tk), weights_dtype or dt, dev)  # keys outside a block's live range stay 0
+    w = zeros_result((B, 1 if average else H, Tq, Tk), weights_dtype or dt, dev)  # keys outside a block's live range stay 0
     out = torch.zeros(B, H, Tq, Dv, dtype=dt, device=dev)
     kT = kp.transpose(-2, -1)                                   # (B, Hkv, D, Tk)
     per_row = B * H * Tk * qp.element_size()
@@ -125,23 +126,28 @@ def weights_pass(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: P
                 p = s.sub_(m.masked_fill_(m == NEG_INF, 0.0)).exp_()
                 den = p.sum(-1, keepdim=True)
                 p = p.div_(den.masked_fill_(den == 0, 1.0))
-            w[:, :, qs:qe, ks:ke] = p
+            if average:
+                w[:, 0, qs:qe, ks:ke] = p.sum(1).div_(H)
+            else:
+                w[:, :, qs:qe, ks:ke] = p
             out[:, :, qs:qe] = (p.reshape(B, Hkv, G * n, kw) @ v[:, :, ks:ke]).view(B, H, n, Dv)
     return out, w
 
 
 def tiled_weights(qp: Tensor, kp: Tensor, spec: AttentionSpec, lse: Tensor | None,
                   heads: tuple[int, ...] | None = None, rows: tuple[int, ...] | None = None,
-                  block_q: int = 128, kv_chunk: int = 1024, prescaled: bool = False) -> Tensor:
+                  block_q: int = 128, kv_chunk: int = 1024, prescaled: bool = False,
+                  average: bool = False) -> Tensor:
     """Exact weights ``(B, len(heads), len(rows), Tk)`` (all heads / rows when None), recomputed
-    from the saved log-sum-exp block by block: cost ``O(len(heads) · len(rows) · Tk)``."""
+    from the saved log-sum-exp block by block: cost ``O(len(heads) · len(rows) · Tk)``; with
+    ``average``, their mean over those heads ``(B, 1, len(rows), Tk)``, summed block by block."""
     dev = qp.device
     heads_t = torch.arange(spec.H, device=dev) if heads is None else torch.tensor(heads, device=dev)
     rows_t = torch.arange(spec.Tq, device=dev) if rows is None else torch.tensor(rows, device=dev)
     q_sel = qp.index_select(1, heads_t)                        # (B, h', Tq, D)
     k_sel = kp.index_select(1, heads_t // spec.groups)         # key head of each query head
     lse_sel = None if lse is None else lse.index_select(1, heads_t)
-    w = zeros_result((spec.B, len(heads_t), len(rows_t), spec.Tk), qp.dtype, dev)  # masked-out chunks stay 0
+    w = zeros_result((spec.B, 1 if average else len(heads_t), len(rows_t), spec.Tk), qp.dtype, dev)  # masked-out chunks stay 0
     tile = Tile(spec, dev, prescaled)
     tile.rows_block = block_q  # the lse of row i was taken relative to its forward block's first query
     b = torch.arange(spec.B, device=dev).view(-1, 1, 1, 1)
@@ -157,5 +163,9 @@ def tiled_weights(qp: Tensor, kp: Tensor, spec: AttentionSpec, lse: Tensor | Non
             if allowed is not None and not bool(allowed.any()):  # a masked-out chunk (e.g. above the diagonal)
                 continue
             s = tile.scores(qi, k_sel[:, :, ks:ke], 0, ks, grid)
-            w[:, :, r0:r0 + len(r), ks:ke] = probabilities(s, lse_i, spec, allowed)
+            p = probabilities(s, lse_i, spec, allowed)
+            if average:
+                w[:, 0, r0:r0 + len(r), ks:ke] = p.sum(1).div_(len(heads_t))
+            else:
+                w[:, :, r0:r0 + len(r), ks:ke] = p
     return w

@@ -23,7 +23,7 @@ from ..functional import attention
 from ..masks.base import FromTensor, Mask, as_mask
 from ..masks.basic import Causal, KeyPadding
 from ..positions.base import ScoreMod, as_score_mod
-from ..spec import canonicalize
+from ..spec import WeightsRequest, canonicalize
 from . import _learnable
 from .cache import KVCache
 
@@ -110,9 +110,10 @@ class MultiheadAttention(nn.Module):
           ``query`` and ``value`` to ``key`` (self-attention).
         * ``key_padding_mask (B, Tk)``, ``attn_mask``: see the conventions above. With a cache,
           ``Tk`` counts the cached keys plus the new ones.
-        * ``need_weights``: also return the weights -- exact for every backend, but they are
-          computed by the materializing reference path; pass ``False`` for the fast kernels.
-          ``average_attn_weights``: weights ``(B, Tq, Tk)`` averaged over heads, else
+        * ``need_weights``: also return the weights, exact for every backend. ``auto`` picks the
+          reference for short sequences and the tiled backend for long ones; ``False`` is still
+          the fastest. ``average_attn_weights``: weights ``(B, Tq, Tk)`` averaged over heads (summed
+          tile by tile on the tiled backend: the per-head weights are never built), else
           ``(B, H, Tq, Tk)``. Weights are taken before dropout (torch returns them after).
         * ``is_causal``: apply a causal mask, aligned bottom-right (the last query sees the last
           key). Unlike torch it needs no ``attn_mask``; one given too is ANDed with it.
@@ -250,9 +251,10 @@ class MultiheadAttention(nn.Module):
         q, k, v, kw, layout = self._prepare(query, key, value, key_padding_mask, attn_mask, is_causal, cache,
                                             commit=True)
         B, Tq, unbatched = layout
-        if need_weights:
-            out, w = attention(q, k, v, return_weights=True, backend=self.backend, **kw)
-            w = w.mean(dim=1) if average_attn_weights else w  # (B, Tq, Tk) or (B, H, Tq, Tk)
+        if need_weights:  # averaged: summed over heads tile by tile where the backend can
+            out, w = attention(q, k, v, return_weights=WeightsRequest(average=average_attn_weights),
+                               backend=self.backend, **kw)
+            w = w.squeeze(1) if average_attn_weights else w  # (B, Tq, Tk) or (B, H, Tq, Tk)
         else:
             out, w = attention(q, k, v, backend=self.backend, **kw), None
         out = out.transpose(1, 2).reshape(B, Tq, self.embed_dim)  # (B, H, Tq, D) -> (B, Tq, E)

@@ -1,0 +1,40 @@
+"""The tiled engine's second round: the cases to measure and how each target is judged.
+
+``--run`` runs the ``attnkit bench`` harness on ``CASES`` (every repeat of every variant a fresh
+process, round-robin) and writes every repeat's seconds and peak memory to ``--json``;
+``benchmarks/report.py`` renders the table into docs/benchmarks.md.
+
+Usage (from the repository root)::
+
+    python benchmarks/engine_round2.py --run --threads 2 --repeat 3 --json benchmarks/results/engine_round2.json
+    python benchmarks/engine_round2.py benchmarks/results/engine_round2.json     # print its table again
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_targets import Target, targets_main  # noqa: E402
+
+CASES = ["mha_weights"]
+
+MW = "mha_weights_eval_N16384"
+TARGETS = [
+    Target("`nn.MultiheadAttention(need_weights=True)` (weights averaged over the heads), causal, N=16384, "
+           "eval: time", "seconds", (MW, "attnkit nn.MultiheadAttention"), (MW, "torch nn.MultiheadAttention"),
+           "faster", "≥ 2×", lambda r: r >= 2, anchor_label="`torch.nn.MultiheadAttention`"),
+    Target("same: peak memory (the returned (1, 16384, 16384) float32 weights are 1,024 MiB)", "peak_mib",
+           (MW, "attnkit nn.MultiheadAttention"), (MW, "torch nn.MultiheadAttention"), "fraction", "≤ 1/4",
+           lambda r: r <= 0.25, anchor_label="`torch.nn.MultiheadAttention`"),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    return targets_main(argv, script="engine_round2.py", doc=__doc__, cases=CASES, targets=TARGETS,
+                        default_json="engine_round2.json", what="target")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
