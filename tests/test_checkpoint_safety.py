@@ -7,7 +7,6 @@ import math
 import os
 import pickle
 import random
-import signal
 import subprocess
 import sys
 import textwrap

@@ -24,7 +24,6 @@ of the causal form would lose too many digits otherwise.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as nnf

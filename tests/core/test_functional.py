@@ -42,7 +42,7 @@ def test_causal_rectangular_aligns_bottom_right_and_top_left_on_request():
     tl = torch.ones(3, 7, dtype=torch.bool).tril()
     assert_close(attnkit.attention(q, k, v, mask=masks.causal(), backend="reference"), sdpa(q, k, v, attn_mask=br))
     assert_close(attnkit.attention(q, k, v, mask=masks.causal(align="top_left"), backend="reference"),
-                 sdpa(q, k, v, is_causal=True))
+                 sdpa(q, k, v, attn_mask=tl))
     for backend in ("sdpa", "reference"):
         assert_close(attnkit.attention(q, k, v, mask=masks.causal(), backend=backend), sdpa(q, k, v, attn_mask=br))
 
