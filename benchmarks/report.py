@@ -23,6 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import engine_targets  # noqa: E402
+import engine_round2  # noqa: E402
 import hf_targets  # noqa: E402
 
 MIN_REPEATS = 3
@@ -38,10 +39,11 @@ COMMANDS = {
     "hf_2threads.json": f"python benchmarks/hf_targets.py --run --threads 2 --repeat 3 --json {RES}hf_2threads.json",
     "compile.json": f"python benchmarks/compile.py --threads 2 --repeat 3 --steps 10 --json {RES}compile.json",
     "small_calls.json": f"python benchmarks/small_calls.py --threads 2 --repeat 5 --json {RES}small_calls.json",
+    "engine_round2.json": f"python benchmarks/engine_round2.py --run --threads 2 --repeat 3 --json {RES}engine_round2.json",
 }
 #: the settings a stored file must have for the docs to use it (a smoke run with other sizes is ignored)
 EXPECT = {"engine_2threads.json": {"threads": 2, "quick": False}, "engine_1thread.json": {"threads": 1, "quick": False},
-          "hf_2threads.json": {"threads": 2, "quick": False},
+          "hf_2threads.json": {"threads": 2, "quick": False}, "engine_round2.json": {"threads": 2, "quick": False},
           "causal_64k.json": {"threads": 2, "n": 65536},
           "demo_quality.json": {"threads": 1, "max_seconds": 150, "epochs": 10}}
 #: single-run quality results (long training, not repeated) and the command that appends or writes them
@@ -417,6 +419,9 @@ VQA_TARGETS = {"easy-VQA, SAN": [("test_accuracy", 0.98, "accuracy ≥ 98%")],
                                       ("test_non_relational_accuracy", 0.98, "non-relational ≥ 98%")],
                "Sort-of-CLEVR, SAN, curriculum 5": [("test_relational_accuracy", 0.90, "relational ≥ 90%"),
                                                     ("test_non_relational_accuracy", 0.98, "non-relational ≥ 98%")],
+               "Sort-of-CLEVR, relational, curriculum 6": [("test_relational_accuracy", 0.90, "relational ≥ 90%"),
+                                                           ("test_non_relational_accuracy", 0.98,
+                                                            "non-relational ≥ 98%")],
                "Sort-of-CLEVR, Transformer": [("test_relational_accuracy", 0.90, "relational ≥ 90%"),
                                               ("test_non_relational_accuracy", 0.98, "non-relational ≥ 98%")]}
 
@@ -577,6 +582,8 @@ def render(results: Path) -> dict[str, dict[str, str]]:
             "speech": speech_block(results),
             "compile": compile_block(results),
             "small-calls": small_calls_block(results),
+            "engine-round2": engine_table(load(results, "engine_round2.json"), COMMANDS["engine_round2.json"],
+                                          "engine_round2.json", targets=engine_round2.TARGETS, what="target"),
             "hf-targets": engine_table(load(results, "hf_2threads.json"), COMMANDS["hf_2threads.json"],
                                        "hf_2threads.json", targets=hf_targets.TARGETS, what="target")},
         "README.md": {"readme-quality": readme_quality(results),

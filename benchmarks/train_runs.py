@@ -84,12 +84,14 @@ def reevaluate(record: dict, threads: int | None) -> dict:
 
 def save(path: str, command: str, threads: int | None, repeat: int, runs: list[dict], labels: list[str],
          order: list[str]) -> None:
-    """Write ``runs`` to ``path``; stored runs of the labels not rerun (same thread count) are kept,
-    and ``commands`` lists every command whose runs the file still holds."""
+    """Write ``runs`` to ``path``; stored runs (same thread count) are kept unless one of ``runs``
+    has their label and seed (so seeds 1 and 2 can be added to a stored seed 0), and
+    ``commands`` lists every command whose runs the file still holds."""
     previous = json.loads(Path(path).read_text()) if Path(path).exists() else {}
     commands = [command]
     if previous.get("machine", {}).get("threads") == threads:
-        runs = [r for r in previous.get("runs", []) if r.get("label") not in labels] + runs
+        new = {(r["label"], r["seed"]) for r in runs}
+        runs = [r for r in previous.get("runs", []) if (r.get("label"), r.get("seed")) not in new] + runs
         kept = {r["label"] for r in runs}
         commands = [c for c in previous.get("commands", [previous.get("command")])
                     if c and c != command and any(f'"{k}"' in c for k in kept)] + [command]
@@ -113,6 +115,8 @@ def main(task: str, doc: str, variants: dict[str, list[str]], run_one, argv: lis
     p.add_argument("--out", default=f"runs/{task}", help="checkpoint folders")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeat", type=int, default=1, help="runs per variant (seeds 0, 1, ...)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first seed (--first-seed 1 --repeat 2 adds seeds 1 and 2 to a stored seed 0)")
     p.add_argument("--variants", nargs="+", default=default or list(variants), choices=list(variants))
     p.add_argument("--reevaluate", action="store_true",
                    help="train nothing: rerun the test of the stored runs' checkpoints (after a change to decoding)")
@@ -126,8 +130,11 @@ def main(task: str, doc: str, variants: dict[str, list[str]], run_one, argv: lis
         Path(args.json).write_text(json.dumps(stored, indent=1) + "\n")
         print(f"wrote {args.json}")
         return 0
-    runs = [run_one(v, Path(args.out), args.threads, seed, extra) for v in args.variants for seed in range(args.repeat)]
+    seeds = range(args.first_seed, args.first_seed + args.repeat)
+    runs = [run_one(v, Path(args.out), args.threads, seed, extra) for v in args.variants for seed in seeds]
     shown = " ".join(f'"{v}"' for v in args.variants)
-    save(args.json, f"python benchmarks/{task}.py --threads {args.threads} --repeat {args.repeat} --variants {shown} "
-                    f"--json {args.json}", args.threads, args.repeat, runs, args.variants, list(variants))
+    first = f" --first-seed {args.first_seed}" if args.first_seed else ""
+    save(args.json, f"python benchmarks/{task}.py --threads {args.threads} --repeat {args.repeat}{first} "
+                    f"--variants {shown} --json {args.json}", args.threads, args.repeat, runs, args.variants,
+         list(variants))
     return 0 if all(r["rc"] == 0 for r in runs) else 1

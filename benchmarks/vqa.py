@@ -1,5 +1,6 @@
-"""Visual question answering targets: the stacked attention network (and the Transformer) on
-easy-VQA and on generated Sort-of-CLEVR, with default settings.
+"""Visual question answering targets: the stacked attention network on easy-VQA and on generated
+Sort-of-CLEVR, the relational attention network on Sort-of-CLEVR (and the Transformer), with
+default settings.
 
 Each run is ``python -m attnkit train vqa --data D --model M ...`` in a subprocess (defaults:
 easy-VQA's 3,600 training images (400 more for validation) and its 1,000 test images, 20 epochs;
@@ -25,9 +26,11 @@ import train_runs
 VARIANTS = {"easy-VQA, SAN": ["--data", "easy-vqa", "--model", "san"],
             "Sort-of-CLEVR, SAN": ["--data", "sort-of-clevr", "--model", "san"],
             "Sort-of-CLEVR, SAN, curriculum 5": ["--data", "sort-of-clevr", "--model", "san", "--curriculum", "5"],
+            "Sort-of-CLEVR, relational, curriculum 6": ["--data", "sort-of-clevr", "--model", "relational",
+                                                        "--curriculum", "6"],
             "Sort-of-CLEVR, Transformer": ["--data", "sort-of-clevr", "--model", "transformer", "--epochs", "6"]}
 #: the default runs (the Transformer's is a comparison, run with --variants)
-DEFAULT = ["easy-VQA, SAN", "Sort-of-CLEVR, SAN"]
+DEFAULT = ["easy-VQA, SAN", "Sort-of-CLEVR, SAN", "Sort-of-CLEVR, relational, curriculum 6"]
 
 
 def run(label: str, out: Path, threads: int | None, seed: int, extra: list[str]) -> dict:

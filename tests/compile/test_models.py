@@ -73,6 +73,12 @@ def _san(B):
     return m, (images, questions), lambda m, images, q: m(images, q).logits.logsumexp(-1).sum()
 
 
+def _relational(B):
+    m = models.RelationalAttentionNetwork(5, 20, image_size=16, dim=16, att_dim=8, emb_dim=8, width=8)
+    images, questions = torch.randn(B, 3, 16, 16), torch.randint(1, 20, (B, 7))
+    return m, (images, questions), lambda m, images, q: m(images, q).logits.logsumexp(-1).sum()
+
+
 def _vqa_transformer(B):
     m = models.VqaTransformer(5, 20, image_size=16, dim=16, depth=1, num_heads=2, width=8)
     images, questions = torch.randn(B, 3, 16, 16), torch.randint(1, 20, (B, 7))
@@ -88,7 +94,7 @@ def _las(B):
 
 MODELS = {"Seq2Seq": _seq2seq, "Transformer": _transformer, "AttentionClassifier": _classifier,
           "HierarchicalAttentionNetwork": _han, "AttentionMemoryClassifier": _memory, "ShowAttendTell": _captioner,
-          "StackedAttentionNetwork": _san, "VqaTransformer": _vqa_transformer, "ListenAttendSpell": _las}
+          "StackedAttentionNetwork": _san, "RelationalAttentionNetwork": _relational, "VqaTransformer": _vqa_transformer, "ListenAttendSpell": _las}
 
 
 def _build(name, B=3):

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from attnkit import cli
 from attnkit.checkpoint import load_checkpoint
-from attnkit.models.vqa import GridEncoder, StackedAttentionNetwork, VqaTransformer, grid_side
+from attnkit.models.vqa import (GridEncoder, RelationalAttentionNetwork, StackedAttentionNetwork, VqaTransformer,
+                                grid_side)
 from attnkit.tasks.vqa import recipe
 from attnkit.tasks.vqa.data import Question, VqaObject, VqaSplit, generate_sort_of_clevr
 from attnkit.tasks.vqa.metrics import accuracy, vqa_accuracy
@@ -44,7 +45,13 @@ def _transformer(**kw):
     return VqaTransformer(5, 20, **{**cfg, **kw}).eval()
 
 
-MODELS = {"san": _san, "transformer": _transformer}
+def _relational(**kw):
+    torch.manual_seed(0)
+    cfg = dict(image_size=32, dim=16, att_dim=8, emb_dim=8, width=8)
+    return RelationalAttentionNetwork(5, 20, **{**cfg, **kw}).eval()
+
+
+MODELS = {"san": _san, "relational": _relational, "transformer": _transformer}
 
 
 def _inputs(b=3, seed=1):
@@ -63,9 +70,10 @@ def test_shapes_and_maps_are_distributions_at_every_hop(name):
     assert grid_side(32, 4) == 2 and grid_side(75, 4) == 5 and grid_side(64, 4) == 4
     assert GridEncoder(75, 8, width=4)(torch.zeros(2, 3, 75, 75, dtype=torch.uint8)).shape == (2, 25, 8)
     assert model.grid == (2, 2)
-    assert out.logits.shape == (3, 5) and out.maps.shape == (3, 3, 4)   # 3 hops / layers, a 2 x 2 grid
+    hops = 2 if name == "relational" else 3
+    assert out.logits.shape == (3, 5) and out.maps.shape == (3, hops, 4)   # hops / layers, a 2 x 2 grid
     assert bool((out.maps >= 0).all())
-    assert torch.allclose(out.maps.sum(-1), torch.ones(3, 3), atol=1e-6)
+    assert torch.allclose(out.maps.sum(-1), torch.ones(3, hops), atol=1e-6)
     # the maps differ from question to question and from hop to hop: they are computed, not uniform
     assert not torch.allclose(out.maps[0], out.maps[1], atol=1e-4)
     assert not torch.allclose(out.maps[:, 0], out.maps[:, 1], atol=1e-4)
@@ -95,7 +103,7 @@ def test_image_index_equals_repeating_the_images(name):
         repeated = model(images[index], questions)
     assert torch.allclose(once.logits, repeated.logits, atol=1e-5)
     assert torch.allclose(once.maps, repeated.maps, atol=1e-6)
-    assert once.maps.shape == (6, 3, 4)
+    assert once.maps.shape == (6, 2 if name == "relational" else 3, 4)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -138,6 +146,47 @@ def test_san_hops_equal_the_hand_computation():
         assert torch.allclose(out.logits, model.head(u), atol=1e-5)
 
 
+def test_relational_hops_and_relation_term_equal_the_hand_computation():
+    model = _relational()
+    images, questions = _inputs()
+    with torch.no_grad():
+        out = model(images, questions)
+        v = model.encoder(images)                            # (B, L, D)
+        B, L, D = v.shape
+        # u_0 = LSTM last state over the real words + W_b (mean of the real words' embeddings)
+        u = torch.stack([model.lstm(model.embed(q[q != 0])[None])[1][0][-1, 0]
+                         + model.bag(model.embed(q[q != 0]).mean(0)) for q in questions])
+        assert torch.allclose(u, model.question_vector(questions), atol=1e-6)
+        d = model.find_q.out_features
+        p1 = torch.softmax((model.find_q(u)[:, None] * model.find_k(v)).sum(-1) / d ** 0.5, -1)   # hop 1
+        assert torch.allclose(out.maps[:, 0], p1, atol=1e-6)
+        s1 = (p1[..., None] * v).sum(1)
+        u1 = u + s1
+        # the cells' (x, y), row-major on the 2 x 2 grid, and each cell's offset from the subject
+        xy = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]])
+        a = (p1[..., None] * xy).sum(1)                      # (B, 2): where hop 1 looked
+        g = torch.stack([torch.stack([torch.cat([xy[i] - a[b], ((xy[i] - a[b]) ** 2).sum()[None]])
+                                      for i in range(L)]) for b in range(B)])           # (B, L, 3)
+        keys = torch.cat([v, g], -1)
+        sc = model.relate.score                              # hop 2: w^T tanh(W u_1 + V [v_i; g_i] + b)
+        e = torch.tanh((u1 @ sc.query_proj.weight.T)[:, None] + keys @ sc.key_proj.weight.T + sc.key_proj.bias) \
+            @ sc.v.weight[0]
+        p2 = torch.softmax(e, -1)
+        assert torch.allclose(out.maps[:, 1], p2, atol=1e-6)
+        s2 = (p2[..., None] * v).sum(1)
+        r = torch.stack([sum(model.f(torch.cat([u1[b], s1[b], v[b, i], g[b, i]])) for i in range(L)) / L
+                         for b in range(B)])
+        assert torch.allclose(out.logits, model.head(torch.cat([u, s1, s2, r], -1)), atol=1e-5)
+
+
+def test_every_parameter_of_the_relational_network_gets_a_gradient():
+    model = _relational().train()
+    images, questions = _inputs()
+    model(images, questions).logits.square().sum().backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or float(p.grad.abs().sum()) == 0]
+    assert not dead, dead
+
+
 def test_transformer_maps_are_cls_attention_over_the_regions():
     model = _transformer()
     images, questions = _inputs()
@@ -163,7 +212,7 @@ def test_transformer_maps_are_cls_attention_over_the_regions():
 def test_models_refuse_bad_input_with_clear_messages():
     san, tr = _san(), _transformer()
     images, questions = _inputs()
-    for m in (san, tr):
+    for m in (san, _relational(), tr):
         with pytest.raises(ValueError, match=r"questions must be token ids, a \(B, T\) integer tensor; got shape "
                                              r"\(3, 4\) dtype torch.float32"):
             m(images, questions.float())
@@ -195,6 +244,7 @@ def test_models_refuse_bad_input_with_clear_messages():
 # -- overfitting a tiny batch ------------------------------------------------------------------------
 @pytest.mark.parametrize("name,config,lr", [
     ("san", dict(dim=32, att_dim=32, emb_dim=32, dropout=0.0), 1e-2),
+    ("relational", dict(dim=32, att_dim=32, emb_dim=32), 3e-3),
     ("transformer", dict(dim=32, depth=2, num_heads=4, dropout=0.0), 1e-3),
 ])
 def test_both_models_overfit_four_images(name, config, lr):
@@ -361,7 +411,7 @@ def test_rebuild_refuses_what_is_not_a_vqa_checkpoint():
         cfg = {k: v for k, v in good.items() if k != key}
         with pytest.raises(ValueError, match=f"config.json has no '{key}' \\(not a VQA checkpoint\\?\\)"):
             recipe.rebuild(SimpleNamespace(config=cfg, path=Path("ck")))
-    with pytest.raises(ValueError, match=r"unknown VQA model 'rnn'; expected one of \['san', 'transformer'\]"):
+    with pytest.raises(ValueError, match=r"unknown VQA model 'rnn'; expected one of \['relational', 'san', 'transformer'\]"):
         recipe.rebuild(SimpleNamespace(config={**good, "model_name": "rnn"}, path=Path("ck")))
 
 
@@ -383,7 +433,7 @@ def runs(tmp_path_factory):
     """One tiny run of each model: {name: (checkpoint folder, what train printed)}."""
     root = tmp_path_factory.mktemp("vqa-runs")
     done = {}
-    for name in ("san", "transformer"):
+    for name in ("san", "relational", "transformer"):
         code, out, err = _main("train", "vqa", "--model", name, "--out", root / name, *TINY)
         assert code == 0, err
         done[name] = (root / name, out)
@@ -394,16 +444,20 @@ def _config(folder):
     return json.loads((Path(folder) / "config.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["san", "transformer"])
+@pytest.mark.parametrize("name", ["san", "relational", "transformer"])
 def test_train_writes_the_checkpoint_and_eval_reports_the_same_accuracy(runs, name):
     folder, printed = runs[name]
     assert {"model.safetensors", "config.json", "trainer.json", "checkpoint.json"} <= {p.name for p in folder.iterdir()}
     cfg = _config(folder)
     assert cfg["task"] == "vqa" and cfg["model_name"] == name and cfg["model_config"]["dim"] == 16
     assert cfg["data"]["data"] == "sort-of-clevr" and cfg["sizes"] == {"train": 160, "valid": 40, "test": 40}
-    unit = "hops" if name == "san" else "depth"
-    layers = cfg["model_config"][unit]
-    assert layers == recipe.MODEL_DEFAULTS[name][unit] and len(cfg["history"]["loss"]) == 1
+    if name == "relational":                                # two hops, fixed
+        layers = 2
+    else:
+        unit = "hops" if name == "san" else "depth"
+        layers = cfg["model_config"][unit]
+        assert layers == recipe.MODEL_DEFAULTS[name][unit]
+    assert len(cfg["history"]["loss"]) == 1
     metrics = cfg["metrics"]
     assert set(metrics) == {"test_accuracy", "test_non_relational_accuracy", "test_relational_accuracy"} | {
         f"test_hop{k}_on_{r}" for k in range(1, layers + 1) for r in ("subject", "target")}

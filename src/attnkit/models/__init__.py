@@ -18,6 +18,7 @@ _MODELS = {
     "HierarchicalAttentionNetwork": "han:HierarchicalAttentionNetwork",
     "ShowAttendTell": "captioner:ShowAttendTell",
     "StackedAttentionNetwork": "vqa:StackedAttentionNetwork",
+    "RelationalAttentionNetwork": "vqa:RelationalAttentionNetwork",
     "VqaTransformer": "vqa:VqaTransformer",
     "ListenAttendSpell": "las:ListenAttendSpell",
 }

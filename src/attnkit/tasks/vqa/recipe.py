@@ -15,16 +15,17 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ...models.vqa import MODELS, StackedAttentionNetwork, VqaTransformer
+from ...models.vqa import MODELS, RelationalAttentionNetwork, StackedAttentionNetwork, VqaTransformer
 from ..vocab import Vocab, pad_batch
 from .data import VqaSplit
 
 Tensor = torch.Tensor
-VqaModel = StackedAttentionNetwork | VqaTransformer
+VqaModel = StackedAttentionNetwork | RelationalAttentionNetwork | VqaTransformer
 
 #: each model's defaults
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "san": dict(dim=128, att_dim=64, emb_dim=64, hops=2, width=32, dropout=0.1),
+    "relational": dict(dim=128, att_dim=64, emb_dim=64, width=32, dropout=0.0),
     "transformer": dict(dim=64, depth=4, num_heads=4, width=32, dropout=0.0),
 }
 
@@ -321,9 +322,9 @@ def train(task_name: str, args: Any, resume=None, log: Callable[[str], None] = p
         vocab = build_vocab(splits["train"], min_freq=1 if data["data"] != "vqa-v2" else 3)
         answers = answer_list(splits["train"], data.get("max_answers"))
         overrides = {k: option(args, k, None) for k in ("dim", "hops", "depth") if option(args, k, None)}
-        if name == "san":
+        if name != "transformer":
             overrides.pop("depth", None)
-        else:
+        if name != "san":
             overrides.pop("hops", None)
         model = build_model(name, vocab, answers, splits["train"].images.shape[-1], overrides)
         train_cfg = {k: option(args, k, v) for k, v in TRAIN_DEFAULTS.items()}

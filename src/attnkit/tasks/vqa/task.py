@@ -40,8 +40,10 @@ class VqaTask(Task):
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("vqa")
         g.add_argument("--model", choices=sorted(recipe.MODEL_DEFAULTS), default="san",
-                       help="san: the stacked attention network; transformer: one encoder over image regions and "
-                            "question words (default san)")
+                       help="san: the stacked attention network; relational: a dot-product hop that finds the "
+                            "question's object, an additive hop and a relation term over (object, region) pairs "
+                            "(for Sort-of-CLEVR's relational questions); transformer: one encoder over image regions "
+                            "and question words (default san)")
         g.add_argument("--dim", type=positive_int, default=None, help="model width (default: the model's)")
         g.add_argument("--hops", type=positive_int, default=None, help="SAN's attention hops (default 2)")
         g.add_argument("--depth", type=positive_int, default=None, help="the Transformer's layers (default 4)")
@@ -164,7 +166,7 @@ class VqaTask(Task):
         q = data.questions[index]
         pred = recipe.predict(model, data, vocab, answers, maps=True, questions=[index])
         maps = pred.maps[0]
-        unit = "hop" if cfg["model_name"] == "san" else "layer"
+        unit = "layer" if cfg["model_name"] == "transformer" else "hop"
         labels = [f"{unit} {k + 1}" for k in range(maps.shape[0])]
         image = data.images[q.image].float() / 255.0
         title = f"{q.text}? → {pred.answers[0]} (truth: {q.answer})"
