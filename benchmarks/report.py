@@ -304,12 +304,22 @@ def readme_quality(results: Path) -> str:
     text += "; ".join(parts)
     if m30k:
         text += "; Multi30k En→De test2016, 1 run each: " + "; ".join(m30k)
-    cap = {r.get("label"): r["metrics"] for r in (load(results, "captioning.json") or {}).get("runs", [])
-           if r.get("rc") == 0 and r.get("metrics")}
+    cap: dict[str, list[dict]] = {}
+    for r in (load(results, "captioning.json") or {}).get("runs", []):
+        if r.get("rc") == 0 and r.get("metrics"):
+            cap.setdefault(r.get("label"), []).append(r["metrics"])
+
+    def cap_med(label, key):
+        return _median_spread([mt[key] for mt in cap[label]])[0]
+
+    def n_runs(label):
+        return f"{len(cap[label])} run{'s' if len(cap[label]) > 1 else ''}"
+
     if "soft" in cap and "hard" in cap:
-        text += (f"; captioning (generated scenes, 1,000 test images, 1 run each): soft attention "
-                 f"**{cap['soft']['test_bleu4']:.3f} BLEU-4**, attention correctness "
-                 f"{cap['soft']['test_attention_correctness']:.3f}; hard attention {cap['hard']['test_bleu4']:.3f} BLEU-4")
+        text += (f"; captioning (generated scenes, 1,000 test images): soft attention "
+                 f"**{cap_med('soft', 'test_bleu4'):.3f} BLEU-4**, attention correctness "
+                 f"{cap_med('soft', 'test_attention_correctness'):.3f} ({n_runs('soft')}, median); hard attention "
+                 f"{cap_med('hard', 'test_bleu4'):.3f} BLEU-4 ({n_runs('hard')})")
     vqa: dict[str, list[dict]] = {}
     for r in (load(results, "vqa.json") or {}).get("runs", []):
         if r.get("rc") == 0 and r.get("metrics"):
@@ -389,22 +399,36 @@ def captioning_block(results: Path) -> str:
              "", "| attention | command | test BLEU-4 | CIDEr-D | attention correctness | target | | wall time | epochs |",
              "|---|---|---|---|---|---|---|---|---|"]
     soft_bleu = med("soft", "test_bleu4")
-    for kind in by:
-        for r in by.get(kind, []):
-            mt = r["metrics"]
-            if kind == "soft":
-                target = "BLEU-4 ≥ 0.6 and attention correctness ≥ 0.6"
-                met = mt["test_bleu4"] >= 0.6 and (mt.get("test_attention_correctness") or 0) >= 0.6
-            elif kind != "hard":
-                target, met = "— (a comparison: what the penalty does)", None
-            else:
-                target = "BLEU-4 within 10% of soft's" + (f" (≥ {0.9 * soft_bleu:.3f})" if soft_bleu else "")
-                met = soft_bleu is not None and mt["test_bleu4"] >= 0.9 * soft_bleu
-            ac = mt.get("test_attention_correctness")
-            lines.append(f"| {kind} | `{r['command']}` | **{mt['test_bleu4']:.3f}** | {mt['test_cider_d']:.3f} | "
-                         f"{'—' if ac is None else f'**{ac:.3f}**'} ({mt.get('test_grounded_words', 0)} words) | "
-                         f"{target} | {'' if met is None else 'met' if met else '**missed**'} | {fmt(r['wall_s'], 's')} s (1 run) | "
-                         f"{len((r['history'] or {}).get('loss', []))} |")
+
+    def cell(rs, key, bold=False):  # the median over the runs, the spread in brackets
+        vals = [r["metrics"][key] for r in rs if r["metrics"].get(key) is not None]
+        if not vals:
+            return "—"
+        mid, lo, hi = _median_spread(vals)
+        text = f"**{mid:.3f}**" if bold else f"{mid:.3f}"
+        return text + (f" ({lo:.3f}–{hi:.3f})" if len(vals) > 1 else "")
+
+    for kind, rs in by.items():
+        if not rs:
+            continue
+        bleu, ac = med(kind, "test_bleu4"), med(kind, "test_attention_correctness")
+        if kind == "soft":
+            target = "BLEU-4 ≥ 0.6 and attention correctness ≥ 0.6"
+            met = bleu >= 0.6 and (ac or 0) >= 0.6
+        elif kind != "hard":
+            target, met = "— (a comparison: what the penalty does)", None
+        else:
+            target = "BLEU-4 within 10% of soft's" + (f" (≥ {0.9 * soft_bleu:.3f})" if soft_bleu else "")
+            met = soft_bleu is not None and bleu >= 0.9 * soft_bleu
+        walls = sorted(r["wall_s"] for r in rs)
+        wall = f"{fmt(walls[len(walls) // 2], 's')} s" + (
+            f" ({fmt(walls[0], 's')}–{fmt(walls[-1], 's')}, {len(rs)} runs)" if len(rs) > 1 else " (1 run)")
+        words = _median_spread([r["metrics"].get("test_grounded_words", 0) for r in rs])[0]
+        lines.append(f"| {kind} | `{rs[0]['command']}`{' (seeds ' + ', '.join(str(r['seed']) for r in rs) + ')' if len(rs) > 1 else ''} | "
+                     f"{cell(rs, 'test_bleu4', True)} | {cell(rs, 'test_cider_d')} | "
+                     f"{cell(rs, 'test_attention_correctness', True)} ({words} words) | "
+                     f"{target} | {'' if met is None else 'met' if met else '**missed**'} | {wall} | "
+                     f"{len((rs[0]['history'] or {}).get('loss', []))} |")
     lines += ["", "Validation BLEU-4 (greedy, 300 scenes) after each epoch:", "",
               "| attention | " + " | ".join(str(i + 1) for i in range(max(len(r["history"]["valid_bleu4"]) for r in ok)))
               + " |", "|---|" + "---|" * max(len(r["history"]["valid_bleu4"]) for r in ok)]
