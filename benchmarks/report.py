@@ -352,6 +352,13 @@ def sources(results: Path) -> str:
             m = d["machine"]
             out.append(f"| `{RES}{name}` | `{d['command']}` | {d['date']} | {m['cpu']}, {m['cores']} cores, "
                        f"{m['threads']} thread(s), torch {m['torch']} | {d['repeat']} |")
+    for name in ("gpu.json", "gpu_sweep.json"):
+        d = load(results, name)
+        if d is not None:
+            out.append(f"| `{RES}{name}` | `{d.get('command', 'python benchmarks/gpu.py --cases sigmoid_sweep')}` | "
+                       f"{d['date']} | one {d['machine']}, torch {d['torch']}, triton {d.get('triton', '—')} | "
+                       + ("every repeat stored (see the GPU section)" if name == "gpu.json"
+                          else "3 timings per setting") + " |")
     for name, cmd in ONE_RUN.items():
         d = load(results, name)
         last = (d[-1] if isinstance(d, list) else d) if d else None
@@ -589,6 +596,81 @@ def small_calls_block(results: Path) -> str:
     return "\n".join(lines)
 
 
+#: the GPU cases (benchmarks/gpu.py) and their targets: (case, what is compared, the ratio, target, met)
+GPU_TARGETS = [
+    ("sdpa_route", "routed to SDPA: time against calling SDPA directly", "time", "≤ 1.03×", lambda r: r <= 1.03),
+    ("flex_route", "routed to flex: time against calling compiled flex directly", "time", "≤ 1.05×",
+     lambda r: r <= 1.05),
+    ("sigmoid_causal", "sigmoid, causal, fwd+bwd: TFLOP/s against SDPA-flash softmax", "tflops", "≥ 0.80×",
+     lambda r: r >= 0.80),
+    ("sigmoid_causal_fwd", "the same, forward only (no target)", "tflops", "—", None),
+]
+
+
+def gpu_block(results: Path) -> str:
+    """attnkit on a GPU against the kernels it routes to (benchmarks/gpu.py), same run."""
+    d = load(results, "gpu.json")
+    if d is None:
+        return "Not yet measured — run on a machine with a GPU: `python benchmarks/gpu.py --json benchmarks/results/gpu.json`"
+    s = d["shape"]
+    lines = [f"Command: `{d['command']}` → `{RES}gpu.json`; run {d['date']} on one {d['machine']}, torch {d['torch']}, "
+             f"triton {d.get('triton', '—')}. {s['dtype']}, B={s['B']}, H={s['H']}, N={s['N']:,}, D={s['D']}; "
+             f"each time is the median of {d['repeat']} repeats of {d['iters']} calls (CUDA events) with the spread; "
+             "TFLOP/s count the live work (the pairs the mask allows; backward = 2.5 × forward); peak = the most "
+             "memory allocated above the inputs during one call.", "",
+             "| case | variant | time | TFLOP/s | peak | ratio | target | |", "|---|---|---|---|---|---|---|---|"]
+    for case, what, kind, target, ok in GPU_TARGETS:
+        c = d["cases"].get(case)
+        if c is None:
+            continue
+        names = list(c["variants"])
+        base, ours = c["variants"][names[0]], c["variants"][names[1]]
+        r = ours["median_s"] / base["median_s"] if kind == "time" else ours["tflops"] / base["tflops"]
+        verdict = "" if ok is None else ("met" if ok(r) else "**missed**")
+        for i, n in enumerate(names):
+            v = c["variants"][n]
+            t = f"{v['median_s'] * 1e3:.2f} ms ({v['spread_s'][0] * 1e3:.2f}–{v['spread_s'][1] * 1e3:.2f})"
+            row = (f"{r:.3f}×", target, verdict) if i == 1 else ("", "", "")
+            lines.append(f"| {what if i == 0 else ''} | {n} | {t} | {v['tflops']:.0f} | +{v['peak_mib']:,.0f} MiB | "
+                         + " | ".join(row) + " |")
+    sw = load(results, "gpu_sweep.json")
+    if sw is not None:
+        lines += ["", f"The Triton sigmoid kernel's settings (`{RES}gpu_sweep.json`, `{sw['command']}`): "
+                  f"{sw['what']}."]
+        for n, one in enumerate(sw["sweeps"], 1):
+            lines += ["", f"Sweep {n} ({one['date']}; the defaults then: {one['defaults']}):", "",
+                      "| kernel | block of queries, block of keys, warps, stages | time |", "|---|---|---|"]
+            for key, v in one["results"].items():
+                name, cfg = key.split(" ", 1)
+                lines.append(f"| {name} | {cfg} | " + (f"{v['median_s'] * 1e3:.2f} ms" if "median_s" in v else
+                             "does not fit in shared memory" if "shared memory" in v.get("error", "") else "fails")
+                             + " |")
+    return "\n".join(lines)
+
+
+def readme_gpu(results: Path) -> str:
+    """The README's GPU sentence, from benchmarks/results/gpu.json."""
+    d = load(results, "gpu.json")
+    if d is None:
+        return "Not yet measured on a GPU (`attnkit bench --device cuda`)."
+    s, c = d["shape"], d["cases"]
+
+    def ratio(case, kind):
+        v = list(c[case]["variants"].values())
+        return v[1]["median_s"] / v[0]["median_s"] if kind == "time" else v[1]["tflops"] / v[0]["tflops"]
+
+    sig = list(c["sigmoid_causal"]["variants"].values())
+    return (f"On one {d['machine']} ({s['dtype']}, B={s['B']}, H={s['H']}, N={s['N']:,}, D={s['D']}; "
+            f"`{d['command']}`, median of {d['repeat']} repeats; the targets in "
+            "[docs/benchmarks.md](docs/benchmarks.md#on-a-gpu-the-cuda-routes-and-the-triton-sigmoid-kernel)): "
+            f"causal softmax routed to SDPA takes {ratio('sdpa_route', 'time'):.3f}× the time of calling SDPA "
+            f"directly; a sliding window routed to flex {ratio('flex_route', 'time'):.3f}× that of calling compiled "
+            f"flex (the NaN check reads the inputs once); causal sigmoid attention, forward and backward, runs at "
+            f"{ratio('sigmoid_causal', 'tflops'):.0%} of SDPA-flash softmax's TFLOP/s "
+            f"({ratio('sigmoid_causal_fwd', 'tflops'):.0%} forward only) with "
+            f"{sig[1]['peak_mib'] / sig[0]['peak_mib']:.0%} of its peak memory.")
+
+
 def render(results: Path) -> dict[str, dict[str, str]]:
     two, one = load(results, "engine_2threads.json"), load(results, "engine_1thread.json")
     causal = load(results, "causal_64k.json")
@@ -606,11 +688,12 @@ def render(results: Path) -> dict[str, dict[str, str]]:
             "speech": speech_block(results),
             "compile": compile_block(results),
             "small-calls": small_calls_block(results),
+            "gpu": gpu_block(results),
             "engine-round2": engine_table(load(results, "engine_round2.json"), COMMANDS["engine_round2.json"],
                                           "engine_round2.json", targets=engine_round2.TARGETS, what="target"),
             "hf-targets": engine_table(load(results, "hf_2threads.json"), COMMANDS["hf_2threads.json"],
                                        "hf_2threads.json", targets=hf_targets.TARGETS, what="target")},
-        "README.md": {"readme-quality": readme_quality(results),
+        "README.md": {"readme-quality": readme_quality(results), "readme-gpu": readme_gpu(results),
                       "readme-engine": engine2 + "\n\n" + causal_table(causal)},
     }
 
@@ -621,7 +704,7 @@ BLOCK = re.compile(r"(<!-- generated:([\w-]+) -->\n)(.*?)(<!-- /generated -->)",
 FIGURE = re.compile(r"(?<![\w.,/])\d[\d,]*(?:\.\d+)?\s?(?:ms|s|h|min|minutes|MiB|GiB|GB|GFLOP/s|%|×|BLEU)(?![\w])"
                     r"|\b(?:BLEU|chrF) \d+\.\d")
 #: README sections whose prose this script polices (other sections are others')
-README_SECTIONS = ("## The tiled engine and the benchmark table",)
+README_SECTIONS = ("## The tiled engine and the benchmark table", "## On a GPU")
 
 
 def fill(text: str, blocks: dict[str, str], fname: str) -> tuple[str, list[str], list[str]]:

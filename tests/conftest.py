@@ -4,6 +4,12 @@ import pytest
 import torch
 from hypothesis import settings
 
+# attnkit's Triton kernels (tests/backends/test_triton.py) run on CPU tensors under Triton's
+# interpreter when there is no GPU; triton reads the switch when a kernel is defined, so it is set
+# before any test imports one
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=30, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")

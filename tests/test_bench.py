@@ -1,5 +1,6 @@
 """The benchmark harness's arithmetic and its process isolation."""
 
+import pytest
 import torch
 
 from attnkit import masks
@@ -67,3 +68,14 @@ def test_engine_targets_script_prints_the_table_of_a_bench_json(tmp_path, capsys
     out = capsys.readouterr().out
     assert "| speed-up 30.0× (30.0–30.0, n=3) | ≥ 20× | met |" in out
     assert "| ALiBi + causal, N=8192, fwd+bwd: time | not yet measured with 3 repeats" in out
+
+
+def test_bench_device_cuda_without_a_gpu_says_so(capsys):
+    from attnkit.bench import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the GPU cases would run")
+    assert main(["--device", "cuda"]) == 1
+    assert "no CUDA device" in capsys.readouterr().err
+    assert main(["--device=tpu"]) == 2
+    assert "--device must be 'cpu' or 'cuda'" in capsys.readouterr().err

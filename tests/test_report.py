@@ -129,3 +129,38 @@ def test_repeated_results_fill_every_table_and_smoke_runs_are_ignored(tmp_path):
     assert report.main(["--check", "--root", str(root)]) == 1
     assert report.main(["--root", str(root)]) == 0
     assert "1.50 GiB" not in (root / "README.md").read_text(encoding="utf-8")
+
+
+def _gpu_file(tmp_path, sdpa=(1.0, 1.02), flex=(1.0, 1.10), sig=(10.0, 11.0)):
+    def case(a, b, names):
+        return {"what": "w", "variants": {n: {"seconds": [t] * 3, "median_s": t, "spread_s": [t, t],
+                                              "tflops": 1.0 / t, "peak_mib": 100.0}
+                                          for n, t in zip(names, (a, b))}}
+    d = {"machine": "GPU X", "torch": "2.x", "triton": "3.x", "date": "2026-01-01", "repeat": 3, "iters": 10,
+         "command": "attnkit bench --device cuda", "shape": {"B": 1, "H": 2, "N": 64, "D": 8, "dtype": "bfloat16"},
+         "cases": {"sdpa_route": case(*sdpa, ["SDPA", "attnkit"]), "flex_route": case(*flex, ["flex", "attnkit"]),
+                   "sigmoid_causal": case(*sig, ["flash", "sigmoid"]),
+                   "sigmoid_causal_fwd": case(*sig, ["flash", "sigmoid"])}}
+    (tmp_path / "gpu.json").write_text(json.dumps(d))
+    return tmp_path
+
+
+def _verdicts(text):
+    """The verdict column of each case's attnkit row (the row after the case's first row)."""
+    lines = text.splitlines()
+    return [lines[i + 1].rstrip(" |").rsplit("|", 1)[-1].strip() for i, line in enumerate(lines)
+            if line.startswith("| ") and not line.startswith("|  |") and "|---" not in lines[i]
+            and i + 1 < len(lines) and lines[i + 1].startswith("|  |")]
+
+
+def test_gpu_block_judges_each_route_against_its_target(tmp_path):
+    # time ratios 1.02 (<= 1.03: met) and 1.10 (> 1.05: missed); TFLOP/s ratio 10/14 = 0.71 (< 0.80)
+    text = report.gpu_block(_gpu_file(tmp_path, sig=(10.0, 14.0)))
+    assert "1.020×" in text and "1.100×" in text and "0.714×" in text
+    assert _verdicts(text)[:3] == ["met", "**missed**", "**missed**"]   # the forward-only row has no target
+    # 10/12 = 0.83 of flash's TFLOP/s meets >= 0.80
+    assert _verdicts(report.gpu_block(_gpu_file(tmp_path, sig=(10.0, 12.0))))[2] == "met"
+
+
+def test_gpu_block_says_how_to_measure_when_nothing_is_stored(tmp_path):
+    assert "attnkit" in report.gpu_block(tmp_path) or "gpu.py" in report.gpu_block(tmp_path)

@@ -549,7 +549,21 @@ def run(selected: list[str] | None = None, *, threads: int = 2, repeat: int = 3,
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="attnkit bench", description=__doc__.split("\n\n")[0])
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if "--device" in args_in or any(a.startswith("--device=") for a in args_in):
+        i = next(i for i, a in enumerate(args_in) if a.startswith("--device"))
+        dev = args_in[i].split("=", 1)[1] if "=" in args_in[i] else (args_in[i + 1] if i + 1 < len(args_in) else "")
+        if dev == "cuda":
+            from .bench_gpu import main as gpu_main  # the GPU cases: routes against their kernels
+
+            return gpu_main(args_in)
+        if dev != "cpu":
+            print(f"attnkit bench: --device must be 'cpu' or 'cuda'; got {dev!r}", file=sys.stderr)
+            return 2
+        del args_in[i:i + (1 if "=" in args_in[i] else 2)]
+        argv = args_in
+    p = argparse.ArgumentParser(prog="attnkit bench", description=__doc__.split("\n\n")[0],
+                                epilog="attnkit bench --device cuda runs the GPU cases (attnkit.bench_gpu)")
     p.add_argument("cases", nargs="*", help="case name prefixes (default: all); see --list")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--threads", type=int, default=2)

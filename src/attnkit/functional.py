@@ -66,11 +66,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normalizer
     spec = canonicalize(q, k, v, score=score, normalizer=normalizer, mask=mask, bias=bias, scale=scale,
                         dropout_p=dropout_p, return_weights=return_weights, generator=generator)
     choice = registry.choose(spec, backend)
+    run = registry.REGISTRY[choice.backend]
+    recs = _capture.recorders()
+    if not recs:
+        # on CUDA the finiteness check runs beside the kernels: queued first, read after them
+        finite = nonfinite.pending_check(q, k, v, spec)
+        if finite is not None:
+            out, weights = run(q, k, v, spec)
+            if finite():
+                return (out, weights) if spec.return_weights else out
+            # rare: a NaN or inf somewhere; the result is discarded and the policy below applies
     # one NaN/inf policy for every backend (attnkit.nonfinite): non-finite inputs are zeroed
     # here and the NaN is written back into exactly the rows that read them
     q, k, v, spec, guard = nonfinite.quarantine(q, k, v, spec)
-    run = registry.REGISTRY[choice.backend]
-    recs = _capture.recorders()
     if recs and not spec.normalizer.deterministic:
         # a sampling normalizer must not be run twice: take the weights from this very call
         full = dataclasses.replace(spec, return_weights=True, weights=WeightsRequest())

@@ -149,6 +149,29 @@ def quarantine(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
     return q, k, v, spec, guard
 
 
+def pending_check(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
+    """On CUDA: start :func:`quarantine`'s one-sum check without waiting for it, so that the
+    caller can queue the attention kernels first (no idle GPU while the host waits). Returns a
+    function that waits for the check alone (not for the kernels queued after it) and says whether
+    every input is finite; None where the caller should use :func:`quarantine` directly (CPU,
+    inside torch.compile, bias tensors, dropout: a rerun would draw another mask)."""
+    if (q.device.type != "cuda" or torch.compiler.is_compiling() or spec.dropout_p > 0
+            or any(isinstance(m, TensorBias) for m in spec.score_mods)):
+        return None
+    with torch.no_grad():
+        flag = torch.isfinite(q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32) + v.sum(dtype=torch.float32))
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def finite() -> bool:
+        done.synchronize()
+        return bool(host)
+
+    return finite
+
+
 def all_finite(x: Tensor) -> bool:
     """Whether ``x`` holds no NaN or inf. A finite sum proves it in one pass without allocating
     (an inf or NaN entry makes the sum inf or NaN); only a sum that is not finite (a bad entry, or

@@ -79,7 +79,7 @@ def assert_matches_float64_gold(q64: Tensor, k64: Tensor, v64: Tensor, backend: 
 
     def run(q, k, v, name):
         out = attnkit.attention(q, k, v, backend=name, **kwargs)
-        return (out, *torch.autograd.grad(out, (q, k, v), dout.to(out.dtype)))
+        return (out, *torch.autograd.grad(out, (q, k, v), dout.to(device=out.device, dtype=out.dtype)))
 
     gold, ref, fast = run(q64, k64, v64, "reference"), run(q, k, v, "reference"), run(q, k, v, backend)
     for name, f, r, g in zip(["out", "dq", "dk", "dv"], fast, ref, gold):

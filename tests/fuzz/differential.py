@@ -65,7 +65,7 @@ def eager_flex():
         yield
         return
     old = fx._compiled
-    fx._compiled = lambda: flex_attention
+    fx._compiled = lambda dynamic=False: flex_attention
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -18,20 +18,63 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 
 import torch
 
+from ..masks.base import tensor_versions
 from ..normalizers.base import Softmax
 from ..spec import AttentionSpec
 
 Tensor = torch.Tensor
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled():
+@functools.lru_cache(maxsize=2)
+def _compiled(dynamic: bool | None = False):
+    """Compiled flex: static shapes on CPU (measured fastest there); on CUDA torch's default
+    (``dynamic=None``), which compiles a kernel with a symbolic length after the second length
+    it sees instead of one kernel per length."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=dynamic)
+
+
+_BLOCK_MASKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _extent(mask, B: int, H: int, Tq: int, Tk: int, device) -> tuple[int | None, int | None]:
+    """``(B, H)`` for ``create_block_mask``, None for each the mask does not depend on (found by
+    evaluating it at one position per batch and head): a block mask broadcast over the batch and
+    heads, as one would build by hand, is what flex reads fastest."""
+    b = torch.arange(B, device=device).view(B, 1, 1, 1)
+    h = torch.arange(H, device=device).view(1, H, 1, 1)
+    z = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    try:
+        shape = torch.as_tensor(mask.mask_mod(b, h, z, z, Tq, Tk)).shape
+    except Exception:  # a predicate that cannot take this probe: per batch and head, as asked
+        return B, H
+    shape = (1,) * (4 - len(shape)) + tuple(shape)
+    return (B if shape[0] > 1 else None), (H if shape[1] > 1 else None)
+
+
+def _block_mask(mask, B: int, H: int, Tq: int, Tk: int, device):
+    """flex's ``BlockMask`` of ``mask`` at these sizes, cached per mask object (a weak reference)
+    and sizes: a training loop that reuses its mask builds it once, as when calling flex directly."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (B, H, Tq, Tk, str(device), tensor_versions(mask))
+    try:
+        per_mask = _BLOCK_MASKS.setdefault(mask, {})
+    except TypeError:
+        per_mask = {}
+    if key not in per_mask:
+        if len(per_mask) >= 16:
+            per_mask.pop(next(iter(per_mask)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Bm, Hm = _extent(mask, B, H, Tq, Tk, device)
+            per_mask[key] = create_block_mask(mask.bind(Tq, Tk), Bm, Hm, Tq, Tk, device=device)
+    return per_mask[key]
 
 
 def available() -> bool:
@@ -76,6 +119,8 @@ class FlexBackend:
                 return ["inside torch.compile on CPU, inductor's flex kernel cannot take a mask or bias "
                         "tensor computed in the compiled region; auto takes SDPA"]
             return []  # compiled anyway: flex becomes part of the caller's graph
+        if spec.device.type == "cuda":
+            return []  # on CUDA flex's compiled kernels run forward and backward: auto's choice for masks
         # measured (docs/benchmarks.md): the tiled backend's fused body matches or beats compiled
         # flex on the forward-only cases flex serves, without a per-shape compile
         return ["compiling a flex kernel costs seconds per shape and the tiled backend is as fast "
@@ -91,15 +136,13 @@ class FlexBackend:
         block_mask = None
         if spec.mask is not None:
             mask_mod = spec.mask.bind(spec.Tq, spec.Tk)
-            if compiling:  # the compiler cannot trace a change of the warning filters
+            if compiling:  # the compiler cannot trace a change of the warning filters or the cache
                 block_mask = create_block_mask(mask_mod, spec.B, spec.H, spec.Tq, spec.Tk, device=q.device)
             else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    block_mask = create_block_mask(mask_mod, spec.B, spec.H, spec.Tq, spec.Tk, device=q.device)
+                block_mask = _block_mask(spec.mask, spec.B, spec.H, spec.Tq, spec.Tk, q.device)
         score_mod = None
         if spec.score_mods:
-            mods = [m.bind(spec.Tq, spec.Tk) for m in spec.score_mods]
+            mods = [m.on_device(q.device).bind(spec.Tq, spec.Tk) for m in spec.score_mods]
 
             def score_mod(score, b, h, q_idx, kv_idx):
                 for m in mods:
@@ -108,6 +151,6 @@ class FlexBackend:
 
         from torch.nn.attention.flex_attention import flex_attention
 
-        out = (flex_attention if compiling else _compiled())(qp, kp, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+        out = (flex_attention if compiling else _compiled(False if q.device.type == "cpu" else None))(qp, kp, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
                           enable_gqa=spec.groups > 1)
         return out, None

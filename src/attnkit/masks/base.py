@@ -168,6 +168,19 @@ class Mask:
         return f"{type(self).__name__}({fields})"
 
 
+def tensor_versions(mask: "Mask") -> tuple:
+    """``(id, version)`` of every tensor a mask holds (through ``And``/``Or``/``Not`` too): part of
+    the key of caches built from a mask (block tables, flex's block masks), so that a tensor
+    changed in place (a ``lengths`` tensor refilled for the next batch) is never served stale."""
+    out = []
+    for value in vars(mask).values():
+        if isinstance(value, Tensor):
+            out.append((id(value), value._version))
+        elif isinstance(value, Mask):
+            out.extend(tensor_versions(value))
+    return tuple(out)
+
+
 def _to_4d(m: Tensor, num_queries: int, num_keys: int) -> Tensor:
     while m.dim() < 4:
         m = m.unsqueeze(0)

@@ -17,6 +17,7 @@ mask (as the paper does), or use ``symmetric=True`` for encoders.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -84,6 +85,16 @@ class ALiBi(ScoreMod):
             raise TypeError(f"symmetric must be a bool; got {type(symmetric).__name__}")
         self.symmetric = symmetric
         self.slopes = alibi_slopes(self.num_heads)
+
+    def on_device(self, device):
+        if self.slopes.device == torch.device(device):
+            return self
+        cache = self.__dict__.setdefault("_twins", {})
+        if str(device) not in cache:
+            twin = copy.copy(self)
+            twin.slopes, twin._twins = self.slopes.to(device), {}
+            cache[str(device)] = twin
+        return cache[str(device)]
 
     def check(self, batch, heads, num_queries, num_keys):
         if heads != self.num_heads:

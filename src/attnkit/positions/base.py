@@ -45,6 +45,12 @@ class ScoreMod:
         None (the default) means the mod is not separable."""
         return None
 
+    def on_device(self, device: torch.device) -> "ScoreMod":
+        """This mod with the tensors it reads on ``device`` (default: itself). A compiled GPU
+        kernel (flex) cannot read a CPU tensor captured by the mod; mods that keep constants on
+        the CPU (ALiBi's slopes) return a copy, cached per device so compiled kernels are reused."""
+        return self
+
     def bind(self, num_queries: int, num_keys: int) -> Callable:
         """A FlexAttention-style ``score_mod(score, b, h, q_idx, kv_idx)``."""
 

@@ -1,0 +1,301 @@
+"""Sigmoid attention in Triton, forward and backward, under any mask, ALiBi and GQA.
+
+``out_i = Σ_j σ(scale · q_i·k_j + alibi_h(i, j) + b) v_j`` over the keys the mask allows
+(Ramapuram et al. 2024). Sigmoid needs no normalization across keys, so unlike softmax there is
+no running maximum, no log-sum-exp to save and no ``rowsum(dO ∘ O)`` term: the forward is one
+pass over each query block's live key tiles, and the backward recomputes ``p = σ(s)`` per tile
+with ``dS = p (1 - p) ∘ (dO Vᵀ)``.
+
+Three kernels, none of them atomic:
+
+* ``_fwd``: one program per (query block, batch · head), over the block's live key tiles;
+* ``_bwd_dq``: the same walk, accumulating ``dQ = scale · dS K``;
+* ``_bwd_dkdv``: one program per (key block, batch · key/value head), over the live query tiles
+  of every query head of its group (GQA sums there), accumulating ``dV = Pᵀ dO`` and
+  ``dK = scale · dSᵀ Q``.
+
+Live tiles and partial-tile masks come from :mod:`attnkit.kernels.triton.blocks`. Scores and
+accumulators are float32 whatever the input dtype; float32 inputs multiply with float32 accuracy
+(IEEE in the interpreter, three TF32 products per product on CUDA; never plain TF32), so they
+agree with the reference to float32 rounding.
+
+Under ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on CPU tensors
+through Triton's interpreter: that is how the test suite checks them without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .blocks import BlockTables
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def _live_range(PTR, i, NBLK, HAS_MASK: tl.constexpr):
+    """The live tiles ``[start, end)`` of block ``i`` in a compressed-rows table (every block when
+    there is no mask)."""
+    if HAS_MASK:
+        start = tl.load(PTR + i)
+        end = tl.load(PTR + i + 1)
+    else:
+        start = 0
+        end = NBLK
+    return start, end
+
+
+@triton.jit
+def _query_block(Q, SLOPES, sqb, sqh, sqm, sqd, H, G, Tq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """A query-major program's block: its indices, offsets, queries and ALiBi slope."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Tq
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + h)
+    return i, b, h, h // G, offs_m, offs_d, tl.arange(0, BLOCK_DV), row_ok, q, slope
+
+
+@triton.jit
+def _tile_probs(q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d,
+                skb, skh, skn, skd, stp, stb, sth, stm, stn, Tk, D, scale, offset, shift, slope,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                PREC: tl.constexpr):
+    """Query-major live tile ``t`` of a query block: its key offsets, keys, ``σ(s)`` and which pairs
+    are live (in range and allowed by the mask)."""
+    if HAS_MASK:
+        j = tl.load(COLS + t)
+    else:
+        j = t
+    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < Tk
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + offset
+    if HAS_ALIBI:
+        s += slope * (offs_n[None, :] - offs_m[:, None] - shift).to(tl.float32)
+    keep = row_ok[:, None] & col_ok[None, :]
+    if HAS_MASK:
+        tile = tl.load(TILES + t)
+        if tile >= 0:
+            mt = tl.load(MT + tile * stp + b * stb + h * sth + tl.arange(0, BLOCK_M)[:, None] * stm
+                         + tl.arange(0, BLOCK_N)[None, :] * stn)
+            keep = keep & (mt != 0)
+    return tl.sigmoid(s), keep, k, offs_n, col_ok
+
+
+@triton.jit
+def _fwd(Q, K, V, O, SLOPES, PTR, COLS, TILES, MT,
+         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+         stp, stb, sth, stm, stn,
+         H, G, Tq, Tk, D, DV, scale, offset, shift, NBLK,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+         HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, PREC: tl.constexpr):
+    i, b, h, hk, offs_m, offs_d, offs_dv, row_ok, q, slope = _query_block(
+        Q, SLOPES, sqb, sqh, sqm, sqd, H, G, Tq, D, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_ALIBI)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    start, end = _live_range(PTR, i, NBLK, HAS_MASK)
+    for t in range(start, end):
+        p, keep, k, offs_n, col_ok = _tile_probs(
+            q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d, skb, skh, skn, skd, stp, stb, sth, stm, stn,
+            Tk, D, scale, offset, shift, slope, BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
+        p = tl.where(keep, p, 0.0)
+        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod, acc.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, DO, DQ, SLOPES, PTR, COLS, TILES, MT,
+            sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+            stp, stb, sth, stm, stn,
+            H, G, Tq, Tk, D, DV, scale, offset, shift, NBLK,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+            HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, PREC: tl.constexpr):
+    # DQ shares Q's strides and DO shares O's (both made contiguous like them)
+    i, b, h, hk, offs_m, offs_d, offs_dv, row_ok, q, slope = _query_block(
+        Q, SLOPES, sqb, sqh, sqm, sqd, H, G, Tq, D, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_ALIBI)
+    do = tl.load(DO + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    start, end = _live_range(PTR, i, NBLK, HAS_MASK)
+    for t in range(start, end):
+        p, keep, k, offs_n, col_ok = _tile_probs(
+            q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d, skb, skh, skn, skd, stp, stb, sth, stm, stn,
+            Tk, D, scale, offset, shift, slope, BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
+        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = tl.where(keep, p * (1.0 - p) * dp, 0.0)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, DK, DV_, SLOPES, PTR, ROWS, TILES, MT,
+              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+              stp, stb, sth, stm, stn,
+              Hkv, G, Tq, Tk, D, DV, scale, offset, shift, NBLK,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, PREC: tl.constexpr):
+    # DK shares K's strides, DV_ V's; transposed tiles: rows are keys, columns queries
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hkv
+    hk = bh % Hkv
+    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = offs_n < Tk
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    start, end = _live_range(PTR, j, NBLK, HAS_MASK)
+    for g in range(0, G):
+        h = hk * G + g
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(SLOPES + h)
+        for t in range(start, end):
+            if HAS_MASK:
+                i = tl.load(ROWS + t)
+            else:
+                i = t
+            offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < Tq
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            do = tl.load(DO + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
+                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale + offset
+            if HAS_ALIBI:
+                st += slope * (offs_n[:, None] - offs_m[None, :] - shift).to(tl.float32)
+            pt = tl.sigmoid(st)
+            keep = col_ok[:, None] & row_ok[None, :]
+            if HAS_MASK:
+                tile = tl.load(TILES + t)
+                if tile >= 0:
+                    mt = tl.load(MT + tile * stp + b * stb + h * sth + tl.arange(0, BLOCK_M)[None, :] * stm
+                                 + tl.arange(0, BLOCK_N)[:, None] * stn)
+                    keep = keep & (mt != 0)
+            pt = tl.where(keep, pt, 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dst = pt * (1.0 - pt) * dpt
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+    tl.store(DK + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+             (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DV_ + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+             dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+def _dense(x: Tensor) -> Tensor:
+    """``x`` itself when its gradient, allocated with ``empty_like``, has its strides (a
+    permutation of a contiguous tensor: heads-major views of (B, T, H, D) stay as they are), else a
+    contiguous copy: the backward's gradients share the inputs' strides."""
+    if x.stride(-1) == 1 and torch.empty_like(x, device="meta").stride() == x.stride():
+        return x
+    return x.contiguous()
+
+
+def _pad(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _tile_strides(tab: BlockTables | None) -> tuple[int, ...]:
+    if tab is None:
+        return (0, 0, 0, 0, 0)
+    p = tab.partial
+    st = list(p.stride())
+    if p.shape[1] == 1:
+        st[1] = 0
+    if p.shape[2] == 1:
+        st[2] = 0
+    return tuple(st)
+
+
+def _table_args(tab: BlockTables | None, major: str, dummy: Tensor):
+    if tab is None:
+        return dummy, dummy, dummy, dummy
+    if major == "q":
+        return tab.q_ptr, tab.q_cols, tab.q_tile, tab.partial
+    return tab.k_ptr, tab.k_rows, tab.k_tile, tab.partial
+
+
+def _launch_kwargs(cfg: dict, x: Tensor) -> dict:
+    # float32: IEEE products in the interpreter; on CUDA three TF32 products per product
+    # ("tf32x3", float32 accuracy on tensor cores: triton 3.6 fails to compile the IEEE FMA path
+    # of these kernels on Hopper); half types ignore it
+    out = {"PREC": ("tf32x3" if x.is_cuda else "ieee") if x.dtype == torch.float32 else None}
+    if x.is_cuda:
+        out.update(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    return out
+
+
+class SigmoidAttentionFn(torch.autograd.Function):
+    """``(q, k, v) -> out``; the backward returns ``dq, dk, dv``. See the module docstring."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, offset: float, slopes: Tensor | None,
+                tables: dict, config: dict):
+        q, k, v = (_dense(x) for x in (q, k, v))
+        B, H, Tq, D = q.shape
+        Hkv, Tk, DV = k.shape[1], k.shape[2], v.shape[-1]
+        out = torch.empty(B, H, Tq, DV, dtype=q.dtype, device=q.device)
+        dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+        tab = tables.get("fwd")
+        bm, bn = config["fwd"]["block"]
+        ptr, cols, tiles, mt = _table_args(tab, "q", dummy)
+        grid = (triton.cdiv(Tq, bm), B * H)
+        _fwd[grid](q, k, v, out, slopes if slopes is not None else dummy, ptr, cols, tiles, mt,
+                   *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_tile_strides(tab),
+                   H, H // Hkv, Tq, Tk, D, DV, scale, offset, Tk - Tq, triton.cdiv(Tk, bn),
+                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pad(D), BLOCK_DV=_pad(DV),
+                   HAS_MASK=tab is not None, HAS_ALIBI=slopes is not None, **_launch_kwargs(config["fwd"], q))
+        ctx.save_for_backward(q, k, v, slopes)
+        ctx.args = (scale, offset, tables, config)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        q, k, v, slopes = ctx.saved_tensors
+        scale, offset, tables, config = ctx.args
+        B, H, Tq, D = q.shape
+        Hkv, Tk, DV = k.shape[1], k.shape[2], v.shape[-1]
+        # DO shares O's layout in the kernels: contiguous (B, H, Tq, Dv)
+        dout = dout.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+        sl = slopes if slopes is not None else dummy
+        common = (H // Hkv, Tq, Tk, D, DV, scale, offset, Tk - Tq)
+        tab = tables.get("dq")
+        bm, bn = config["dq"]["block"]
+        _bwd_dq[(triton.cdiv(Tq, bm), B * H)](
+            q, k, v, dout, dq, sl, *_table_args(tab, "q", dummy),
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *_tile_strides(tab), H, *common, triton.cdiv(Tk, bn),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pad(D), BLOCK_DV=_pad(DV),
+            HAS_MASK=tab is not None, HAS_ALIBI=slopes is not None, **_launch_kwargs(config["dq"], q))
+        tab = tables.get("dkdv")
+        bm, bn = config["dkdv"]["block"]
+        _bwd_dkdv[(triton.cdiv(Tk, bn), B * Hkv)](
+            q, k, v, dout, dk, dv, sl, *_table_args(tab, "k", dummy),
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *_tile_strides(tab), Hkv, *common, triton.cdiv(Tq, bm),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pad(D), BLOCK_DV=_pad(DV),
+            HAS_MASK=tab is not None, HAS_ALIBI=slopes is not None, **_launch_kwargs(config["dkdv"], q))
+        return dq, dk, dv, None, None, None, None, None
