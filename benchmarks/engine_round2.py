@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_targets import Target, targets_main  # noqa: E402
 
-CASES = ["mha_weights"]
+CASES = ["mha_weights", "sparse_causal"]
 
 MW = "mha_weights_eval_N16384"
 TARGETS = [
@@ -29,6 +29,18 @@ TARGETS = [
            (MW, "attnkit nn.MultiheadAttention"), (MW, "torch nn.MultiheadAttention"), "fraction", "≤ 1/4",
            lambda r: r <= 0.25, anchor_label="`torch.nn.MultiheadAttention`"),
 ]
+
+
+SP, SP64 = "sparse_causal_fwdbwd_N16384", "sparse_causal_fwdbwd_N65536"
+for _name in ("sparsemax", "1.5-entmax"):
+    TARGETS += [
+        Target(f"{_name}, causal, N=16384, fwd+bwd: time", "seconds", (SP, f"attnkit tiled {_name}"),
+               (SP, "attnkit tiled softmax"), "ratio", "≤ 4×", lambda r: r <= 4, anchor_label="tiled softmax"),
+        Target("same: peak memory", "peak_mib", (SP, f"attnkit tiled {_name}"), (SP, "attnkit tiled softmax"),
+               "ratio", "≤ 1.5×", lambda r: r <= 1.5, anchor_label="tiled softmax"),
+        Target(f"{_name}, causal, N=65536, fwd+bwd: peak memory", "peak_mib", (SP64, f"attnkit tiled {_name}"),
+               None, "ratio", "≤ 4,096 MiB", lambda m: m <= 4096),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -401,6 +401,16 @@ def cases(quick: bool = False) -> list[Case]:
                         Variant("attnkit nn.MultiheadAttention", _attnkit_mha(True, B, H, N, D)),
                         Variant("torch nn.MultiheadAttention", _mha(True, B, H, N, D)),
                     ]))
+    for N in (16384 // s, 65536 // s):
+        variants = [Variant("attnkit tiled sparsemax", _attnkit("tiled", True, B, H, N, D, mask=causal,
+                                                                normalizer="sparsemax")),
+                    Variant("attnkit tiled 1.5-entmax", _attnkit("tiled", True, B, H, N, D, mask=causal,
+                                                                 normalizer="entmax15"))]
+        if N <= 16384 // s:  # the anchor: tiled softmax on the same work
+            variants.append(Variant("attnkit tiled softmax", _attnkit("tiled", True, B, H, N, D, mask=causal)))
+        out.append(Case(f"sparse_causal_fwdbwd_N{N}", f"sparsemax and 1.5-entmax, causal, N={N}, forward+backward "
+                        "(no other library tiles them)", lambda N=N: attention_flops(B, H, N * (N + 1) // 2, D, True),
+                        variants))
     N = 16384 // s
     out.append(Case(f"mha_weights_eval_N{N}", f"causal self-attention module with need_weights=True (torch's "
                     f"default: weights averaged over the heads), N={N}, E=512, eval, no grad",

@@ -68,8 +68,10 @@ def test_what_neither_flex_nor_triton_serves_goes_to_the_tiled_engine(kw, why):
     assert why in " ".join(c.reasons["flex"]) + " ".join(c.reasons.get("triton", []))
 
 
-def test_entmax_on_cuda_reaches_the_reference():
-    assert choose(spec_on(CUDA, normalizer="entmax15")).backend == "reference"
+def test_entmax_goes_to_the_tiled_engine_and_hard_normalizers_to_the_reference():
+    assert choose(spec_on(CUDA, normalizer="entmax15")).backend == "tiled"
+    assert choose(spec_on(CUDA, normalizer=normalizers.Entmax(2.5))).backend == "reference"
+    assert choose(spec_on(CUDA, normalizer="hardmax")).backend == "reference"
 
 
 def test_the_choice_says_why_each_backend_declined():

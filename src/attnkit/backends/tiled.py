@@ -20,7 +20,9 @@ from ..kernels.fused import fusable
 from ..kernels.plan import can_prescale, make_plan, query_scale
 from ..kernels.tiled import TiledAttentionFn
 from ..kernels.weights import tiled_weights, weights_pass
+from ..kernels.tile import normalizer_kind
 from ..normalizers.base import Normalize, Sigmoid, Softmax
+from ..normalizers.sparse import Entmax, Entmax15, Sparsemax
 from ..positions.base import TensorBias
 from ..linear import linear_attention
 from ..masks.base import query_offset
@@ -74,8 +76,13 @@ class TiledBackend:
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         why = []
-        if type(spec.normalizer) not in (Softmax, Sigmoid, Normalize):
-            why.append(f"normalizer {spec.normalizer.name!r} is not softmax, sigmoid or normalize")
+        if type(spec.normalizer) not in (Softmax, Sigmoid, Normalize, Sparsemax, Entmax15, Entmax):
+            why.append(f"normalizer {spec.normalizer.name!r} is not softmax, sigmoid, normalize, sparsemax or entmax")
+        elif isinstance(spec.normalizer, Entmax) and not spec.normalizer.alpha <= 2.0:
+            why.append(f"entmax with alpha = {spec.normalizer.alpha} > 2 (the tiled threshold search needs "
+                       "alpha in (1, 2])")
+        if normalizer_kind(spec) == "entmax" and spec.dropout_p > 0:
+            why.append("dropout with sparsemax or entmax (the reference draws it)")
         if not spec.score.tileable:
             why.append(f"score {spec.score.name!r} cannot be evaluated tile by tile")
         if spec.mask is not None and spec.mask.has_weight_factor:
@@ -137,7 +144,7 @@ class TiledBackend:
         computes the output and the weights from one set of scores (``output_attentions`` under
         ``torch.no_grad()``); otherwise the output comes from the tiled kernel and the weights
         asked for are recomputed from its log-sum-exp."""
-        if not spec.return_weights or seed is not None or params:
+        if not spec.return_weights or seed is not None or params or normalizer_kind(spec) == "entmax":
             return False
         if spec.weights is not None and not spec.weights.everything:
             return False

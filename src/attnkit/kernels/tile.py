@@ -7,6 +7,7 @@ import torch
 
 from ..masks.base import index_grid
 from ..normalizers.base import Normalize, Sigmoid, Softmax
+from ..normalizers.sparse import Entmax, Entmax15, Sparsemax
 from ..spec import AttentionSpec
 from .dropout import row_hash
 
@@ -87,14 +88,43 @@ def dropout_rows(seed: int | None, spec: AttentionSpec, qs: int, qe: int, device
 
 def normalizer_kind(spec: AttentionSpec) -> str:
     n = spec.normalizer
+    if isinstance(n, (Sparsemax, Entmax15, Entmax)):
+        return "entmax"
     return "sigmoid" if isinstance(n, Sigmoid) else "normalize" if isinstance(n, Normalize) else "softmax"
+
+
+def entmax_alpha(spec: AttentionSpec) -> float:
+    """α of a sparse normalizer: sparsemax 2, 1.5-entmax 1.5, ``Entmax(alpha)`` its own."""
+    n = spec.normalizer
+    return 2.0 if isinstance(n, Sparsemax) else 1.5 if isinstance(n, Entmax15) else float(n.alpha)
+
+
+def entmax_gates(d: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """From ``d = [x - τ]_+`` (``x = (α - 1) s``): the weights ``p = d^(1/(α-1))`` and the
+    Jacobian's ``g = p^(2-α)`` (``1`` on the support for sparsemax, ``d`` for 1.5-entmax)."""
+    if alpha == 2.0:
+        return d, (d > 0).to(d.dtype)
+    if alpha == 1.5:
+        return d * d, d
+    inv = 1.0 / (alpha - 1.0)
+    return d.pow(inv), torch.where(d > 0, d.pow(inv * (2.0 - alpha)), 0.0)
+
+
+def entmax_d(s: Tensor, tau_i: Tensor, alpha: float, allowed: Tensor | None) -> Tensor:
+    """``[(α - 1) s - τ]_+`` of a tile, 0 where ``allowed`` is False (``τ = +inf``: a dead row)."""
+    d = (s * (alpha - 1.0) if alpha != 2.0 else s) - tau_i.unsqueeze(-1)
+    d = d.clamp_min_(0.0) if d is not s else d.clamp_min(0.0)
+    return d.masked_fill_(~allowed, 0.0) if allowed is not None else d
 
 
 def probabilities(s: Tensor, lse_i: Tensor | None, spec: AttentionSpec, allowed: Tensor | None) -> Tensor:
     """A tile's normalized weights from its scores ``s`` and its rows' statistic ``lse_i`` (the
-    log-sum-exp for softmax, the denominators for :class:`Normalize`; unused for sigmoid), zero
-    where ``allowed`` is False."""
+    log-sum-exp for softmax, the denominators for :class:`Normalize`, the thresholds ``τ`` for
+    sparsemax and entmax; unused for sigmoid), zero where ``allowed`` is False."""
     kind = normalizer_kind(spec)
+    if kind == "entmax":  # lse_i holds the thresholds τ
+        alpha = entmax_alpha(spec)
+        return entmax_gates(entmax_d(s, lse_i, alpha, allowed), alpha)[0]
     if kind == "sigmoid":
         p = torch.sigmoid(s + spec.normalizer.offset(spec.Tk))
     elif kind == "normalize":

@@ -36,9 +36,11 @@ import torch
 from ..spec import AttentionSpec
 from . import fused
 from .dropout import keep_mask
+from .entmax import entmax_forward
 from .plan import Plan
 from .tile import NEG_INF as _NEG_INF
-from .tile import Tile, dropout_rows, expand, normalizer_kind, probabilities, reduce_groups
+from .tile import (Tile, dropout_rows, entmax_alpha, entmax_d, entmax_gates, expand, normalizer_kind, probabilities,
+                   reduce_groups)
 
 Tensor = torch.Tensor
 
@@ -112,7 +114,9 @@ def _drop(p: Tensor, rows: Tensor | None, grid, dropout_p: float, keep_scale: fl
 def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, params: tuple[Tensor, ...],
                    seed: int | None = None):
     """Gradients of ``(qp, kp, v, *params)`` given ``dout``. With dropout (mask ``Z``, scale
-    ``1/(1-p)``): ``dV = (P∘Z)ᵀ dO``, ``dP = (dO Vᵀ)∘Z``, ``dS = P∘(dP − rowsum(dO∘O))``."""
+    ``1/(1-p)``): ``dV = (P∘Z)ᵀ dO``, ``dP = (dO Vᵀ)∘Z``, ``dS = P∘(dP − rowsum(dO∘O))``. For
+    sparsemax/entmax ``lse`` holds the thresholds ``τ`` and ``out`` the forward's ``out_g``
+    (:mod:`attnkit.kernels.entmax`), so that ``rowsum(dO∘out)`` is the entmax Jacobian's row term."""
     keep_scale = 1.0 / (1.0 - spec.dropout_p) if seed is not None else 1.0
     G = spec.groups
     tile = Tile(spec, qp.device, plan.prescaled)
@@ -128,6 +132,7 @@ def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, p
     dq, dk, dv = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(v)
     dparams = [torch.zeros_like(p) for p in params]
     delta = None if sigmoid else (dout * out).sum(-1, keepdim=True)  # (B, H, Tq, 1)
+    alpha = entmax_alpha(spec) if kind == "entmax" else None
     for (qs, qe), runs in zip(plan.q_blocks, plan.runs):
         qi, doi = qp[:, :, qs:qe], dout[:, :, qs:qe]
         lse_i = None if sigmoid else lse[:, :, qs:qe]
@@ -147,12 +152,17 @@ def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, p
                     qi_ = qi.detach().requires_grad_()
                     kj_ = kp[:, :, r.start:r.stop].detach().requires_grad_()
                     s = tile.scores(qi_, expand(kj_, G), qs, r.start, grid)
-            p = probabilities(s.detach(), lse_i, spec, allowed)
+            if kind == "entmax":
+                p, g = entmax_gates(entmax_d(s.detach(), lse_i, alpha, allowed), alpha)
+            else:
+                p = probabilities(s.detach(), lse_i, spec, allowed)
             dv[:, :, r.start:r.stop] += reduce_groups(_drop(p, rows, grid, spec.dropout_p, keep_scale).transpose(-2, -1)
                                                        @ doi, G)
             dp = _drop(doi @ vj.transpose(-2, -1), rows, grid, spec.dropout_p, keep_scale)
             if sigmoid:
                 ds = dp.mul_(p * (1.0 - p))
+            elif kind == "entmax":  # dS = g ∘ (dP - Σ_j g dp / Σ_j g); out holds Σ g v / Σ g here
+                ds = dp.sub_(delta[:, :, qs:qe]).mul_(g)
             elif kind == "normalize":  # out = Σ s v / den: d out / d s_ij = (v_j - out_i) / den_i
                 ds = dp.sub_(delta[:, :, qs:qe]).div_(lse_i.unsqueeze(-1))
                 if allowed is not None:
@@ -192,11 +202,14 @@ class TiledAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qp, kp, v, spec, plan, seed, *params):
+        saved_out = None
         if plan.fused:
             out, lse = fused.fused_forward(qp, kp, v, spec, plan)
+        elif normalizer_kind(spec) == "entmax":
+            out, lse, saved_out = entmax_forward(qp, kp, v, spec, plan)  # the backward reads out_g
         else:
             out, lse = tiled_forward(qp, kp, v, spec, plan, seed)
-        ctx.save_for_backward(qp, kp, v, out, *(() if lse is None else (lse,)))
+        ctx.save_for_backward(qp, kp, v, out if saved_out is None else saved_out, *(() if lse is None else (lse,)))
         ctx.spec, ctx.plan, ctx.seed, ctx.params, ctx.has_lse = spec, plan, seed, params, lse is not None
         ctx.mark_non_differentiable(*(() if lse is None else (lse,)))
         return out, (lse if lse is not None else out.new_zeros(()))
