@@ -1,7 +1,8 @@
 """Image captioning targets: soft and hard attention on the generated scenes, with default settings.
 
 Each run is ``python -m attnkit train captioning --attention A ...`` in a subprocess (defaults:
-6,000 training scenes, 12 epochs, beam 3 on the 1,000 held-out test scenes); the script reads the
+6,000 training scenes, 12 epochs for soft attention and 20 for hard, beam 3 on the 1,000 held-out
+test scenes); the script reads the
 checkpoint's ``config.json`` (test metrics, the per-epoch loss and validation BLEU-4) and writes
 every run to ``--json`` with its command, date, machine and wall time (``--variants`` reruns some
 of them and keeps the others' stored runs). ``benchmarks/report.py``

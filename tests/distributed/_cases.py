@@ -171,6 +171,21 @@ def _gather(rank, world):
         _close(shard(q, layout), q[:, :, pos], "shard == q at shard_positions")
 
 
+@case("ring[gather_backward]")
+def _gather_backward(rank, world):
+    """A loss every rank computes on the gathered tensor: each shard's gradient is the sum of the
+    ranks' gradients at its positions (here every rank's is w, so world * w)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, world * 4, 3, dtype=torch.float64, generator=g)
+    w = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    for layout in LAYOUTS:
+        xs = shard(x, layout).requires_grad_()
+        full = gather(xs, layout)
+        _close(full, x, f"gather forward ({layout})")
+        (full * w).sum().backward()
+        _close(xs.grad, world * shard(w, layout), f"gather backward ({layout})")
+
+
 # -- skipping: which K/V shards each rank computes on --------------------------------------------
 def _expected(mask, layout, world, rank, n):
     N = world * n

@@ -148,16 +148,15 @@ def gather(x: Tensor, layout: str, group=None, dim: int = -2) -> Tensor:
     whole tensor, ``R`` times ``x.shape[dim]`` long.
 
     Every rank must pass a shard of the same shape and dtype: otherwise every rank raises a
-    ``ValueError`` listing the shapes (no rank is left waiting). The result does not carry
-    gradients (compute losses on the shards; :func:`ring_attention` and
-    :func:`ulysses_attention` are differentiable).
+    ``ValueError`` listing the shapes (no rank is left waiting). The result is differentiable:
+    the backward sums the ranks' gradients of the full tensor (one ``all_reduce``) and returns
+    each rank its own positions, so a loss every rank computes on the gathered tensor trains the
+    shards (every rank must then call backward).
 
     Example (on every rank of an initialized group)::
 
         full = gather(shard(x, "zigzag"), "zigzag")   # == x
     """
-    import torch.distributed as dist
-
     fn = "gather"
     info = group_info(group, fn)
     error, shape = None, ()
@@ -178,7 +177,14 @@ def gather(x: Tensor, layout: str, group=None, dim: int = -2) -> Tensor:
                      dtype_code(x.dtype) if error is None else 0], error=error,
           describe=lambda s: f"shape {tuple(s[1:1 + s[0]])}, dim {s[9]}, dtype {dtype_name(s[10])}",
           what="shards of the same shape and dtype along the same dim")
-    x = x.detach().contiguous()
+    return _Gather.apply(x, layout, info, d)
+
+
+def _assemble(x: Tensor, layout: str, info, d: int) -> Tensor:
+    """All shards of ``x`` (one ``all_gather``) put back in global order along ``d``."""
+    import torch.distributed as dist
+
+    x = x.contiguous()
     if info.world_size == 1:
         return x.clone()
     parts = [torch.empty_like(x) for _ in range(info.world_size)]
@@ -191,6 +197,30 @@ def gather(x: Tensor, layout: str, group=None, dim: int = -2) -> Tensor:
         for c in shard_chunks(layout, n, r, info.world_size):
             out.narrow(d, c.start, c.length).copy_(part.narrow(d, c.local, c.length))
     return out
+
+
+class _Gather(torch.autograd.Function):
+    """:func:`gather` with a backward: every rank's gradient of the full tensor is summed over the
+    ranks (one ``all_reduce``) and each rank keeps its own shard's positions, as
+    ``torch.distributed.nn.functional.all_gather`` does: a loss that every rank computes on the
+    gathered tensor sends each shard the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, x, layout, info, d):
+        ctx.layout, ctx.info, ctx.d, ctx.n = layout, info, d, x.shape[d]
+        return _assemble(x.detach(), layout, info, d)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        g = grad.contiguous().clone()
+        info = ctx.info
+        if info.world_size > 1:
+            dist.all_reduce(g, group=info.group)
+        parts = [g.narrow(ctx.d, c.start, c.length)
+                 for c in shard_chunks(ctx.layout, ctx.n, info.rank, info.world_size)]
+        return torch.cat(parts, dim=ctx.d), None, None, None
 
 
 def dim_code(x, dim, error) -> int:

@@ -6,11 +6,11 @@ whole. A first pass over a query block's live key tiles keeps each row's largest
 values; when the threshold computed from them alone is at least the smallest of them, every
 other key is below it and adds nothing, so that threshold is exact (the usual case: supports are
 narrow). The other rows find ``τ`` by Newton's method on ``f(τ) = Σ_j [x_j - τ]_+^(1/(α-1))``,
-one pass over the tiles per step, each adding up ``f`` and ``f'`` tile by tile.
+started from that same threshold of the top values (a lower bound: the other keys only add to
+``f``), one pass over the tiles per step, each adding up ``f`` and ``f'`` tile by tile.
 
 Why Newton is safe and exact here: for α <= 2, ``f`` is convex and decreasing, so Newton started
-left of the root (``τ_0 = max_j x_j - 1``, where ``f >= 1``) climbs monotonically to ``τ*`` and
-never overshoots. For sparsemax ``f`` is piecewise linear and each step is Michelot's projection
+left of the root (``f(τ_0) >= 1``) climbs monotonically to ``τ*`` and never overshoots. For sparsemax ``f`` is piecewise linear and each step is Michelot's projection
 step ``τ = (Σ_{x > τ} x - 1) / |{x > τ}|``: it stops, exactly, as soon as the support stops
 changing; other α stop at float precision (Newton converges quadratically).
 
@@ -65,10 +65,11 @@ def thresholds(qi: Tensor, kp: Tensor, qs: int, qe: int, runs, tile: Tile, spec:
     acc = torch.float64  # the row sums are (rows, 1): add them up in float64 whatever the input
     dead = m == NEG_INF
     tau = torch.where(dead, torch.zeros_like(m), m - 1.0).to(acc)
-    # when the support lies within the top values the threshold follows from them alone, exactly;
-    # only the other rows (wide supports) take Newton passes over the tiles
+    # the threshold of the top values alone is a lower bound of the row's (the other keys only add
+    # to f), and is the row's own when the support lies among them (it is at least the smallest);
+    # the other rows (wide supports) start their Newton passes from it
     tau_top, within = _top_threshold(top.to(acc), alpha, tau)
-    tau = torch.where(within & ~dead, tau_top, tau)
+    tau = torch.where(dead, tau, torch.maximum(tau, tau_top))
     done = dead | within
     scale = 1.0 + tau.abs()
     tol = 4 * torch.finfo(qi.dtype).eps * scale
