@@ -133,14 +133,18 @@ def _shift_mask(mask: Mask, offset: int, H: int, Hl: int) -> Mask:
         t = mask.tensor
         return FromTensor(t[:, offset:offset + Hl] if t.shape[1] > 1 else t)
     if isinstance(mask, FromMod):
-        fn = mask.fn
-
-        def shifted(b, h, q_idx, kv_idx):
-            return fn(b, h + offset, q_idx, kv_idx)
-
-        shifted.__name__ = getattr(fn, "__name__", "mask_mod")
-        return FromMod(shifted)
+        return FromMod(_at_global_head(mask.fn, offset, "mask_mod"))
     return _HeadShiftedMask(mask, offset, H)
+
+
+def _at_global_head(fn, offset: int, default_name: str):
+    """``fn(b, h, q_idx, kv_idx)`` (a mask or bias callable) evaluated at global head ``h + offset``."""
+
+    def shifted(b, h, q_idx, kv_idx):
+        return fn(b, h + offset, q_idx, kv_idx)
+
+    shifted.__name__ = getattr(fn, "__name__", default_name)
+    return shifted
 
 
 class _HeadShiftedMod(ScoreMod):
@@ -195,13 +199,7 @@ def _shift_mod(mod: ScoreMod, offset: int, H: int, Hl: int) -> ScoreMod:
         shifted_fn.__name__ = getattr(fn, "__name__", "score_mod")
         return FromScoreMod(shifted_fn)
     if isinstance(mod, FromBias):
-        fnb = mod.fn
-
-        def shifted_bias(b, h, q_idx, kv_idx):
-            return fnb(b, h + offset, q_idx, kv_idx)
-
-        shifted_bias.__name__ = getattr(fnb, "__name__", "bias_mod")
-        return FromBias(shifted_bias)
+        return FromBias(_at_global_head(mod.fn, offset, "bias_mod"))
     if isinstance(mod, nn.Module):
         return _HeadShiftedModule(mod, offset, H)
     return _HeadShiftedMod(mod, offset, H)
