@@ -8,6 +8,12 @@ same run, on the models of two tasks with their default sizes:
 * the dates Seq2Seq (GRU 128, Luong general attention with input feeding), a batch of 128 examples
   of 32 source and 12 target tokens.
 
+* a long-window encoder (``--cases "long-window encoder"``, its own JSON): 2 pre-norm layers of
+  ``attnkit.nn.MultiheadAttention`` (d_model 256, 4 heads, a sliding window of 128 keys each way and
+  key padding) and a feed-forward of 1024, a batch of 2 sequences of 4,096 positions; compiled,
+  attnkit runs its tiled operator (``attnkit::tiled_attention``), and the anchor is the same
+  model compiled with ``backend="sdpa"`` (SDPA with the window as a dense (B, H, T, T) mask);
+
 and decoding in ``no_grad`` and eval mode: the dates Seq2Seq's greedy decoding of the same batch for
 12 steps with the decoder step (GRU, attention, output layer) compiled, and the Transformer's
 greedy decoding of 64 sentences for 20 steps with its KV cache, ``decode_step`` compiled with
@@ -21,11 +27,14 @@ the figures are the median over ``--repeat`` repeats with the spread, throughput
 per second.
 
     python benchmarks/compile.py --threads 2 --repeat 3 --json benchmarks/results/compile.json
+    python benchmarks/compile.py --threads 2 --repeat 3 --steps 3 --cases "long-window encoder" \
+        --json benchmarks/results/compile_window.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -38,6 +47,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_runs  # noqa: E402
 
+import attnkit  # noqa: E402
 from attnkit import models  # noqa: E402
 
 
@@ -114,9 +124,59 @@ def transformer_greedy_case():
     return m, m.decode_step, decode, 64 * 20, {"dynamic": True}
 
 
+class WindowEncoder(torch.nn.Module):
+    """Pre-norm encoder layers whose self-attention sees ``window`` keys each way."""
+
+    def __init__(self, d_model=256, heads=4, layers=2, window=128, ff=1024, backend="auto"):
+        super().__init__()
+        mask = attnkit.masks.sliding_window(window, window)
+        self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict({
+            "norm1": torch.nn.LayerNorm(d_model), "norm2": torch.nn.LayerNorm(d_model),
+            "attn": attnkit.nn.MultiheadAttention(d_model, heads, batch_first=True, mask=mask, backend=backend),
+            "ff": torch.nn.Sequential(torch.nn.Linear(d_model, ff), torch.nn.GELU(), torch.nn.Linear(ff, d_model)),
+        }) for _ in range(layers))
+
+    def forward(self, x, pad):
+        for b in self.blocks:
+            h = b["norm1"](x)
+            x = x + b["attn"](h, h, h, key_padding_mask=pad, need_weights=False)[0]
+            x = x + b["ff"](b["norm2"](x))
+        return x
+
+
+def window_case():
+    m = WindowEncoder()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4096, 256, generator=g)
+    pad = torch.arange(4096) >= torch.tensor([[4096], [3000]])
+    target = torch.randn(2, 4096, 256, generator=g)
+
+    def loss(x, pad, target):
+        return F.mse_loss(m(x, pad), target)
+
+    return m, loss, (x, pad, target), 2 * 4096
+
+
+def window_anchor(m):
+    """The same weights, attention by SDPA with the window as a dense mask."""
+    anchor = copy.deepcopy(m)
+    for b in anchor.blocks:
+        b["attn"].backend = "sdpa"
+
+    def loss(x, pad, target):
+        return F.mse_loss(anchor(x, pad), target)
+
+    return "the same model compiled with SDPA and the window as a dense mask", anchor, loss
+
+
+#: cases with an anchor: a second compiled model timed in the same run
+ANCHORS = {"long-window encoder": window_anchor}
+
 CASES = {"Multi30k Transformer": transformer_case, "dates Seq2Seq": seq2seq_case,
          "dates Seq2Seq, greedy decoding": greedy_case,
-         "Multi30k Transformer, greedy decoding with the KV cache": transformer_greedy_case}
+         "Multi30k Transformer, greedy decoding with the KV cache": transformer_greedy_case,
+         "long-window encoder": window_case}
+DEFAULT_CASES = [c for c in CASES if c != "long-window encoder"]
 
 
 def _timed(fn, steps: int, repeat: int) -> list[float]:
@@ -152,6 +212,20 @@ def run_case(name: str, steps: int, repeat: int) -> dict:
 
         eager_call = lambda: train_step(loss)  # noqa: E731
         compiled_call = lambda: train_step(compiled_loss)  # noqa: E731
+        anchor = None
+        if name in ANCHORS:
+            label, anchor_model, anchor_loss = ANCHORS[name](model)
+            anchor_opt = torch.optim.AdamW(anchor_model.parameters(), lr=1e-4)
+            compiled_anchor = torch.compile(anchor_loss)
+
+            def anchor_call():
+                anchor_opt.zero_grad(set_to_none=True)
+                value = compiled_anchor(*args)
+                value.backward()
+                anchor_opt.step()
+                return value
+
+            anchor = anchor_call
     for _ in range(2):  # warm-up
         eager_call()
     eager = _timed(eager_call, steps, repeat)
@@ -164,11 +238,23 @@ def run_case(name: str, steps: int, repeat: int) -> dict:
     eager += _timed(eager_call, steps, repeat)
     same = bool(torch.equal(eager_call(), compiled_call())) if decoding else None
     e, c = statistics.median(eager), statistics.median(fast)
-    return {"case": name, "steps": steps, "repeat": repeat, "tokens_per_step": tokens,
-            "eager_s": eager, "compiled_s": fast, "first_compiled_step_s": round(first, 2),
-            "compile_cost_s": round(first - c, 2), "speedup": e / c,
-            "eager_tokens_per_s": tokens / e, "compiled_tokens_per_s": tokens / c,
-            "same_tokens": same, "loadavg": os.getloadavg()}
+    record = {"case": name, "steps": steps, "repeat": repeat, "tokens_per_step": tokens,
+              "eager_s": eager, "compiled_s": fast, "first_compiled_step_s": round(first, 2),
+              "compile_cost_s": round(first - c, 2), "speedup": e / c,
+              "eager_tokens_per_s": tokens / e, "compiled_tokens_per_s": tokens / c,
+              "same_tokens": same}
+    if not decoding and anchor is not None:
+        start = time.perf_counter()
+        anchor()
+        anchor_first = time.perf_counter() - start
+        a = _timed(anchor, steps, repeat)
+        fast += _timed(compiled_call, steps, repeat)  # attnkit again after the anchor
+        c = statistics.median(fast)
+        record.update(compiled_s=fast, speedup=e / c, compiled_tokens_per_s=tokens / c, anchor=label,
+                      anchor_compiled_s=a, anchor_compile_cost_s=round(anchor_first - statistics.median(a), 2),
+                      anchor_over_compiled=statistics.median(a) / c)
+    record["loadavg"] = os.getloadavg()
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="training steps per timed repeat")
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(CASES))
     p.add_argument("--json", default="benchmarks/results/compile.json")
     args = p.parse_args(argv)
     if args.threads:
@@ -189,10 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.cases:
         r = run_case(name, args.steps, args.repeat)
         print(f"{name}: eager {statistics.median(r['eager_s']):.3f} s/step, compiled {statistics.median(r['compiled_s']):.3f} "
-              f"s/step ({r['speedup']:.2f}x), compile cost {r['compile_cost_s']:.1f} s", flush=True)
+              f"s/step ({r['speedup']:.2f}x), compile cost {r['compile_cost_s']:.1f} s"
+              + (f"; anchor {statistics.median(r['anchor_compiled_s']):.3f} s/step ({r['anchor_over_compiled']:.2f}x "
+                 "attnkit's time)" if "anchor" in r else ""), flush=True)
         results.append(r)
+    cases = "" if args.cases == DEFAULT_CASES else " --cases " + " ".join(f'"{c}"' for c in args.cases)
     train_runs.write_record(args.json, f"python benchmarks/compile.py --threads {args.threads} --repeat {args.repeat} "
-                            f"--steps {args.steps} --json {args.json}", args.threads, repeat=args.repeat,
+                            f"--steps {args.steps}{cases} --json {args.json}", args.threads, repeat=args.repeat,
                             results=results)
     return 0
 

@@ -38,6 +38,8 @@ COMMANDS = {
     "engine_1thread.json": f"python benchmarks/engine_targets.py --run --threads 1 --repeat 3 --json {RES}engine_1thread.json",
     "hf_2threads.json": f"python benchmarks/hf_targets.py --run --threads 2 --repeat 3 --json {RES}hf_2threads.json",
     "compile.json": f"python benchmarks/compile.py --threads 2 --repeat 3 --steps 10 --json {RES}compile.json",
+    "compile_window.json": ("python benchmarks/compile.py --threads 2 --repeat 3 --steps 3 --cases \"long-window encoder\" "
+                            f"--json {RES}compile_window.json"),
     "small_calls.json": f"python benchmarks/small_calls.py --threads 2 --repeat 5 --json {RES}small_calls.json",
     "engine_round2.json": f"python benchmarks/engine_round2.py --run --threads 2 --repeat 3 --json {RES}engine_round2.json",
 }
@@ -577,6 +579,24 @@ def compile_block(results: Path) -> str:
                      f"{measured(r['compiled_s'], 's')} | {fmt(r['speedup'])}× | "
                      f"{r['eager_tokens_per_s']:,.0f} → {r['compiled_tokens_per_s']:,.0f} | "
                      f"{fmt(r['compile_cost_s'], 's')} s |")
+    w = load(results, "compile_window.json")
+    if w is None:
+        lines += ["", f"The long-window encoder is not yet measured — run: `{COMMANDS['compile_window.json']}`"]
+        return "\n".join(lines)
+    m = w["machine"]
+    lines += ["", f"A long window, compiled: attnkit's tiled operator against SDPA with a dense mask. Command: "
+              f"`{w['command']}` → `{RES}compile_window.json`; run {w['date']} on {m['cpu']} ({m['cores']} cores), "
+              f"{m['threads']} thread(s), torch {m['torch']}. Seconds per training step, median over the timed "
+              "repeats with the spread (attnkit compiled is timed before and after the anchor).", "",
+              "| case | tokens | attnkit eager | attnkit compiled | anchor compiled | anchor's time over attnkit's "
+              "| compile cost, attnkit / anchor |", "|---|---|---|---|---|---|---|"]
+    for r in w["results"]:
+        if "anchor" not in r:
+            continue
+        lines.append(f"| {r['case']} (anchor: {r['anchor']}) | {r['tokens_per_step']:,} | "
+                     f"{measured(r['eager_s'], 's')} | {measured(r['compiled_s'], 's')} | "
+                     f"{measured(r['anchor_compiled_s'], 's')} | {fmt(r['anchor_over_compiled'])}× | "
+                     f"{fmt(r['compile_cost_s'], 's')} s / {fmt(r['anchor_compile_cost_s'], 's')} s |")
     return "\n".join(lines)
 
 

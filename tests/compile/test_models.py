@@ -33,6 +33,13 @@ def _seq2seq(B):
     return m, (src, _lengths(B, 9), tgt), lambda m, src, n, tgt: m(src, n, tgt).logsumexp(-1).sum()
 
 
+def _seq2seq_deep(B):
+    """Two layers: the bidirectional encoder runs one layer at a time when traced."""
+    m = models.Seq2Seq(30, 40, emb_dim=16, hidden_dim=24, rnn="lstm", num_layers=2)
+    src, tgt = torch.randint(3, 30, (B, 9)), torch.randint(3, 40, (B, 7))
+    return m, (src, _lengths(B, 9), tgt), lambda m, src, n, tgt: m(src, n, tgt).logsumexp(-1).sum()
+
+
 def _transformer(B):
     m = models.Transformer(30, 40, d_model=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=1,
                            dim_feedforward=48, dropout=0.0)
@@ -92,7 +99,7 @@ def _las(B):
     return m, (feats, 8 * _lengths(B, 8), inputs), lambda m, f, n, y: m(f, n, y).logits.logsumexp(-1).sum()
 
 
-MODELS = {"Seq2Seq": _seq2seq, "Transformer": _transformer, "AttentionClassifier": _classifier,
+MODELS = {"Seq2Seq": _seq2seq, "Seq2Seq, 2-layer LSTM": _seq2seq_deep, "Transformer": _transformer, "AttentionClassifier": _classifier,
           "HierarchicalAttentionNetwork": _han, "AttentionMemoryClassifier": _memory, "ShowAttendTell": _captioner,
           "StackedAttentionNetwork": _san, "RelationalAttentionNetwork": _relational, "VqaTransformer": _vqa_transformer, "ListenAttendSpell": _las}
 

@@ -84,11 +84,40 @@ def test_last_state_is_the_packed_final_state():
         last_state(torch.nn.LSTM(3, 4, batch_first=True, bidirectional=True), x, n)
 
 
-def test_a_multilayer_bidirectional_rnn_is_refused_when_traced(monkeypatch):
-    rnn = torch.nn.GRU(3, 4, num_layers=2, batch_first=True, bidirectional=True)
+@pytest.mark.parametrize("kind", ["gru", "lstm", "rnn", "lstm with projections"])
+def test_a_multilayer_bidirectional_rnn_runs_layer_by_layer_when_traced(kind, monkeypatch):
+    """Each layer of a 3-layer bidirectional RNN alone over padded rows: outputs and every
+    parameter's gradient equal the packed route's (so equal each row run alone)."""
+    torch.manual_seed(4)
+    make = {"gru": lambda: torch.nn.GRU(3, 4, num_layers=3, batch_first=True, bidirectional=True),
+            "lstm": lambda: torch.nn.LSTM(3, 4, num_layers=3, batch_first=True, bidirectional=True),
+            "rnn": lambda: torch.nn.RNN(3, 4, num_layers=3, batch_first=True, bidirectional=True, nonlinearity="relu"),
+            "lstm with projections": lambda: torch.nn.LSTM(3, 5, num_layers=3, batch_first=True, bidirectional=True,
+                                                           proj_size=2)}[kind]
+    rnn = make().double()
+    x, n = torch.randn(4, 7, 3, dtype=torch.float64), torch.tensor([7, 1, 0, 4])
+    want = padded_rnn(rnn, x, n)
+    w = torch.randn_like(want)
+    g_want = torch.autograd.grad((want * w).sum(), list(rnn.parameters()))
     _traced_route(monkeypatch)
-    with pytest.raises(NotImplementedError, match="num_layers=2"):
-        padded_rnn(rnn, torch.randn(2, 5, 3), torch.tensor([5, 3]))
+    got = padded_rnn(rnn, x, n)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad((got * w).sum(), list(rnn.parameters())), g_want):
+        torch.testing.assert_close(a, b)
+    assert bool((got[2] == 0).all()) and bool((got[1, 1:] == 0).all())
+
+
+def test_dropout_between_layers_applies_when_traced_in_training(monkeypatch):
+    rnn = torch.nn.GRU(3, 4, num_layers=2, batch_first=True, bidirectional=True, dropout=0.5).double()
+    x, n = torch.randn(2, 6, 3, dtype=torch.float64), torch.tensor([6, 3])
+    _traced_route(monkeypatch)
+    rnn.eval()
+    a, b = padded_rnn(rnn, x, n), padded_rnn(rnn, x, n)
+    torch.testing.assert_close(a, b)
+    rnn.train()
+    torch.manual_seed(0)
+    c = padded_rnn(rnn, x, n)
+    assert not torch.allclose(a, c)
 
 
 class _Encoder(torch.nn.Module):

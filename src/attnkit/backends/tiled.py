@@ -184,9 +184,10 @@ class TiledBackend:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
         if torch.compiler.is_compiling():
-            desc = describe(spec)
-            if desc is not None:
-                return torch.ops.attnkit.tiled_attention(q, k, v, desc)[0], None
+            described = describe(spec)
+            if described is not None:
+                desc, data = described
+                return torch.ops.attnkit.tiled_attention(q, k, v, data, desc)[0], None
         if self.chunked_linear(spec):
             # c·s / (c·Σs + eps) = s / (Σs + eps / c): the scale only moves eps
             out = linear_attention(q, k, v, feature_map=spec.score.feature_map, causal=spec.mask is not None,

@@ -49,9 +49,12 @@ class Tile:
             bias = mod.key_bias(grid[1], grid[3], self.q_ref(qs, grid), spec.Tq, spec.Tk).to(dtype)
             yield bias * self.inv_temp if self.inv_temp != 1.0 else bias
 
-    def scores(self, qp: Tensor, kp: Tensor, qs: int, ks: int, grid, raw: Tensor | None = None) -> Tensor:
+    def scores(self, qp: Tensor, kp: Tensor, qs: int, ks: int, grid, raw: Tensor | None = None,
+               slopes: list | None = None) -> Tensor:
         """The tile's scores after scale, score mods and temperature (from ``raw``, the score's
-        own tile, when the caller has it already)."""
+        own tile, when the caller has it already). With a list ``slopes``, each mod that is a
+        function of the score alone appends its derivative there (:meth:`ScoreMod.slope`): their
+        product is ``d s / d (scale · raw)`` up to the temperature, for a closed-form backward."""
         spec = self.spec
         s = spec.score.tile(qp, kp) if raw is None else raw
         if self.prescaled:
@@ -63,6 +66,8 @@ class Tile:
             s = s * c
         for mod in spec.score_mods:
             s = mod.score_mod(s, *grid, spec.Tq, spec.Tk)
+            if slopes is not None and mod.pointwise:
+                slopes.append(mod.slope(s))
         if self.inv_temp != 1.0:
             s = s * self.inv_temp
         return s

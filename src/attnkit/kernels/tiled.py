@@ -122,7 +122,10 @@ def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, p
     tile = Tile(spec, qp.device, plan.prescaled)
     kind = normalizer_kind(spec)
     sigmoid = kind == "sigmoid"
-    fast = spec.score.tile_is_dot and not params and all(m.additive for m in spec.score_mods)
+    # dot scores whose mods add a bias or are closed-form functions of the score (soft-capping):
+    # dS reaches q and k by two matmuls
+    pointwise = [m for m in spec.score_mods if not m.additive]
+    fast = spec.score.tile_is_dot and not params and all(m.pointwise for m in pointwise)
     # scores with a closed-form tile gradient (additive): no autograd graph per tile
     own = [p for p in spec.score.tile_parameters() if p.requires_grad]
     closed = (not fast and spec.score.has_tile_vjp and all(m.additive for m in spec.score_mods)
@@ -141,9 +144,10 @@ def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, p
             grid = tile.grid(qs, qe, r.start, r.stop)
             vj = expand(v[:, :, r.start:r.stop], G)
             allowed = tile.allowed(grid) if r.partial else None
+            slopes = [] if pointwise else None
             if fast:
                 kj = expand(kp[:, :, r.start:r.stop], G)
-                s = tile.scores(qi, kj, qs, r.start, grid)
+                s = tile.scores(qi, kj, qs, r.start, grid, slopes=slopes)
             elif closed:
                 raw, vjp = spec.score.tile_vjp(qi, expand(kp[:, :, r.start:r.stop], G))
                 s = tile.scores(qi, None, qs, r.start, grid, raw=raw)
@@ -172,6 +176,8 @@ def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, p
             if fast:
                 if c != 1.0:
                     ds = ds.mul_(c)
+                for slope in slopes or ():
+                    ds = ds.mul_(slope)
                 dq[:, :, qs:qe] += ds @ kj
                 dk[:, :, r.start:r.stop] += reduce_groups(ds.transpose(-2, -1) @ qi, G)
             elif closed:

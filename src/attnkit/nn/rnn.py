@@ -11,8 +11,9 @@ the same result is computed from plain calls on padded tensors:
 
 Both give the outputs of the packed run at the real positions and zeros elsewhere (tested against
 each other in ``tests/nn/test_rnn.py``). The second route costs a second RNN call for a
-bidirectional RNN. Multi-layer bidirectional RNNs cannot be split this way (a second layer reads
-both directions of the first) and raise an error inside ``torch.compile``.
+bidirectional RNN. A multi-layer bidirectional RNN runs one layer at a time this way (a second
+layer reads both directions of the first), each layer with the module's own weights for that
+layer, and torch's dropout between layers.
 
 Tracing any ``nn.RNN``/``nn.GRU``/``nn.LSTM`` also needs torch's own switch
 ``torch._dynamo.config.allow_rnn = True``; without it Dynamo breaks the graph at each of them.
@@ -38,6 +39,29 @@ def _right_aligned(x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     return moved * (t >= shift)[:, :, None].to(x.dtype), shift
 
 
+def _width(rnn: nn.RNNBase) -> int:
+    """Features per direction of the RNN's outputs (an LSTM's projection size when it has one)."""
+    return getattr(rnn, "proj_size", 0) or rnn.hidden_size
+
+
+def _layer(rnn: nn.RNNBase, i: int):
+    """``x -> outputs`` of layer ``i`` alone of a bidirectional batch-first ``rnn``, from zero
+    states, with that layer's weights (the same parameters: gradients reach the module)."""
+    per_layer = len(rnn._flat_weights) // rnn.num_layers
+    weights = rnn._flat_weights[i * per_layer:(i + 1) * per_layer]
+    out = _width(rnn)
+    fn = {"GRU": torch._VF.gru, "LSTM": torch._VF.lstm, "RNN_TANH": torch._VF.rnn_tanh,
+          "RNN_RELU": torch._VF.rnn_relu}[rnn.mode]
+
+    def run(x: Tensor) -> Tensor:
+        h = x.new_zeros(2, x.shape[0], out)
+        if rnn.mode == "LSTM":
+            h = (h, x.new_zeros(2, x.shape[0], rnn.hidden_size))
+        return fn(x, h, weights, rnn.bias, 1, 0.0, rnn.training, True, True)[0]
+
+    return run
+
+
 def padded_rnn(rnn: nn.RNNBase, x: Tensor, lengths: Tensor, total_length: int | None = None) -> Tensor:
     """Outputs ``(N, T, D * hidden)`` of a batch-first RNN over the first ``lengths[n]`` positions of
     each row of ``x (N, T, F)`` (real positions first, padding after); zeros past each length.
@@ -60,23 +84,24 @@ def padded_rnn(rnn: nn.RNNBase, x: Tensor, lengths: Tensor, total_length: int | 
     if not rnn.batch_first:
         raise ValueError("padded_rnn needs a batch_first RNN; got batch_first=False")
     N, T, _ = x.shape
-    hidden = rnn.hidden_size
-    out_dim = hidden * (2 if rnn.bidirectional else 1)
+    out_dim = _width(rnn) * (2 if rnn.bidirectional else 1)
     lengths = lengths.to(device=x.device, dtype=torch.long)
     if torch.compiler.is_compiling():
-        if rnn.bidirectional and rnn.num_layers > 1:
-            raise NotImplementedError(
-                f"inside torch.compile a bidirectional RNN over padded rows runs one layer at a time; this one "
-                f"has num_layers={rnn.num_layers} (use one RNN module per layer, or run it eagerly)")
         keep = (torch.arange(T, device=x.device)[None, :] < lengths[:, None])[:, :, None]
-        y = rnn(x)[0]
-        if rnn.bidirectional:
-            xr, shift = _right_aligned(x, lengths)
-            back = rnn(xr)[0][..., hidden:]
-            idx = (torch.arange(T, device=x.device)[None, :] + shift).clamp(max=T - 1)
-            back = back.gather(1, idx[:, :, None].expand(N, T, hidden))
-            y = torch.cat([y[..., :hidden], back], -1)
-        return y * keep.to(y.dtype)
+        if not rnn.bidirectional:
+            return rnn(x)[0] * keep.to(x.dtype)
+        shift = T - lengths[:, None]
+        idx = (torch.arange(T, device=x.device)[None, :] + shift).clamp(max=T - 1)
+        layers = [lambda x: rnn(x)[0]] if rnn.num_layers == 1 else [_layer(rnn, i) for i in range(rnn.num_layers)]
+        y = x
+        for i, run in enumerate(layers):
+            if i:  # torch's dropout between layers
+                y = nn.functional.dropout(y, rnn.dropout, rnn.training)
+            fwd = run(y)
+            half = fwd.shape[-1] // 2
+            back = run(_right_aligned(y, lengths)[0])[..., half:].gather(1, idx[:, :, None].expand(N, T, half))
+            y = torch.cat([fwd[..., :half], back], -1) * keep.to(x.dtype)
+        return y
     total = T if total_length is None else int(total_length)
     live = (lengths > 0).nonzero().squeeze(-1)
     if live.numel() == 0:
@@ -129,7 +154,7 @@ def run_rnn(rnn: nn.RNNBase, x: Tensor, keep: Tensor) -> Tensor:
         (torch.Size([2, 3, 8]), True, True)
     """
     N, T, feat = x.shape
-    out_dim = rnn.hidden_size * (2 if rnn.bidirectional else 1)
+    out_dim = _width(rnn) * (2 if rnn.bidirectional else 1)
     order = torch.argsort((~keep).to(torch.int32), dim=-1, stable=True)  # real positions first, in order
     compact = x.gather(1, order.unsqueeze(-1).expand(N, T, feat))
     y = padded_rnn(rnn, compact, keep.sum(-1))

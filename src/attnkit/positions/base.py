@@ -29,10 +29,18 @@ class ScoreMod:
     """
 
     additive: bool = False
+    #: ``score_mod(s, ...) == f(s)`` with ``f'`` in closed form (:meth:`slope`)
+    pointwise: bool = False
 
     def score_mod(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor,
                   num_queries: int, num_keys: int) -> Tensor:
         raise NotImplementedError
+
+    def slope(self, out: Tensor) -> Tensor | None:
+        """For a mod that is a function of the score alone, ``out = f(score)``: the derivative
+        ``f'(score)`` written from ``out``, so a tiled backward chains it in closed form (no
+        autograd per tile). Mods that declare ``pointwise = True`` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} is not a pointwise score mod")
 
     def check(self, batch: int, heads: int, num_queries: int, num_keys: int) -> None:
         """Raise ``ValueError`` when the mod cannot apply to inputs of these sizes."""
@@ -242,11 +250,18 @@ class SoftCap(ScoreMod):
         2.0
     """
 
+    pointwise = True
+
     def __init__(self, cap: float):
         self.cap = float(check_positive("cap", cap))
 
     def score_mod(self, score, b, h, q_idx, kv_idx, num_queries, num_keys):
         return self.cap * torch.tanh(score / self.cap)
+
+    def slope(self, out: Tensor) -> Tensor:
+        """``d out / d score = 1 - tanh² = 1 - (out / cap)²``."""
+        t = out / self.cap
+        return 1.0 - t * t
 
 
 def softcap(cap: float) -> SoftCap:
