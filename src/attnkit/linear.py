@@ -226,6 +226,10 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: FeatureMap
     keep = _keep_mask(key_padding, q.shape[0], k.shape[2], q.device)
     cdt = _compute_dtype(q.dtype)
     qc, kc, vc = q.to(cdt), _zero_padded(k.to(cdt), keep), _zero_padded(v.to(cdt), keep)
+    if torch.compiler.is_compiling():
+        # torch 2.13's meta elu_backward keeps the strides of a transposed input where the kernel
+        # returns them contiguous, so a traced backward's view fails at run time: feed it contiguous
+        qc, kc = qc.contiguous(), kc.contiguous()
     out = _linear_core(phi(qc), phi(kc), vc, causal=causal, keep=keep, eps=eps, chunk=chunk)
     return out.to(q.dtype)
 

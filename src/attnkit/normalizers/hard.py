@@ -298,7 +298,7 @@ class StochasticHard(Normalizer):
         weights = torch.zeros(s.shape, dtype=scores.dtype, device=s.device)
         if s.shape[-1]:
             weights = weights.scatter(-1, index.clamp_min(0).unsqueeze(-1), 1.0).masked_fill(dead, 0.0)
-        if bool(poison.any()):
+        if torch.compiler.is_compiling() or bool(poison.any()):  # (traced: branch-free)
             p1 = poison.squeeze(-1)
             index = index.masked_fill(p1, -1)
             log_prob, entropy = log_prob.masked_fill(p1, _NAN), entropy.masked_fill(p1, _NAN)
