@@ -96,7 +96,7 @@ def save_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module, con
     ``trainer_state`` may nest dicts (any JSON-like keys), lists and tuples of tensors, NumPy arrays,
     numbers, strings, bools and None: optimizer and scheduler state dicts, :func:`attnkit.training.rng_state`.
     It loads back equal, with the same types. A save without it leaves a checkpoint that cannot
-    be resumed.
+    be resumed. Under ``torch.distributed`` only rank 0 writes; on the other ranks this does nothing.
 
     Raises:
         TypeError: ``config`` is not JSON-serializable or ``trainer_state`` holds another type;
@@ -104,6 +104,9 @@ def save_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module, con
     """
     from safetensors.torch import save
 
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return  # under torch.distributed rank 0 alone writes (every rank holds the same model)
     try:
         text = json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False)
     except (TypeError, ValueError) as e:

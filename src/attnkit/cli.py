@@ -15,6 +15,7 @@ when they are read, before anything is written, so a failing run leaves ``--out`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -192,6 +193,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if targs.out is None:
         targs.out = f"attnkit-{args.task}"
     _prepare(targs)
+    from .distributed import data_parallel as dp
+
+    if dp.init_from_env(targs.device):  # under torchrun: rank 0 alone prints and writes
+        try:
+            if not dp.is_main():
+                with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                    task.train(targs)
+                return 0
+            return _train_and_report(task, targs)
+        finally:
+            dp.dist.destroy_process_group()
+    return _train_and_report(task, targs)
+
+
+def _train_and_report(task, targs: argparse.Namespace) -> int:
     out = Path(targs.out)
     before = _files(out)
     result = task.train(targs)

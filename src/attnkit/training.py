@@ -75,19 +75,33 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Calla
         max_seconds: float | None = None, grad_clip: float | None = None,
         scheduler: Any = None, evaluate: Callable[[int], dict[str, float]] | None = None,
         on_epoch_end: Callable[[int, History], None] | None = None, progress: bool = True,
-        desc: str = "train", log: Callable[[str], None] | None = print) -> History:
+        desc: str = "train", log: Callable[[str], None] | None = print,
+        data_parallel: bool | None = None) -> History:
     """Train ``model`` for ``epochs`` epochs (or until ``max_seconds`` of wall time have passed).
+
+    Under ``torch.distributed`` (``torchrun``; :mod:`attnkit.distributed.data_parallel`) every rank
+    runs ``fit`` with the same ``batches``: each global batch is split over the ranks by rows, the
+    ranks' gradients are summed after the backward (each rank's loss weighted by its share of the
+    batch), so R ranks train as one process on the same global batch; rank 0 alone logs, shows
+    progress and evaluates (its metrics reach every rank's ``on_epoch_end``).
 
     Args:
         batches: ``batches(epoch)`` yields the epoch's batches (shuffle inside it, seeded by epoch).
-        step: ``step(batch) -> loss`` (a scalar tensor); ``fit`` does backward, clipping and the update.
+        step: ``step(batch) -> loss`` (a scalar tensor, the batch's mean loss), or ``(loss, count)``
+            where ``count`` is what the mean runs over (e.g. non-padding tokens) when that is not the
+            batch's rows; ``fit`` does backward, clipping and the update.
         scheduler: stepped after every optimizer step (per-step schedules such as warmup).
         evaluate: ``evaluate(epoch) -> metrics`` after each epoch (model in eval mode, no grad).
         on_epoch_end: called after evaluation, e.g. to save a checkpoint.
         progress: show a tqdm bar (disabled automatically when stderr is not a terminal).
+        data_parallel: split the batches over the ranks of the initialized process group (default:
+            when one of more than one rank is initialized); False trains this process alone.
     """
     from tqdm.auto import tqdm
 
+    ranks = _Ranks.start(model, data_parallel)
+    if not ranks.main:
+        progress, log = False, None
     hist = History()
     start = time.perf_counter()
     for epoch in range(start_epoch, epochs):
@@ -98,22 +112,31 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Calla
         bar = tqdm(items, total=n, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress or None,
                    leave=False, dynamic_ncols=True)
         for batch in bar:
-            loss = step(batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {hist.steps}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if ranks.parallel:
+                value, out_of_time = ranks.step(model, step, batch, max_seconds is not None
+                                                and time.perf_counter() - start > max_seconds)
+                if value is None:
+                    raise FloatingPointError(f"loss became non-finite on a rank at epoch {epoch + 1}, step {hist.steps}")
+            else:
+                loss = step(batch)
+                loss = loss[0] if isinstance(loss, tuple) else loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {hist.steps}")
+                loss.backward()
+                value = loss.item()
+                out_of_time = max_seconds is not None and time.perf_counter() - start > max_seconds
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             hist.steps += 1
-            total += loss.item()
+            total += value
             count += 1
             if count % 10 == 0:
                 bar.set_postfix(loss=f"{total / count:.4f}")
-            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            if out_of_time:
                 hist.stopped = "time"
                 break
         bar.close()
@@ -124,11 +147,11 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Calla
                                  f"({hist.steps} step{'' if hist.steps == 1 else 's'} in all)")
         hist.losses.append(total / max(count, 1))
         metrics: dict[str, float] = {}
-        if evaluate is not None:
+        if evaluate is not None and ranks.main:
             model.eval()
             with torch.no_grad():
                 metrics = evaluate(epoch)
-        hist.metrics.append(metrics)
+        hist.metrics.append(ranks.from_main(metrics))
         hist.seconds = time.perf_counter() - start
         if log is not None:
             shown = "  ".join(f"{metric_name(k)} {format_value(k, v)}" for k, v in metrics.items())
@@ -141,6 +164,60 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Calla
             break
     hist.seconds = time.perf_counter() - start
     return hist
+
+
+class _Ranks:
+    """The process group :func:`fit` trains over (one process: nothing to do)."""
+
+    def __init__(self, dp=None):
+        self.dp = dp
+        self.parallel = dp is not None
+        self.rank = dp.dist.get_rank() if dp is not None else 0
+        self.world = dp.dist.get_world_size() if dp is not None else 1
+        self.main = self.rank == 0
+
+    @classmethod
+    def start(cls, model: torch.nn.Module, wanted: bool | None) -> "_Ranks":
+        dist = torch.distributed
+        group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if wanted and not group:
+            raise RuntimeError("fit(data_parallel=True) needs an initialized process group of more than one rank "
+                               "(torchrun, or torch.distributed.init_process_group)")
+        if not group or wanted is False:
+            return cls()
+        from .distributed import data_parallel as dp
+
+        dp.broadcast_parameters(model)
+        return cls(dp)
+
+    def step(self, model: torch.nn.Module, step: Callable, batch: Batch, out_of_time: bool
+             ) -> tuple[Optional[float], bool]:
+        """This rank's share of ``batch``: its loss weighted by its share of the global count, the
+        backward, the gradients summed over ranks. Returns the global batch's mean loss (None if
+        a rank's loss was not finite) and whether rank 0 ran out of time."""
+        part, rows = self.dp.split_batch(batch, self.rank, self.world)
+        loss, n = None, 0.0
+        if rows:
+            out = step(part)
+            loss, n = (out[0], float(out[1])) if isinstance(out, tuple) else (out, float(rows))
+        bad = 0.0 if loss is None or bool(torch.isfinite(loss)) else 1.0
+        total, bad = self.dp.all_sum([n, bad])
+        if bad:
+            return None, out_of_time
+        weighted = 0.0
+        if loss is not None and n:
+            (loss * (n / total)).backward()
+            weighted = loss.item() * n / total
+        self.dp.sum_gradients(model.parameters())
+        value, late = self.dp.all_sum([weighted, float(out_of_time and self.main)])
+        return value, late > 0
+
+    def from_main(self, metrics: dict[str, float]) -> dict[str, float]:
+        if not self.parallel:
+            return metrics
+        box = [metrics]
+        self.dp.dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 #: metric names (or their endings) whose values are fractions, printed as percentages

@@ -414,3 +414,80 @@ def _bad_args(rank, world):
     # after all of that the group still works
     out = ring_attention(q + 1, q + 1, q + 1, layout="zigzag")
     assert torch.equal(out, torch.ones_like(out))
+
+
+# -- data parallelism: attnkit.training.fit over the group -------------------------------------------
+def _fit_run(parallel: bool, steps: int = 50, sizes=(7, 16, 1, 12), by_tokens: bool = True, bad_rank=None,
+             max_seconds=None):
+    """A small float64 model trained by ``fit`` for ``steps`` steps on global batches whose sizes
+    cycle through ``sizes`` (one smaller than some worlds: a rank gets no rows); the loss is a mean
+    over 'tokens' (a row's count varies) when ``by_tokens``. Returns (losses per step, parameters)."""
+    from attnkit.training import fit
+
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    if parallel:  # rank 0's weights reach every rank
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(dist.get_rank())
+    g = torch.Generator().manual_seed(3)
+    data = []
+    for i in range(steps):
+        B = sizes[i % len(sizes)]
+        x, y = torch.randn(B, 5, generator=g, dtype=torch.float64), torch.randn(B, 3, generator=g, dtype=torch.float64)
+        tokens = torch.randint(1, 4, (B,), generator=g)  # each row's weight in the mean
+        data.append((x, y, tokens))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+
+    def step(batch):
+        x, y, tokens = batch
+        per_row = ((model(x) - y) ** 2).mean(-1)
+        if bad_rank is not None and parallel and dist.get_rank() == bad_rank and len(losses) == 3:
+            per_row = per_row * float("nan")
+        if by_tokens:
+            return (per_row * tokens).sum() / tokens.sum(), tokens.sum()
+        return per_row.mean()
+
+    def remember(epoch, hist):
+        losses.append(hist.losses[-1])
+
+    hist = fit(model, opt, lambda e: data[e:e + 1], step, epochs=steps, progress=False, log=None,
+               on_epoch_end=remember, grad_clip=1.0, max_seconds=max_seconds, data_parallel=parallel)
+    return losses, [p.detach().clone() for p in model.parameters()], hist
+
+
+@case("ddp[fit_equals_one_process]", worlds=(2, 3, 4))
+def _ddp_fit(rank, world):
+    for by_tokens in (True, False):
+        got, params, _ = _fit_run(True, by_tokens=by_tokens)
+        want, want_params, _ = _fit_run(False, by_tokens=by_tokens)
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-12, atol=1e-12)
+        for a, b in zip(params, want_params):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        gathered = [torch.zeros_like(params[0]) for _ in range(world)]
+        dist.all_gather(gathered, params[0])
+        assert all(torch.equal(t, gathered[0]) for t in gathered)  # every rank holds the same model
+
+
+@case("ddp[nonfinite_on_one_rank]")
+def _ddp_nan(rank, world):
+    with _raises(FloatingPointError, "non-finite"):
+        _fit_run(True, steps=6, bad_rank=world - 1)
+
+
+@case("ddp[unsplittable_batch]")
+def _ddp_unsplittable(rank, world):
+    from attnkit.training import fit
+
+    model = torch.nn.Linear(2, 1)
+    batch = (torch.zeros(4, 2), torch.zeros(3))
+    with _raises(ValueError, "cannot split", "[3, 4]"):
+        fit(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda e: [batch],
+            lambda b: model(b[0]).sum(), epochs=1, progress=False, log=None)
+
+
+@case("ddp[time_limit_stops_every_rank]")
+def _ddp_time(rank, world):
+    _, _, hist = _fit_run(True, steps=50, max_seconds=1e-9)
+    assert hist.stopped == "time" and hist.steps == 1, (hist.stopped, hist.steps)

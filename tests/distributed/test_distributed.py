@@ -44,6 +44,11 @@ def test_bad_use_raises_on_every_rank(world, name):
     check(world, name)
 
 
+@pytest.mark.parametrize("world,name", _params("ddp["))
+def test_data_parallel_fit(world, name):
+    check(world, name)
+
+
 # -- without a process group (this pytest process never initializes one) --------------------------
 @pytest.mark.skipif(dist.is_available() and dist.is_initialized(), reason="a process group is initialized here")
 @pytest.mark.parametrize("call", [

@@ -225,10 +225,11 @@ def run_training(task: Task, args: argparse.Namespace, *, epochs_default: int,
     valid_limit = getattr(args, "valid_limit", None)
     valid = splits["valid"][:valid_limit] if valid_limit else splits["valid"]
 
-    def step(batch: tuple[Tensor, ...]) -> Tensor:
+    def step(batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         src, lengths, tgt_in, tgt_out = (t.to(device) for t in batch)
         logits = model(src, lengths, tgt_in)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=Vocab.pad_id)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=Vocab.pad_id)
+        return loss, (tgt_out != Vocab.pad_id).sum()  # the mean runs over the target tokens
 
     def evaluate(epoch: int) -> dict[str, float]:
         preds, _ = decode(model, [e.source for e in valid], src_vocab, tgt_vocab, max_len=train_cfg["max_len"],

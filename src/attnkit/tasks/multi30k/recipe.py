@@ -252,12 +252,13 @@ def run_training(task: Task, args: argparse.Namespace) -> TrainResult:
     def batches(epoch: int):
         return token_batches(src_lens, tgt_lens, args.batch_tokens, shuffle=True, seed=seed * 1000 + epoch)
 
-    def step(idx: list[int]) -> Tensor:
+    def step(idx: list[int]) -> tuple[Tensor, Tensor]:
         b = make_batch(train, idx, device)
         tgt = b["tgt"]
         logits = forward(model, b["src"], b["src_lengths"], tgt[:, :-1])
-        return label_smoothed_cross_entropy(logits, tgt[:, 1:], label_smoothing=args.label_smoothing,
+        loss = label_smoothed_cross_entropy(logits, tgt[:, 1:], label_smoothing=args.label_smoothing,
                                             ignore_index=pad)
+        return loss, (tgt[:, 1:] != pad).sum()  # the mean runs over the target tokens
 
     def evaluate(epoch: int) -> dict[str, float]:
         total, count = 0.0, 0
