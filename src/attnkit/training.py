@@ -76,7 +76,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Calla
         scheduler: Any = None, evaluate: Callable[[int], dict[str, float]] | None = None,
         on_epoch_end: Callable[[int, History], None] | None = None, progress: bool = True,
         desc: str = "train", log: Callable[[str], None] | None = print,
-        data_parallel: bool | None = None) -> History:
+        data_parallel: bool | None = None, split: str = "rows") -> History:
     """Train ``model`` for ``epochs`` epochs (or until ``max_seconds`` of wall time have passed).
 
     Under ``torch.distributed`` (``torchrun``; :mod:`attnkit.distributed.data_parallel`) every rank
@@ -96,10 +96,16 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Calla
         progress: show a tqdm bar (disabled automatically when stderr is not a terminal).
         data_parallel: split the batches over the ranks of the initialized process group (default:
             when one of more than one rank is initialized); False trains this process alone.
+        split: with several ranks, ``"rows"`` (default) hands each rank its rows of every batch;
+            ``"none"`` hands every rank the whole batch, its ``step`` taking its own part (e.g. a
+            shard of each sequence for context parallelism) and returning ``(loss, count)``.
     """
     from tqdm.auto import tqdm
 
+    if split not in ("rows", "none"):
+        raise ValueError(f"split must be 'rows' or 'none'; got {split!r}")
     ranks = _Ranks.start(model, data_parallel)
+    ranks.split = split
     if not ranks.main:
         progress, log = False, None
     hist = History()
@@ -158,6 +164,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Calla
             log(f"epoch {epoch + 1}/{epochs}  loss {hist.losses[-1]:.4f}  {shown}  ({hist.seconds:.0f}s)".rstrip())
         if on_epoch_end is not None:
             on_epoch_end(epoch, hist)
+        ranks.barrier()  # rank 0's checkpoint of this epoch is written before any rank goes on
         if hist.stopped == "time":
             if log is not None:
                 log(hist.stop_message)
@@ -171,6 +178,7 @@ class _Ranks:
 
     def __init__(self, dp=None):
         self.dp = dp
+        self.split = "rows"
         self.parallel = dp is not None
         self.rank = dp.dist.get_rank() if dp is not None else 0
         self.world = dp.dist.get_world_size() if dp is not None else 1
@@ -195,7 +203,7 @@ class _Ranks:
         """This rank's share of ``batch``: its loss weighted by its share of the global count, the
         backward, the gradients summed over ranks. Returns the global batch's mean loss (None if
         a rank's loss was not finite) and whether rank 0 ran out of time."""
-        part, rows = self.dp.split_batch(batch, self.rank, self.world)
+        part, rows = self.dp.split_batch(batch, self.rank, self.world) if self.split == "rows" else (batch, 1)
         loss, n = None, 0.0
         if rows:
             out = step(part)
@@ -205,12 +213,16 @@ class _Ranks:
         if bad:
             return None, out_of_time
         weighted = 0.0
-        if loss is not None and n:
+        if loss is not None:  # (also with n = 0: a step whose backward communicates needs every rank)
             (loss * (n / total)).backward()
             weighted = loss.item() * n / total
         self.dp.sum_gradients(model.parameters())
         value, late = self.dp.all_sum([weighted, float(out_of_time and self.main)])
         return value, late > 0
+
+    def barrier(self) -> None:
+        if self.parallel:
+            self.dp.dist.barrier()
 
     def from_main(self, metrics: dict[str, float]) -> dict[str, float]:
         if not self.parallel:

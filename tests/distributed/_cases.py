@@ -491,3 +491,95 @@ def _ddp_unsplittable(rank, world):
 def _ddp_time(rank, world):
     _, _, hist = _fit_run(True, steps=50, max_seconds=1e-9)
     assert hist.stopped == "time" and hist.steps == 1, (hist.stopped, hist.steps)
+
+
+# -- attnkit.nn.MultiheadAttention(context_parallel=group): shards in, shards out ---------------------
+def _cp_mha_case(layout, *, cross=False, rope=False, batch_first=True, Hkv=None, bias=True, padding=True,
+                 causal=True):
+    def run(rank, world):
+        E, H, B = 16, 4, 2
+        n, nk = 4, (6 if cross else 4)
+        N, Nk = world * n, world * nk
+        kw = dict(batch_first=batch_first, num_kv_heads=Hkv, rope=rope, dtype=torch.float64,
+                  score_mod=[positions.ALiBi(H)] if bias else None)
+        torch.manual_seed(11)
+        single = attnkit.nn.MultiheadAttention(E, H, **kw)
+        split = attnkit.nn.MultiheadAttention(E, H, context_parallel=True, cp_layout=layout, **kw)
+        split.load_state_dict(single.state_dict())
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(B, N, E, generator=g, dtype=torch.float64)
+        mem = torch.randn(B, Nk, E, generator=g, dtype=torch.float64) if cross else x
+        pad = (torch.arange(Nk)[None, :] >= torch.tensor([[Nk], [Nk - 3]])) if padding else None
+        dout = torch.randn(B, N, E, generator=g, dtype=torch.float64)
+        call = dict(need_weights=False, is_causal=causal and not cross, attn_mask=masks.sliding_window(5, 5))
+
+        def t(a):  # (B, T, E) -> the module's layout
+            return a if batch_first else a.transpose(0, 1)
+
+        xs = x.clone().requires_grad_()
+        ms = mem.clone().requires_grad_() if cross else xs
+        want = t(single(t(xs), t(ms), t(ms), key_padding_mask=pad, **call)[0])
+        (want * dout).sum().backward()
+        xl = shard(x, layout, dim=1).requires_grad_()
+        ml = shard(mem, layout, dim=1).requires_grad_() if cross else xl
+        got = t(split(t(xl), t(ml), t(ml), key_padding_mask=None if pad is None else shard(pad, layout, dim=1),
+                      **call)[0])
+        (got * shard(dout, layout, dim=1)).sum().backward()
+        _close(got, shard(want.detach(), layout, dim=1), "out")
+        _close(xl.grad, shard(xs.grad, layout, dim=1), "x grad")
+        if cross:
+            _close(ml.grad, shard(ms.grad, layout, dim=1), "memory grad")
+        for (name, a), b in zip(split.named_parameters(), single.parameters()):
+            summed = a.grad.clone()
+            dist.all_reduce(summed)  # each rank holds its share of a parameter's gradient
+            _close(summed, b.grad, f"{name} grad")
+    return run
+
+
+for _layout in LAYOUTS:
+    for _name, _kw in {"causal_padding_alibi": {}, "rope_gqa": dict(rope=True, Hkv=2, bias=False),
+                       "cross_attention": dict(cross=True), "seq_first": dict(batch_first=False)}.items():
+        case(f"cp[mha-{_name}-{_layout}]")(_cp_mha_case(_layout, **_kw))
+
+
+@case("cp[mha_refusals]", worlds=(2,))
+def _cp_mha_refusals(rank, world):
+    m = attnkit.nn.MultiheadAttention(8, 2, batch_first=True, context_parallel=True)
+    x = torch.zeros(1, 4, 8)
+    with _raises(ValueError, "need_weights=False"):
+        m(x)
+    with _raises(ValueError, "tensor attn_mask"):
+        m(x, need_weights=False, attn_mask=torch.ones(8, 8, dtype=torch.bool))
+    with _raises(ValueError, "cache"):
+        m(x, need_weights=False, cache=attnkit.nn.KVCache())
+
+
+def _cp_transformer_case(layout, positions):
+    def run(rank, world):
+        B, S, T = 2, 4 * world, 2 * world
+        torch.manual_seed(3)
+        kw = dict(d_model=16, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=24,
+                  dropout=0.0, positions=positions, max_len=64)
+        single = attnkit.models.Transformer(30, 40, **kw).double()
+        split = attnkit.models.Transformer(30, 40, **kw, context_parallel=True, cp_layout=layout).double()
+        split.load_state_dict(single.state_dict())
+        g = torch.Generator().manual_seed(9)
+        src, tgt = torch.randint(3, 30, (B, S), generator=g), torch.randint(3, 40, (B, T), generator=g)
+        pad = torch.arange(S)[None, :] >= torch.tensor([[S], [S - 3]])
+        src = src.masked_fill(pad, 0)
+        want = single(src, pad, tgt)
+        dout = torch.randn(want.shape, generator=g, dtype=torch.float64)
+        (want * dout).sum().backward()
+        got = split(shard(src, layout, dim=1), shard(pad, layout, dim=1), shard(tgt, layout, dim=1))
+        (got * shard(dout, layout, dim=1)).sum().backward()
+        _close(got, shard(want.detach(), layout, dim=1), "logits")
+        for (name, a), b in zip(split.named_parameters(), single.parameters()):
+            summed = a.grad.clone()
+            dist.all_reduce(summed)
+            _close(summed, b.grad, f"{name} grad")
+    return run
+
+
+for _layout in LAYOUTS:
+    for _positions in ("sinusoidal", "learned", "rope"):
+        case(f"cp[transformer-{_positions}-{_layout}]")(_cp_transformer_case(_layout, _positions))

@@ -44,6 +44,11 @@ def test_bad_use_raises_on_every_rank(world, name):
     check(world, name)
 
 
+@pytest.mark.parametrize("world,name", _params("cp["))
+def test_multihead_attention_with_a_process_group(world, name):
+    check(world, name)
+
+
 @pytest.mark.parametrize("world,name", _params("ddp["))
 def test_data_parallel_fit(world, name):
     check(world, name)

@@ -223,8 +223,11 @@ class Transformer(nn.Module):
             or target, and a cap on generated lengths); stored but unused by the other positions.
         activation: ``"relu"`` (the paper) or ``"gelu"``.
         pad_id, bos_id, eos_id: special token ids.
+        context_parallel: a ``torch.distributed`` process group (``True``: the default one) over
+            which the source and target sequences are split (see :meth:`set_context_parallel`).
+        cp_layout: the split's layout, ``"zigzag"`` (default) or ``"contiguous"``.
 
-    ``self.config`` holds these arguments, so ``attnkit.models.get("Transformer")(**model.config)``
+    ``self.config`` holds these arguments (not the process group), so ``attnkit.models.get("Transformer")(**model.config)``
     rebuilds the model.
 
     Shapes: ``forward(src (B, S), src_key_padding_mask (B, S) bool True = padding or None (then
@@ -247,7 +250,8 @@ class Transformer(nn.Module):
                  num_encoder_layers: int = 6, num_decoder_layers: int = 6, dim_feedforward: int = 2048,
                  dropout: float = 0.1, *, norm_first: bool = True, tie_embeddings: str = "decoder",
                  positions: str = "sinusoidal", num_kv_heads: Optional[int] = None, max_len: int = 1024,
-                 activation: str = "relu", pad_id: int = 0, bos_id: int = 1, eos_id: int = 2):
+                 activation: str = "relu", pad_id: int = 0, bos_id: int = 1, eos_id: int = 2,
+                 context_parallel=None, cp_layout: str = "zigzag"):
         super().__init__()
         for name, v in (("src_vocab", src_vocab), ("tgt_vocab", tgt_vocab), ("d_model", d_model),
                         ("num_heads", num_heads), ("num_encoder_layers", num_encoder_layers),
@@ -301,6 +305,9 @@ class Transformer(nn.Module):
         self.decoder_norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
         self.drop = nn.Dropout(dropout)
         self._tie()
+        self.context_parallel, self.cp_layout = None, cp_layout
+        if context_parallel is not None and context_parallel is not False:
+            self.set_context_parallel(context_parallel, cp_layout)
 
     # -- tying -------------------------------------------------------------------------------
     def tied_names(self) -> list[tuple[str, str]]:
@@ -342,9 +349,41 @@ class Transformer(nn.Module):
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
             raise ValueError(f"{name} ids must lie in [0, {vocab}); got min {int(x.min())}, max {int(x.max())}")
 
+    def set_context_parallel(self, group=True, layout: str = "zigzag") -> "Transformer":
+        """Split every sequence over the ranks of ``group`` (``True``: the default process group;
+        ``None``: stop splitting): each rank then passes its shard of ``src``, of the padding mask
+        and of ``tgt_in`` in ``layout`` (:func:`attnkit.distributed.shard`, along dim 1) and gets
+        its shard of the logits, equal to the whole sequence's (every attention runs as
+        :func:`attnkit.distributed.ring_attention`; positions are the shard's global ones). For
+        training (``forward``): attention dropout must be 0 (``dropout=0``, or evaluation mode),
+        and decoding runs on one process. Returns the model.
+
+        Example (on every rank of an initialized group)::
+
+            model.set_context_parallel(True)
+            logits = model(shard(src, "zigzag", dim=1), shard(pad, "zigzag", dim=1), shard(tgt_in, "zigzag", dim=1))
+        """
+        from ..distributed.layout import check_layout
+
+        layout = check_layout(layout, "set_context_parallel")
+        self.context_parallel, self.cp_layout = (None if group is False else group), layout
+        for m in self.modules():
+            if isinstance(m, MultiheadAttention):
+                m.context_parallel, m.cp_layout = self.context_parallel, layout
+        return self
+
     def _embed(self, emb: nn.Embedding, pos: Optional[nn.Module], tokens: Tensor, offset: int = 0) -> Tensor:
         x = emb(tokens) * math.sqrt(self.d_model)
-        if pos is not None:
+        if pos is not None and self.context_parallel is not None:
+            import torch.distributed as dist
+
+            from ..distributed import shard_positions
+
+            group = None if self.context_parallel is True else self.context_parallel
+            world = dist.get_world_size(group)
+            x = pos(x, positions=shard_positions(self.cp_layout, tokens.shape[1] * world, dist.get_rank(group), world,
+                                                 device=tokens.device))
+        elif pos is not None:
             x = pos(x, offset=offset)
         return self.drop(x)
 

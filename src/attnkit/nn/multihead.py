@@ -100,6 +100,15 @@ class MultiheadAttention(nn.Module):
             ``offset ..`` with ``offset`` = the cache length (0 without a cache); cached keys are
             stored rotated.
         backend: ``"auto"`` (default) or a backend name, passed to :func:`attnkit.attention`.
+        context_parallel: a ``torch.distributed`` process group (``True``: the default group) over
+            which every sequence is split: each rank passes its shard of the query, key and value
+            sequences (and of ``key_padding_mask``) in the ``cp_layout`` of
+            :mod:`attnkit.distributed` and gets its shard of the output, equal to the module's
+            output on the whole sequence (:func:`attnkit.distributed.ring_attention`; masks, score
+            mods and rotary positions at global positions). Not with a cache, ``need_weights=True``,
+            attention dropout in training, a tensor ``attn_mask``, ``add_bias_kv`` or
+            ``add_zero_attn``.
+        cp_layout: ``"zigzag"`` (default; balances causal work) or ``"contiguous"``.
 
     Forward:
         ``forward(query, key=None, value=None, key_padding_mask=None, need_weights=True,
@@ -158,7 +167,8 @@ class MultiheadAttention(nn.Module):
                  num_kv_heads: Optional[int] = None, score: Union[str, _scores.Score] = "scaled_dot",
                  normalizer: Union[str, _normalizers.Normalizer] = "softmax",
                  score_mod: Union[None, ScoreMod, Sequence] = None, mask: Optional[Mask] = None,
-                 rope: Union[bool, nn.Module] = False, backend: str = "auto"):
+                 rope: Union[bool, nn.Module] = False, backend: str = "auto", context_parallel=None,
+                 cp_layout: str = "zigzag"):
         super().__init__()
         embed_dim = int(check_positive("embed_dim", embed_dim, integer=True))
         num_heads = int(check_positive("num_heads", num_heads, integer=True))
@@ -188,6 +198,12 @@ class MultiheadAttention(nn.Module):
         self.dropout = check_probability("dropout", dropout)
         self.batch_first = batch_first
         self.backend = backend
+        if context_parallel is not None and context_parallel is not False:
+            from ..distributed.layout import check_layout
+
+            cp_layout = check_layout(cp_layout, "MultiheadAttention")
+        self.context_parallel = None if context_parallel is False else context_parallel
+        self.cp_layout = cp_layout
         # Resolve named options once, so bad names fail here rather than on the first call.
         self.score = _scores.get(score)  # an nn.Module: General/Additive parameters train with us
         self.normalizer = _normalizers.get(normalizer)
@@ -248,6 +264,9 @@ class MultiheadAttention(nn.Module):
             raise TypeError(f"need_weights must be a bool; got {type(need_weights).__name__}")
         if not isinstance(average_attn_weights, bool):
             raise TypeError(f"average_attn_weights must be a bool; got {type(average_attn_weights).__name__}")
+        if self.context_parallel is not None:
+            return self._context_parallel(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal,
+                                          cache)
         q, k, v, kw, layout = self._prepare(query, key, value, key_padding_mask, attn_mask, is_causal, cache,
                                             commit=True)
         B, Tq, unbatched = layout
@@ -265,6 +284,46 @@ class MultiheadAttention(nn.Module):
         elif not self.batch_first:
             out = out.transpose(0, 1)  # (B, Tq, E) -> (Tq, B, E)
         return out, w
+
+    def _context_parallel(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal, cache):
+        """``forward`` on this rank's shards of the sequences (see ``context_parallel``)."""
+        import torch.distributed as dist
+
+        from ..distributed import gather, ring_attention
+
+        refused = [(cache is not None, "a cache (decoding runs on one process)"),
+                   (need_weights, "need_weights=True (the weights of a split sequence are not gathered): pass "
+                                  "need_weights=False"),
+                   (attn_mask is not None and not isinstance(attn_mask, Mask),
+                    "a tensor attn_mask (give an attnkit.masks object: it sees global positions)"),
+                   (self.bias_k is not None or self.add_zero_attn, "add_bias_kv or add_zero_attn"),
+                   (key_padding_mask is not None and (not isinstance(key_padding_mask, torch.Tensor)
+                                                      or key_padding_mask.dtype != torch.bool),
+                    "a float key_padding_mask (give a bool one, True = padding)")]
+        for bad, what in refused:
+            if bad:
+                raise ValueError(f"MultiheadAttention(context_parallel=...) cannot take {what}")
+        group = None if self.context_parallel is True else self.context_parallel
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        q, k, v, kw, (B, Tq, unbatched) = self._prepare(query, key, value, None, None, False, None, commit=True,
+                                                         global_positions=(self.cp_layout, rank, world))
+        masks = [] if kw["mask"] is None else [kw["mask"]]
+        if is_causal:
+            masks.append(Causal("bottom_right"))
+        if attn_mask is not None:
+            masks.append(attn_mask)
+        if key_padding_mask is not None:
+            local = key_padding_mask.unsqueeze(0) if unbatched else key_padding_mask
+            keep = gather((~local).to(torch.uint8), self.cp_layout, group, dim=-1).bool()  # (B, Tk) global
+            masks.append(KeyPadding(keep))
+        kw["mask"] = reduce(lambda a, b: a & b, masks) if masks else None
+        out = ring_attention(q, k, v, group=group, layout=self.cp_layout, **kw)
+        out = self.out_proj(out.transpose(1, 2).reshape(B, Tq, self.embed_dim))
+        if unbatched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
 
     def explain(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
@@ -286,8 +345,11 @@ class MultiheadAttention(nn.Module):
         spec = canonicalize(q, k, v, return_weights=need_weights, **kw)
         return registry.choose(spec, self.backend, strict=False)
 
-    def _prepare(self, query, key, value, key_padding_mask, attn_mask, is_causal, cache, commit):
-        """Check the inputs, project them to heads and turn every mask into attnkit's form."""
+    def _prepare(self, query, key, value, key_padding_mask, attn_mask, is_causal, cache, commit,
+                 global_positions=None):
+        """Check the inputs, project them to heads and turn every mask into attnkit's form.
+        ``global_positions = (layout, rank, world)``: the inputs are a context-parallel shard (rotary
+        positions are then the shard's global ones)."""
         if not isinstance(is_causal, bool):
             raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
         if cache is not None and not isinstance(cache, KVCache):
@@ -364,7 +426,13 @@ class MultiheadAttention(nn.Module):
         q = self.q_proj(query).view(B, Tq, H, D).transpose(1, 2)  # (B, Tq, E) -> (B, H, Tq, D)
         k = self.k_proj(key).view(B, key.shape[1], Hkv, D).transpose(1, 2)  # (B, Tk', Hkv*D) -> (B, Hkv, Tk', D)
         v = self.v_proj(value).view(B, value.shape[1], Hkv, D).transpose(1, 2)  # (B, Hkv, Tk', D)
-        if self.rope is not None:  # rotate at absolute positions: the new tokens follow the cached ones
+        if self.rope is not None and global_positions is not None:
+            from ..distributed import shard_positions
+
+            layout, rank, world = global_positions
+            q = self.rope(q, positions=shard_positions(layout, Tq * world, rank, world, device=q.device))
+            k = self.rope(k, positions=shard_positions(layout, k.shape[2] * world, rank, world, device=k.device))
+        elif self.rope is not None:  # rotate at absolute positions: the new tokens follow the cached ones
             offset = cache.length if cache is not None else 0
             q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:

@@ -71,6 +71,16 @@ def _check_offset(offset: int) -> int:
     return int(check_positive("offset", offset, integer=True, allow_zero=True))
 
 
+def _check_positions(positions: Tensor, T: int) -> Tensor:
+    check_tensor("positions", positions, 1, "(T,)")
+    if positions.is_floating_point() or positions.dtype == torch.bool or positions.shape[0] != T:
+        raise ValueError(f"positions must be an integer tensor (T,) = ({T},); got shape {shape_str(positions)} "
+                         f"dtype {positions.dtype}")
+    if T and int(positions.min()) < 0:
+        raise ValueError(f"positions must be >= 0; got min {int(positions.min())}")
+    return positions
+
+
 class SinusoidalEmbedding(nn.Module):
     r"""Adds the fixed sinusoidal table (:func:`sinusoidal`) to ``(B, T, E)`` inputs:
     ``y[b, t] = x[b, t] + PE[offset + t]`` (Vaswani et al. 2017, https://arxiv.org/abs/1706.03762).
@@ -109,10 +119,15 @@ class SinusoidalEmbedding(nn.Module):
             self._table = t
         return t[:num_positions].to(dtype)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """``x + PE[offset:offset + T]``, or ``x + PE[positions]`` for explicit integer positions
+        ``(T,)`` (e.g. the global positions of a context-parallel shard)."""
         _check_input(x, self.dim)
         offset = _check_offset(offset)
         T = x.shape[1]
+        if positions is not None:
+            positions = _check_positions(positions, T)
+            return x + self.table(int(positions.max()) + 1 if T else 0, x.dtype, x.device)[positions.to(x.device)]
         return x + self.table(offset + T, x.dtype, x.device)[offset:]
 
     def extra_repr(self) -> str:
@@ -151,10 +166,17 @@ class LearnedPositionalEmbedding(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=0.02)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """``x + P[offset:offset + T]``, or ``x + P[positions]`` for explicit integer positions ``(T,)``."""
         _check_input(x, self.dim)
         offset = _check_offset(offset)
         T = x.shape[1]
+        if positions is not None:
+            positions = _check_positions(positions, T)
+            if T and int(positions.max()) >= self.max_positions:
+                raise ValueError(f"LearnedPositionalEmbedding has max_positions = {self.max_positions} but position "
+                                 f"{int(positions.max())} was asked for; build it with a larger max_positions")
+            return x + self.weight[positions.to(self.weight.device)].to(x.dtype)
         if offset + T > self.max_positions:
             raise ValueError(
                 f"LearnedPositionalEmbedding has max_positions = {self.max_positions} but positions up to "

@@ -19,6 +19,7 @@ import torch
 from ... import models
 from ...checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
 from ...models.transformer import Transformer, label_smoothed_cross_entropy
+from ...nn import MultiheadAttention
 from ...training import fit, format_metrics, rng_state, seed_everything, set_rng_state
 from ..args import option
 from ..base import Task, TrainResult, load_resume
@@ -40,6 +41,67 @@ def forward(model: torch.nn.Module, src: Tensor, src_lengths: Tensor, tgt_in: Te
         pad = torch.arange(src.shape[1], device=src.device) >= src_lengths.unsqueeze(1)
         return model(src, pad, tgt_in)
     return model(src, src_lengths, tgt_in)
+
+
+def _context_parallel(model: torch.nn.Module, args, log) -> bool:
+    """``--context-parallel``: split every sentence over the ranks (Transformer, several ranks)."""
+    from ...distributed import data_parallel as dp
+
+    if not getattr(args, "context_parallel", False):
+        return False
+    if not isinstance(model, Transformer):
+        raise ValueError("--context-parallel splits the Transformer's sentences over the ranks; use --model transformer")
+    if not dp.active():
+        raise ValueError("--context-parallel needs several processes: run under torchrun --nproc-per-node N")
+    model.set_context_parallel(True, "zigzag")
+    for m in model.modules():
+        if isinstance(m, MultiheadAttention):
+            m.dropout = 0.0  # ring attention draws no dropout
+    log(f"context parallel: every sentence split over {dp.dist.get_world_size()} ranks (zigzag); attention-weight "
+        "dropout off, the other dropout unchanged")
+    return True
+
+
+def _context_parallel_step(model, train, args, src_pad: int, pad: int, device):
+    """The training step on this rank's shard of every sentence: ``(loss, its target tokens)``."""
+    import torch.distributed as dist
+
+    from ...distributed import shard
+
+    multiple = 2 * dist.get_world_size()  # zigzag: 2R chunks
+
+    def padded(x: Tensor, value: int) -> Tensor:
+        return torch.nn.functional.pad(x, (0, -x.shape[1] % multiple), value=value)
+
+    def step(idx: list[int]) -> tuple[Tensor, Tensor]:
+        b = make_batch(train, idx, device)
+        src, tgt = padded(b["src"], src_pad), b["tgt"]
+        tgt_in, tgt_out = padded(tgt[:, :-1], pad), padded(tgt[:, 1:], pad)
+        src_padding = torch.arange(src.shape[1], device=src.device) >= b["src_lengths"].unsqueeze(1)
+        part = [shard(x, "zigzag", dim=1) for x in (src, src_padding, tgt_in, tgt_out)]
+        logits = model(part[0], part[1], part[2])
+        n = (part[3] != pad).sum()
+        if not int(n):  # no target token in this shard: a zero loss that still runs the ring's backward
+            return logits.sum() * 0.0, n
+        return label_smoothed_cross_entropy(logits, part[3], label_smoothing=args.label_smoothing,
+                                            ignore_index=pad), n
+
+    return step
+
+
+class _one_process:
+    """Evaluate (decode) with the model's context parallelism off, then put it back."""
+
+    def __init__(self, model):
+        self.model, self.group = model, getattr(model, "context_parallel", None)
+
+    def __enter__(self):
+        if self.group is not None:
+            self.model.set_context_parallel(None)
+
+    def __exit__(self, *exc):
+        if self.group is not None:
+            self.model.set_context_parallel(self.group, self.model.cp_layout)
 
 
 def generate(model: torch.nn.Module, src: Tensor, src_lengths: Tensor, *, beam: int = 1, max_len: int = 50,
@@ -260,7 +322,14 @@ def run_training(task: Task, args: argparse.Namespace) -> TrainResult:
                                             ignore_index=pad)
         return loss, (tgt[:, 1:] != pad).sum()  # the mean runs over the target tokens
 
+    cp = _context_parallel(model, args, log)
+    train_step = _context_parallel_step(model, train, args, src_tok.pad_id, pad, device) if cp else step
+
     def evaluate(epoch: int) -> dict[str, float]:
+        with _one_process(model):
+            return _evaluate(epoch)
+
+    def _evaluate(epoch: int) -> dict[str, float]:
         total, count = 0.0, 0
         for idx in token_batches([len(s) for s in valid.src], [len(t) - 1 for t in valid.tgt], 8000,
                                  shuffle=False):
@@ -299,10 +368,13 @@ def run_training(task: Task, args: argparse.Namespace) -> TrainResult:
             f"{rec['updates']} updates, lr {rec['lr']:.2e}{' (stopped early: --max-seconds)' if partial else ''}"
             f"{'  * best valid BLEU' if improved else ''}")
 
-    hist = fit(model, optimizer, batches, step, epochs=epochs, start_epoch=start_epoch,
+    hist = fit(model, optimizer, batches, train_step, epochs=epochs, start_epoch=start_epoch,
                max_seconds=option(args, "max_seconds", None), grad_clip=args.grad_clip or None,
                scheduler=scheduler, evaluate=evaluate, on_epoch_end=on_epoch_end,
-               progress=bool(option(args, "progress", True)), desc=f"{task.name} {kind}", log=log)
+               progress=bool(option(args, "progress", True)), desc=f"{task.name} {kind}", log=log,
+               split="none" if cp else "rows")
+    if cp:
+        model.set_context_parallel(None)  # decoding runs on each process alone
 
     # -- final test with the best weights ---------------------------------------------------
     best_dir = out / "best" if (out / "best").is_dir() else out
