@@ -237,6 +237,18 @@ def _skip_causal(rank, world):
     assert st.steps == world
 
 
+@case("skip[bytes_sent]", worlds=(2, 3, 4))
+def _skip_bytes(rank, world):
+    """The analytic minimum of a ring: each rank sends its K/V shard (steps - 1) times forward, and
+    K/V plus a partial dK/dV (steps - 1) times each backward."""
+    shard_bytes = 2 * (1 * 2 * 8 * 4) * 8  # K and V: (B=1, Hkv=2, n=8, D=4) float64
+    for mask, layout in ((masks.causal(), "zigzag"), (masks.sliding_window(3), "contiguous")):
+        st = _stats(world, layout, mask)
+        assert st.bytes_sent == (st.steps - 1) * shard_bytes, (st.bytes_sent, st.steps)
+        assert st.backward_bytes_sent == 2 * (st.steps - 1) * shard_bytes, (st.backward_bytes_sent, st.steps)
+        assert st.wait_seconds >= 0 and st.backward_wait_seconds >= 0
+
+
 @case("skip[mask_mod_fallback]")
 def _skip_mask_mod(rank, world):
     # a mask_mod callable has no closed form: tiles are classified by evaluating it, with the same result

@@ -23,6 +23,8 @@ narrower than a shard over the contiguous layout needs 2 ring steps, not ``R``.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -56,6 +58,10 @@ class RingStats:
         tiles_computed, tiles_total: (query chunk, key chunk) tiles computed in the forward, out of
             all of this rank's tiles (``world_size`` shards × 1 tile, or 2 × 2 in zigzag).
         backward_shards_computed, backward_tiles_computed: the same for the backward.
+        bytes_sent, backward_bytes_sent: bytes this rank sent in the forward and in the backward
+            (K/V shards; dK/dV partial sums).
+        wait_seconds, backward_wait_seconds: time spent waiting for exchanges to complete (the
+            communication that computation did not hide).
     """
 
     rank: int = -1
@@ -67,6 +73,11 @@ class RingStats:
     tiles_total: int = 0
     backward_shards_computed: list[int] = field(default_factory=list)
     backward_tiles_computed: int = 0
+    #: bytes this rank sent, and seconds it spent waiting on the exchanges, forward and backward
+    bytes_sent: int = 0
+    wait_seconds: float = 0.0
+    backward_bytes_sent: int = 0
+    backward_wait_seconds: float = 0.0
 
     @property
     def num_shards_computed(self) -> int:
@@ -181,18 +192,26 @@ def _describe(s: Sequence[int]) -> str:
 
 
 # -- communication ------------------------------------------------------------------------------
-def _exchange(info: GroupInfo, send: Tensor, recv: Tensor, to: int, frm: int, tag: int) -> list:
-    """Post ``send → rank to`` and ``recv ← rank frm`` (group ranks) and return the works."""
-    import torch.distributed as dist
+class _Traffic:
+    """Bytes sent and seconds waited by one pass of the ring."""
 
-    ops = [dist.P2POp(dist.isend, send, info.peer(to), info.group, tag),
-           dist.P2POp(dist.irecv, recv, info.peer(frm), info.group, tag)]
-    return dist.batch_isend_irecv(ops)
+    def __init__(self):
+        self.bytes, self.seconds = 0, 0.0
 
+    def exchange(self, info: GroupInfo, send: Tensor, recv: Tensor, to: int, frm: int, tag: int) -> list:
+        """Post ``send → rank to`` and ``recv ← rank frm`` (group ranks) and return the works."""
+        import torch.distributed as dist
 
-def _wait(works: list) -> None:
-    for w in works:
-        w.wait()
+        self.bytes += send.numel() * send.element_size()
+        ops = [dist.P2POp(dist.isend, send, info.peer(to), info.group, tag),
+               dist.P2POp(dist.irecv, recv, info.peer(frm), info.group, tag)]
+        return dist.batch_isend_irecv(ops)
+
+    def wait(self, works: list) -> None:
+        t = time.perf_counter()
+        for w in works:
+            w.wait()
+        self.seconds += time.perf_counter() - t
 
 
 def _pack(k: Tensor, v: Tensor) -> Tensor:
@@ -216,18 +235,18 @@ def _ring_forward(qp: Tensor, kp: Tensor, v: Tensor, plan: _RingPlan) -> tuple[T
     rank, R = info.rank, info.world_size
     state = ForwardState.new(qp, v.shape[-1], is_sigmoid(spec))
     buf = _pack(kp, v) if plan.steps > 1 else None
-    shards, tiles = [], 0
+    shards, tiles, net = [], 0, _Traffic()
     for t in range(plan.steps):
         src = (rank - t) % R
         works, nxt = [], None
         if t + 1 < plan.steps:  # the next shard travels while this one is computed
             nxt = torch.empty_like(buf)
-            works = _exchange(info, buf, nxt, rank + 1, rank - 1, tag=0)
+            works = net.exchange(info, buf, nxt, rank + 1, rank - 1, tag=0)
         k_t, v_t = (kp, v) if t == 0 else _unpack(buf, kp.shape, v.shape)
         if _live(plan.status[src]):
             shards.append(src)
             tiles += block_forward(qp, k_t, v_t, spec, plan.q_chunks, plan.kv_chunks[src], plan.status[src], state)
-        _wait(works)
+        net.wait(works)
         buf = nxt if nxt is not None else buf
     if plan.stats is not None:
         st = plan.stats
@@ -235,14 +254,18 @@ def _ring_forward(qp: Tensor, kp: Tensor, v: Tensor, plan: _RingPlan) -> tuple[T
         st.shards_computed, st.tiles_computed = shards, tiles
         st.tiles_total = R * len(plan.q_chunks) * len(plan.kv_chunks[0])
         st.backward_shards_computed, st.backward_tiles_computed = [], 0
+        st.bytes_sent, st.wait_seconds, st.backward_bytes_sent, st.backward_wait_seconds = net.bytes, net.seconds, 0, 0.0
     return state.finish()
 
 
 def _ring_backward(qp: Tensor, kp: Tensor, v: Tensor, out: Tensor, lse: Optional[Tensor], dout: Tensor,
                    plan: _RingPlan, params: Sequence[Tensor]):
     """K/V travel around the ring again, followed by the buffer that accumulates their gradient:
-    at step ``t`` rank ``r`` adds its block's ``dK``, ``dV`` for shard ``r - t`` to the partial sum
-    received from rank ``r - 1`` and passes it on; after the last step the sum goes home."""
+    at step ``t >= 1`` rank ``r`` adds its block's ``dK``, ``dV`` for shard ``r - t`` to the partial
+    sum received from rank ``r - 1`` and passes it on; the last step hands the sum to the shard's
+    owner, which adds its own part (kept since step 0). So each rank sends its K/V and a partial
+    dK/dV ``steps - 1`` times: with every shard visited, ``2 (R - 1) / R`` of the full K and V,
+    the least a ring can send."""
     info, spec = plan.info, plan.spec
     rank, R, S = info.rank, info.world_size, plan.steps
     sigmoid = is_sigmoid(spec)
@@ -250,15 +273,14 @@ def _ring_backward(qp: Tensor, kp: Tensor, v: Tensor, out: Tensor, lse: Optional
     dparams = [torch.zeros_like(p) for p in params]
     delta = None if sigmoid else (dout * out).sum(-1, keepdim=True)
     kv = _pack(kp, v)
-    incoming, in_works, sending = None, [], None
-    shards, tiles = [], 0
-    mine = None
+    incoming, in_works, own = None, [], None
+    shards, tiles, net = [], 0, _Traffic()
     for t in range(S):
         src = (rank - t) % R
         kv_works, kv_next = [], None
         if t + 1 < S:
             kv_next = torch.empty_like(kv)
-            kv_works = _exchange(info, kv, kv_next, rank + 1, rank - 1, tag=0)
+            kv_works = net.exchange(info, kv, kv_next, rank + 1, rank - 1, tag=0)
         k_t, v_t = _unpack(kv, kp.shape, v.shape)
         dkv = torch.zeros_like(kv)
         dk_t, dv_t = _unpack(dkv, kp.shape, v.shape)
@@ -266,24 +288,26 @@ def _ring_backward(qp: Tensor, kp: Tensor, v: Tensor, out: Tensor, lse: Optional
             shards.append(src)
             tiles += block_backward(qp, k_t, v_t, dout, lse, delta, spec, plan.q_chunks, plan.kv_chunks[src],
                                     plan.status[src], params, dq, dk_t, dv_t, dparams)
-        _wait(in_works)  # the partial dK/dV of shard src from the ranks before this one
-        if incoming is not None:
-            dkv += incoming
-        sending = dkv
-        if t + 1 < S:
-            incoming = torch.empty_like(dkv)
-            in_works = _exchange(info, sending, incoming, rank + 1, rank - 1, tag=1)
-        else:  # the complete gradient of shard src goes back to its owner; ours comes back to us
-            if src == rank:
-                mine = dkv
-            else:
-                mine = torch.empty_like(dkv)
-                _wait(_exchange(info, sending, mine, src, rank + S - 1, tag=2))
-        _wait(kv_works)
+        if t == 0:
+            own = dkv  # this rank's part of its own shard's gradient: the others' parts come back at the end
+        else:
+            net.wait(in_works)  # the partial dK/dV of shard src from the ranks before this one
+            if incoming is not None:
+                dkv += incoming
+            if t + 1 < S:
+                incoming = torch.empty_like(dkv)
+                in_works = net.exchange(info, dkv, incoming, rank + 1, rank - 1, tag=1)
+            else:  # the others' sum for shard src goes to its owner; ours comes to us
+                back = torch.empty_like(dkv)
+                net.wait(net.exchange(info, dkv, back, src, rank + S - 1, tag=2))
+                own += back
+        net.wait(kv_works)
         kv = kv_next if kv_next is not None else kv
-    dk, dv = _unpack(mine, kp.shape, v.shape)
+    dk, dv = _unpack(own, kp.shape, v.shape)
     if plan.stats is not None:
-        plan.stats.backward_shards_computed, plan.stats.backward_tiles_computed = shards, tiles
+        st = plan.stats
+        st.backward_shards_computed, st.backward_tiles_computed = shards, tiles
+        st.backward_bytes_sent, st.backward_wait_seconds = net.bytes, net.seconds
     return dq, dk.clone(), dv.to(v.dtype).clone(), dparams
 
 
