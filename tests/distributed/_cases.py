@@ -595,3 +595,21 @@ def _cp_transformer_case(layout, positions):
 for _layout in LAYOUTS:
     for _positions in ("sinusoidal", "learned", "rope"):
         case(f"cp[transformer-{_positions}-{_layout}]")(_cp_transformer_case(_layout, _positions))
+
+
+@case("ring[sub_tiles]", worlds=(2, 3))
+def _ring_sub_tiles(rank, world):
+    """Tiles computed in many ragged sub-tiles (3 x 5 here; 256 x 1024 by default) give the same
+    result: windows, causal, ALiBi, sigmoid, learned T5 bias (its autograd path), GQA."""
+    from attnkit.distributed import block
+
+    saved = block.SUB_Q, block.SUB_K
+    block.SUB_Q, block.SUB_K = 3, 5
+    try:
+        for layout in LAYOUTS:
+            ring(world, layout, n=12, mask=masks.causal() & masks.sliding_window(7), bias=positions.ALiBi(4))
+            ring(world, layout, n=12, mask=masks.causal(), normalizer="sigmoid")
+            t5 = positions.T5RelativeBias(4, num_buckets=8, max_distance=16).double()
+            ring(world, layout, n=12, mask=masks.sliding_window(5, 5), bias=t5, params=tuple(t5.parameters()))
+    finally:
+        block.SUB_Q, block.SUB_K = saved

@@ -127,42 +127,65 @@ class ForwardState:
         return out, lse.squeeze(-1)
 
 
+#: rows and columns of the sub-tiles a (query chunk, key chunk) tile is computed in: a rank's
+#: memory stays O(sub-tile) whatever the shard length (a zigzag chunk of a long sequence is
+#: thousands of positions)
+SUB_Q, SUB_K = 256, 256
+
+
+def sub_tiles(spec: AttentionSpec, qc: Chunk, kc: Chunk, cls: int, device):
+    """The live sub-tiles of the tile (query chunk ``qc``, key chunk ``kc``) of class ``cls``:
+    ``(rows, cols, grid, allowed)`` with local slices into the shard, the global index grid and the
+    mask (None where every pair may attend). Sub-tiles of a PARTIAL tile that the mask hides
+    entirely are skipped."""
+    B, H = spec.B, spec.H
+    for qo in range(0, qc.length, SUB_Q):
+        tq = min(SUB_Q, qc.length - qo)
+        for ko in range(0, kc.length, SUB_K):
+            tk = min(SUB_K, kc.length - ko)
+            grid = tile_grid(B, H, qc.start + qo, tq, kc.start + ko, tk, device)
+            allowed = None
+            if cls != FULL:
+                allowed = tile_allowed(spec, grid)
+                if not bool(allowed.any()):
+                    continue
+                if bool(allowed.all()):
+                    allowed = None
+            yield (slice(qc.local + qo, qc.local + qo + tq), slice(kc.local + ko, kc.local + ko + tk), grid, allowed)
+
+
 def block_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, q_chunks: Sequence[Chunk],
                   kv_chunks: Sequence[Chunk], status: Status, state: ForwardState) -> int:
     """Add the block (this rank's queries ``qp (B, H, n_q, D)`` × one shard ``kp (B, Hkv, n_k, D)``,
-    ``v (B, Hkv, n_k, Dv)``) to ``state``; returns the number of tiles computed."""
-    B, H, G = spec.B, spec.H, spec.groups
+    ``v (B, Hkv, n_k, Dv)``) to ``state``, sub-tile by sub-tile; returns the number of tiles computed."""
+    G = spec.groups
     sigmoid = is_sigmoid(spec)
     offset = spec.normalizer.offset(spec.Tk) if sigmoid else 0.0
     computed = 0
     for qc, row in zip(q_chunks, status):
-        rows = slice(qc.local, qc.local + qc.length)
-        qi = qp[:, :, rows]
         for kc, cls in zip(kv_chunks, row):
             if cls == EMPTY:
                 continue
             computed += 1
-            cols = slice(kc.local, kc.local + kc.length)
-            grid = tile_grid(B, H, qc.start, qc.length, kc.start, kc.length, qp.device)
-            s = tile_scores(qi, expand_heads(kp[:, :, cols], G), spec, grid)
-            vj = expand_heads(v[:, :, cols], G)
-            allowed = None if cls == FULL else tile_allowed(spec, grid)
-            if sigmoid:
-                p = torch.sigmoid(s + offset)
+            for rows, cols, grid, allowed in sub_tiles(spec, qc, kc, cls, qp.device):
+                s = tile_scores(qp[:, :, rows], expand_heads(kp[:, :, cols], G), spec, grid)
+                vj = expand_heads(v[:, :, cols], G)
+                if sigmoid:
+                    p = torch.sigmoid(s + offset)
+                    if allowed is not None:
+                        p = p.masked_fill(~allowed, 0.0)
+                    state.acc[:, :, rows] += p @ vj
+                    continue
                 if allowed is not None:
-                    p = p.masked_fill(~allowed, 0.0)
-                state.acc[:, :, rows] += p @ vj
-                continue
-            if allowed is not None:
-                s = s.masked_fill(~allowed, NEG_INF)
-            m_old = state.m[:, :, rows]
-            m_new = torch.maximum(m_old, s.amax(-1, keepdim=True))
-            m_safe = m_new.masked_fill(m_new == NEG_INF, 0.0)  # rows with no live key yet
-            p = torch.exp(s - m_safe)
-            corr = torch.exp(m_old - m_safe)
-            state.l[:, :, rows] = state.l[:, :, rows] * corr + p.sum(-1, keepdim=True)
-            state.acc[:, :, rows] = state.acc[:, :, rows] * corr + p @ vj
-            state.m[:, :, rows] = m_new
+                    s = s.masked_fill(~allowed, NEG_INF)
+                m_old = state.m[:, :, rows]
+                m_new = torch.maximum(m_old, s.amax(-1, keepdim=True))
+                m_safe = m_new.masked_fill(m_new == NEG_INF, 0.0)  # rows with no live key yet
+                p = torch.exp(s - m_safe)
+                corr = torch.exp(m_old - m_safe)
+                state.l[:, :, rows] = state.l[:, :, rows] * corr + p.sum(-1, keepdim=True)
+                state.acc[:, :, rows] = state.acc[:, :, rows] * corr + p @ vj
+                state.m[:, :, rows] = m_new
     return computed
 
 
@@ -170,11 +193,11 @@ def block_backward(qp: Tensor, kp: Tensor, v: Tensor, dout: Tensor, lse: Optiona
                    spec: AttentionSpec, q_chunks: Sequence[Chunk], kv_chunks: Sequence[Chunk], status: Status,
                    params: Sequence[Tensor], dq: Tensor, dk: Tensor, dv: Tensor,
                    dparams: list[Tensor]) -> int:
-    """Accumulate the block's gradients: ``dq`` (this rank's queries), ``dk``/``dv`` (the shard's
-    keys and values, ``Hkv`` heads) and ``dparams`` (the bias parameters ``params``, this block's
-    share). ``lse (B, H, n_q)`` is the saved global log-sum-exp, ``delta = rowsum(dout ∘ out)``.
-    Returns the number of tiles computed."""
-    B, H, G = spec.B, spec.H, spec.groups
+    """Accumulate the block's gradients, sub-tile by sub-tile: ``dq`` (this rank's queries),
+    ``dk``/``dv`` (the shard's keys and values, ``Hkv`` heads) and ``dparams`` (the bias parameters
+    ``params``, this block's share). ``lse (B, H, n_q)`` is the saved global log-sum-exp,
+    ``delta = rowsum(dout ∘ out)``. Returns the number of tiles computed."""
+    G = spec.groups
     sigmoid = is_sigmoid(spec)
     offset = spec.normalizer.offset(spec.Tk) if sigmoid else 0.0
     # closed-form score gradient: a dot tile whose mods only add a constant bias
@@ -182,44 +205,41 @@ def block_backward(qp: Tensor, kp: Tensor, v: Tensor, dout: Tensor, lse: Optiona
     c = spec.scale / temperature(spec)
     computed = 0
     for qc, row in zip(q_chunks, status):
-        rows = slice(qc.local, qc.local + qc.length)
-        qi, doi = qp[:, :, rows], dout[:, :, rows]
         for kc, cls in zip(kv_chunks, row):
             if cls == EMPTY:
                 continue
             computed += 1
-            cols = slice(kc.local, kc.local + kc.length)
-            grid = tile_grid(B, H, qc.start, qc.length, kc.start, kc.length, qp.device)
-            vj = expand_heads(v[:, :, cols], G)
-            if fast:
-                kj = expand_heads(kp[:, :, cols], G)
-                s = tile_scores(qi, kj, spec, grid)
-            else:
-                with torch.enable_grad():
-                    qi_ = qi.detach().requires_grad_()
-                    kj_ = kp[:, :, cols].detach().requires_grad_()
-                    s = tile_scores(qi_, expand_heads(kj_, G), spec, grid)
-            sd = s.detach()
-            allowed = None if cls == FULL else tile_allowed(spec, grid)
-            if sigmoid:
-                p = torch.sigmoid(sd + offset)
-            else:
-                lse_i = lse[:, :, rows].unsqueeze(-1)
-                p = torch.exp(sd - lse_i.masked_fill(lse_i == NEG_INF, float("inf")))
-            if allowed is not None:
-                p = p.masked_fill(~allowed, 0.0)
-            dv[:, :, cols] += reduce_heads(p.transpose(-2, -1) @ doi, G)
-            dp = doi @ vj.transpose(-2, -1)
-            ds = dp * p * (1.0 - p) if sigmoid else p * (dp - delta[:, :, rows])
-            if fast:
-                ds = ds * c if c != 1.0 else ds
-                dq[:, :, rows] += ds @ kj
-                dk[:, :, cols] += reduce_heads(ds.transpose(-2, -1) @ qi, G)
-            else:
-                grads = torch.autograd.grad(s, (qi_, kj_, *params), ds, allow_unused=True)
-                dq[:, :, rows] += grads[0]
-                dk[:, :, cols] += grads[1]
-                for acc, g in zip(dparams, grads[2:]):
-                    if g is not None:
-                        acc += g
+            for rows, cols, grid, allowed in sub_tiles(spec, qc, kc, cls, qp.device):
+                qi, doi = qp[:, :, rows], dout[:, :, rows]
+                vj = expand_heads(v[:, :, cols], G)
+                if fast:
+                    kj = expand_heads(kp[:, :, cols], G)
+                    s = tile_scores(qi, kj, spec, grid)
+                else:
+                    with torch.enable_grad():
+                        qi_ = qi.detach().requires_grad_()
+                        kj_ = kp[:, :, cols].detach().requires_grad_()
+                        s = tile_scores(qi_, expand_heads(kj_, G), spec, grid)
+                sd = s.detach()
+                if sigmoid:
+                    p = torch.sigmoid(sd + offset)
+                else:
+                    lse_i = lse[:, :, rows].unsqueeze(-1)
+                    p = torch.exp(sd - lse_i.masked_fill(lse_i == NEG_INF, float("inf")))
+                if allowed is not None:
+                    p = p.masked_fill(~allowed, 0.0)
+                dv[:, :, cols] += reduce_heads(p.transpose(-2, -1) @ doi, G)
+                dp = doi @ vj.transpose(-2, -1)
+                ds = dp * p * (1.0 - p) if sigmoid else p * (dp - delta[:, :, rows])
+                if fast:
+                    ds = ds * c if c != 1.0 else ds
+                    dq[:, :, rows] += ds @ kj
+                    dk[:, :, cols] += reduce_heads(ds.transpose(-2, -1) @ qi, G)
+                else:
+                    grads = torch.autograd.grad(s, (qi_, kj_, *params), ds, allow_unused=True)
+                    dq[:, :, rows] += grads[0]
+                    dk[:, :, cols] += grads[1]
+                    for acc, g in zip(dparams, grads[2:]):
+                        if g is not None:
+                            acc += g
     return computed

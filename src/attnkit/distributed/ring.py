@@ -282,7 +282,11 @@ def _ring_backward(qp: Tensor, kp: Tensor, v: Tensor, out: Tensor, lse: Optional
             kv_next = torch.empty_like(kv)
             kv_works = net.exchange(info, kv, kv_next, rank + 1, rank - 1, tag=0)
         k_t, v_t = _unpack(kv, kp.shape, v.shape)
-        dkv = torch.zeros_like(kv)
+        if incoming is not None:  # the partial dK/dV of shard src from the ranks before this one:
+            net.wait(in_works)    # this rank adds its part to it
+            dkv = incoming
+        else:
+            dkv = torch.zeros_like(kv)
         dk_t, dv_t = _unpack(dkv, kp.shape, v.shape)
         if _live(plan.status[src]):
             shards.append(src)
@@ -291,9 +295,6 @@ def _ring_backward(qp: Tensor, kp: Tensor, v: Tensor, out: Tensor, lse: Optional
         if t == 0:
             own = dkv  # this rank's part of its own shard's gradient: the others' parts come back at the end
         else:
-            net.wait(in_works)  # the partial dK/dV of shard src from the ranks before this one
-            if incoming is not None:
-                dkv += incoming
             if t + 1 < S:
                 incoming = torch.empty_like(dkv)
                 in_works = net.exchange(info, dkv, incoming, rank + 1, rank - 1, tag=1)
@@ -308,7 +309,7 @@ def _ring_backward(qp: Tensor, kp: Tensor, v: Tensor, out: Tensor, lse: Optional
         st = plan.stats
         st.backward_shards_computed, st.backward_tiles_computed = shards, tiles
         st.backward_bytes_sent, st.backward_wait_seconds = net.bytes, net.seconds
-    return dq, dk.clone(), dv.to(v.dtype).clone(), dparams
+    return dq, dk, dv.to(v.dtype), dparams  # views of one buffer: no copy
 
 
 class _RingAttention(torch.autograd.Function):
