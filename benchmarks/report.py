@@ -38,6 +38,7 @@ COMMANDS = {
     "engine_1thread.json": f"python benchmarks/engine_targets.py --run --threads 1 --repeat 3 --json {RES}engine_1thread.json",
     "hf_2threads.json": f"python benchmarks/hf_targets.py --run --threads 2 --repeat 3 --json {RES}hf_2threads.json",
     "compile.json": f"python benchmarks/compile.py --threads 2 --repeat 3 --steps 10 --json {RES}compile.json",
+    "distributed.json": f"python benchmarks/distributed.py --threads 2 --repeat 3 --seq 32768 --json {RES}distributed.json",
     "compile_window.json": ("python benchmarks/compile.py --threads 2 --repeat 3 --steps 3 --cases \"long-window encoder\" "
                             f"--json {RES}compile_window.json"),
     "small_calls.json": f"python benchmarks/small_calls.py --threads 2 --repeat 5 --json {RES}small_calls.json",
@@ -600,6 +601,31 @@ def compile_block(results: Path) -> str:
     return "\n".join(lines)
 
 
+def distributed_block(results: Path) -> str:
+    """Ring attention over R gloo processes against one process (benchmarks/distributed.py)."""
+    d = load(results, "distributed.json")
+    if d is None:
+        return f"Not yet measured — run: `{COMMANDS['distributed.json']}`"
+    m, s = d["machine"], d["shape"]
+    lines = [f"Command: `{d['command']}` → `{RES}distributed.json`; run {d['date']} on {m['cpu']} ({m['cores']} cores), "
+             f"torch {m['torch']}. Causal attention, forward and backward, B={s['B']}, H={s['H']}, N={s['N']:,}, "
+             f"D={s['D']}, {s['dtype']}; R gloo processes on this machine (zigzag ring attention) against one process "
+             "(`attnkit.attention`, the tiled backend). Seconds: the median over the repeats with the spread, a "
+             "repeat ending with its slowest rank. Peak memory: the largest rank's growth of its resident set "
+             "over its size before the inputs (after a small warm-up call). Bytes: the most any rank sent, over "
+             "the ring's minimum ((R-1)/R of the full K and V forward, twice that backward).", "",
+             "| processes | threads each | time | peak memory per rank | against one process | bytes sent / minimum, "
+             "forward · backward | time waiting on communication |", "|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        R = r["world_size"]
+        ratio = f"{r['peak_over_one_process']:.2f}× memory, {fmt(r['speedup'])}× speed" if R > 1 else "—"
+        traffic = (f"{r['forward_bytes_over_minimum']:.3f} · {r['backward_bytes_over_minimum']:.3f}" if R > 1 else "—")
+        wait = f"{100 * r['wait_share_median']:.0f}%" if R > 1 else "—"
+        lines.append(f"| {R} | {r['threads_per_rank']} | {measured(r['seconds'], 's')} | {r['peak_mib_max']:,.0f} MiB | "
+                     f"{ratio} | {traffic} | {wait} |")
+    return "\n".join(lines)
+
+
 def small_calls_block(results: Path) -> str:
     """One decoding step, attnkit against SDPA (benchmarks/small_calls.py), same run."""
     d = load(results, "small_calls.json")
@@ -708,6 +734,7 @@ def render(results: Path) -> dict[str, dict[str, str]]:
             "speech": speech_block(results),
             "compile": compile_block(results),
             "small-calls": small_calls_block(results),
+            "distributed": distributed_block(results),
             "gpu": gpu_block(results),
             "engine-round2": engine_table(load(results, "engine_round2.json"), COMMANDS["engine_round2.json"],
                                           "engine_round2.json", targets=engine_round2.TARGETS, what="target"),
