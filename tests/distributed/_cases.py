@@ -404,8 +404,6 @@ def _bad_args(rank, world):
     q = torch.zeros(1, 2, 4, 4)
     with _raises(ValueError, "normalizer", "entmax", "ulysses_attention"):
         ring_attention(q, q, q, normalizer="entmax15")
-    with _raises(ValueError, "dropout_p", "0.1"):
-        ring_attention(q, q, q, dropout_p=0.1)
     with _raises(ValueError, "return_weights"):
         ring_attention(q, q, q, return_weights=True)
     with _raises(ValueError, "score", "additive"):
@@ -507,15 +505,16 @@ def _ddp_time(rank, world):
 
 # -- attnkit.nn.MultiheadAttention(context_parallel=group): shards in, shards out ---------------------
 def _cp_mha_case(layout, *, cross=False, rope=False, batch_first=True, Hkv=None, bias=True, padding=True,
-                 causal=True):
+                 causal=True, dropout=0.0):
     def run(rank, world):
         E, H, B = 16, 4, 2
         n, nk = 4, (6 if cross else 4)
         N, Nk = world * n, world * nk
         kw = dict(batch_first=batch_first, num_kv_heads=Hkv, rope=rope, dtype=torch.float64,
-                  score_mod=[positions.ALiBi(H)] if bias else None)
+                  score_mod=[positions.ALiBi(H)] if bias else None, dropout=dropout)
         torch.manual_seed(11)
-        single = attnkit.nn.MultiheadAttention(E, H, **kw)
+        # (SDPA draws its own dropout mask; the reference draws the counter-based one the ring does)
+        single = attnkit.nn.MultiheadAttention(E, H, backend="reference" if dropout else "auto", **kw)
         split = attnkit.nn.MultiheadAttention(E, H, context_parallel=True, cp_layout=layout, **kw)
         split.load_state_dict(single.state_dict())
         g = torch.Generator().manual_seed(5)
@@ -530,10 +529,12 @@ def _cp_mha_case(layout, *, cross=False, rope=False, batch_first=True, Hkv=None,
 
         xs = x.clone().requires_grad_()
         ms = mem.clone().requires_grad_() if cross else xs
+        torch.manual_seed(99)  # the dropout seed each call draws
         want = t(single(t(xs), t(ms), t(ms), key_padding_mask=pad, **call)[0])
         (want * dout).sum().backward()
         xl = shard(x, layout, dim=1).requires_grad_()
         ml = shard(mem, layout, dim=1).requires_grad_() if cross else xl
+        torch.manual_seed(99)
         got = t(split(t(xl), t(ml), t(ml), key_padding_mask=None if pad is None else shard(pad, layout, dim=1),
                       **call)[0])
         (got * shard(dout, layout, dim=1)).sum().backward()
@@ -550,7 +551,8 @@ def _cp_mha_case(layout, *, cross=False, rope=False, batch_first=True, Hkv=None,
 
 for _layout in LAYOUTS:
     for _name, _kw in {"causal_padding_alibi": {}, "rope_gqa": dict(rope=True, Hkv=2, bias=False),
-                       "cross_attention": dict(cross=True), "seq_first": dict(batch_first=False)}.items():
+                       "cross_attention": dict(cross=True), "seq_first": dict(batch_first=False),
+                       "dropout": dict(dropout=0.25)}.items():
         case(f"cp[mha-{_name}-{_layout}]")(_cp_mha_case(_layout, **_kw))
 
 
@@ -611,5 +613,24 @@ def _ring_sub_tiles(rank, world):
             ring(world, layout, n=12, mask=masks.causal(), normalizer="sigmoid")
             t5 = positions.T5RelativeBias(4, num_buckets=8, max_distance=16).double()
             ring(world, layout, n=12, mask=masks.sliding_window(5, 5), bias=t5, params=tuple(t5.parameters()))
+    finally:
+        block.SUB_Q, block.SUB_K = saved
+
+
+@case("ring[dropout]", worlds=(2, 3, 4))
+def _ring_dropout(rank, world):
+    """Dropout over the ring drops exactly the weights one process drops for the same seed (the
+    counter-based mask at global positions): outputs and gradients equal the reference's."""
+    from attnkit.distributed import block
+
+    saved = block.SUB_Q, block.SUB_K
+    block.SUB_Q, block.SUB_K = 3, 5  # several sub-tiles per tile too
+    try:
+        for layout in LAYOUTS:
+            for kw in (dict(mask=masks.causal()), dict(mask=masks.sliding_window(5), bias=positions.ALiBi(4)),
+                       dict(normalizer="sigmoid", mask=masks.causal())):
+                gen = lambda: torch.Generator().manual_seed(1234)  # noqa: E731 -- same seed, fresh generators
+                compare(ring_attention, world, layout, n=8, dropout_p=0.3, generator=gen(),
+                        ref_kwargs=dict(dropout_p=0.3, generator=gen(), **kw), **kw)
     finally:
         block.SUB_Q, block.SUB_K = saved

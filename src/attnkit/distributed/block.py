@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..kernels.dropout import keep_mask, row_hash
 from ..kernels.tile import expand, reduce_groups
 from ..masks.base import EMPTY, FULL
 from ..normalizers.base import Sigmoid, Softmax
@@ -154,10 +155,21 @@ def sub_tiles(spec: AttentionSpec, qc: Chunk, kc: Chunk, cls: int, device):
             yield (slice(qc.local + qo, qc.local + qo + tq), slice(kc.local + ko, kc.local + ko + tk), grid, allowed)
 
 
+def dropped(p: Tensor, grid, seed: Optional[int], dropout_p: float) -> Tensor:
+    """``p`` with inverted dropout applied at the tile's global positions: the counter-based mask of
+    :mod:`attnkit.kernels.dropout`, so a ring drops exactly the weights one process would for the
+    same seed. ``seed`` None: no dropout."""
+    if seed is None:
+        return p
+    keep = keep_mask(row_hash(seed, grid[0], grid[1], grid[2]), grid[3], dropout_p)
+    return p * (keep.to(p.dtype) * (1.0 / (1.0 - dropout_p)))
+
+
 def block_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, q_chunks: Sequence[Chunk],
-                  kv_chunks: Sequence[Chunk], status: Status, state: ForwardState) -> int:
+                  kv_chunks: Sequence[Chunk], status: Status, state: ForwardState, seed: Optional[int] = None) -> int:
     """Add the block (this rank's queries ``qp (B, H, n_q, D)`` × one shard ``kp (B, Hkv, n_k, D)``,
-    ``v (B, Hkv, n_k, Dv)``) to ``state``, sub-tile by sub-tile; returns the number of tiles computed."""
+    ``v (B, Hkv, n_k, Dv)``) to ``state``, sub-tile by sub-tile; returns the number of tiles computed.
+    With a dropout ``seed``, the weights that reach ``v`` are dropped (the normalizer is not)."""
     G = spec.groups
     sigmoid = is_sigmoid(spec)
     offset = spec.normalizer.offset(spec.Tk) if sigmoid else 0.0
@@ -174,7 +186,7 @@ def block_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, q_chun
                     p = torch.sigmoid(s + offset)
                     if allowed is not None:
                         p = p.masked_fill(~allowed, 0.0)
-                    state.acc[:, :, rows] += p @ vj
+                    state.acc[:, :, rows] += dropped(p, grid, seed, spec.dropout_p) @ vj
                     continue
                 if allowed is not None:
                     s = s.masked_fill(~allowed, NEG_INF)
@@ -184,7 +196,7 @@ def block_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, q_chun
                 p = torch.exp(s - m_safe)
                 corr = torch.exp(m_old - m_safe)
                 state.l[:, :, rows] = state.l[:, :, rows] * corr + p.sum(-1, keepdim=True)
-                state.acc[:, :, rows] = state.acc[:, :, rows] * corr + p @ vj
+                state.acc[:, :, rows] = state.acc[:, :, rows] * corr + dropped(p, grid, seed, spec.dropout_p) @ vj
                 state.m[:, :, rows] = m_new
     return computed
 
@@ -192,11 +204,12 @@ def block_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, q_chun
 def block_backward(qp: Tensor, kp: Tensor, v: Tensor, dout: Tensor, lse: Optional[Tensor], delta: Optional[Tensor],
                    spec: AttentionSpec, q_chunks: Sequence[Chunk], kv_chunks: Sequence[Chunk], status: Status,
                    params: Sequence[Tensor], dq: Tensor, dk: Tensor, dv: Tensor,
-                   dparams: list[Tensor]) -> int:
+                   dparams: list[Tensor], seed: Optional[int] = None) -> int:
     """Accumulate the block's gradients, sub-tile by sub-tile: ``dq`` (this rank's queries),
     ``dk``/``dv`` (the shard's keys and values, ``Hkv`` heads) and ``dparams`` (the bias parameters
     ``params``, this block's share). ``lse (B, H, n_q)`` is the saved global log-sum-exp,
-    ``delta = rowsum(dout ∘ out)``. Returns the number of tiles computed."""
+    ``delta = rowsum(dout ∘ out)``. With dropout (mask ``Z``, scale ``1/(1-p)``): ``dV = (P∘Z)ᵀ dO``,
+    ``dP = (dO Vᵀ)∘Z``. Returns the number of tiles computed."""
     G = spec.groups
     sigmoid = is_sigmoid(spec)
     offset = spec.normalizer.offset(spec.Tk) if sigmoid else 0.0
@@ -228,8 +241,8 @@ def block_backward(qp: Tensor, kp: Tensor, v: Tensor, dout: Tensor, lse: Optiona
                     p = torch.exp(sd - lse_i.masked_fill(lse_i == NEG_INF, float("inf")))
                 if allowed is not None:
                     p = p.masked_fill(~allowed, 0.0)
-                dv[:, :, cols] += reduce_heads(p.transpose(-2, -1) @ doi, G)
-                dp = doi @ vj.transpose(-2, -1)
+                dv[:, :, cols] += reduce_heads(dropped(p, grid, seed, spec.dropout_p).transpose(-2, -1) @ doi, G)
+                dp = dropped(doi @ vj.transpose(-2, -1), grid, seed, spec.dropout_p)
                 ds = dp * p * (1.0 - p) if sigmoid else p * (dp - delta[:, :, rows])
                 if fast:
                     ds = ds * c if c != 1.0 else ds

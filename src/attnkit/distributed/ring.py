@@ -36,6 +36,7 @@ from ..normalizers.base import Sigmoid, Softmax
 from ..positions.base import FromBias, FromScoreMod, TensorBias
 from ..spec import AttentionSpec, canonicalize
 from ._group import check_4d, GroupInfo, agree, dtype_code, dtype_name, group_info
+from ..kernels.dropout import draw_seed
 from .block import ForwardState, block_backward, block_forward, is_sigmoid, tile_class
 from .layout import LAYOUTS, Chunk, check_layout, shard_chunks
 
@@ -95,6 +96,7 @@ class _RingPlan:
     status: tuple                             # status[src][i][j]: this rank's tiles against shard src
     steps: int
     stats: Optional[RingStats]
+    seed: Optional[int] = None                # dropout's (rank 0's draw, shared by every rank)
 
 
 # -- checks -------------------------------------------------------------------------------------
@@ -120,8 +122,6 @@ def _unsupported(spec: AttentionSpec) -> Optional[str]:
         return (f"score must be a dot-product score ('dot', 'scaled_dot', 'cosine', scores.Cosine, "
                 f"scores.General); got {s.name!r} ({type(s).__name__}); use attnkit.distributed.ulysses_attention "
                 "for other scores")
-    if spec.dropout_p > 0:
-        return f"dropout_p must be 0 (dropout is not supported by ring attention yet); got {spec.dropout_p}"
     if spec.return_weights:
         return ("return_weights must be False: the weights of a sharded sequence are never materialized "
                 "(use attnkit.distributed.ulysses_attention, or attnkit.attention on gathered tensors)")
@@ -245,7 +245,8 @@ def _ring_forward(qp: Tensor, kp: Tensor, v: Tensor, plan: _RingPlan) -> tuple[T
         k_t, v_t = (kp, v) if t == 0 else _unpack(buf, kp.shape, v.shape)
         if _live(plan.status[src]):
             shards.append(src)
-            tiles += block_forward(qp, k_t, v_t, spec, plan.q_chunks, plan.kv_chunks[src], plan.status[src], state)
+            tiles += block_forward(qp, k_t, v_t, spec, plan.q_chunks, plan.kv_chunks[src], plan.status[src], state,
+                                   plan.seed)
         net.wait(works)
         buf = nxt if nxt is not None else buf
     if plan.stats is not None:
@@ -291,7 +292,7 @@ def _ring_backward(qp: Tensor, kp: Tensor, v: Tensor, out: Tensor, lse: Optional
         if _live(plan.status[src]):
             shards.append(src)
             tiles += block_backward(qp, k_t, v_t, dout, lse, delta, spec, plan.q_chunks, plan.kv_chunks[src],
-                                    plan.status[src], params, dq, dk_t, dv_t, dparams)
+                                    plan.status[src], params, dq, dk_t, dv_t, dparams, plan.seed)
         if t == 0:
             own = dkv  # this rank's part of its own shard's gradient: the others' parts come back at the end
         else:
@@ -339,7 +340,7 @@ class _RingAttention(torch.autograd.Function):
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, mask=None, bias=None, score="scaled_dot",
                    normalizer="softmax", scale: Optional[float] = None, layout: str = "zigzag",
                    dropout_p: float = 0.0, return_weights: bool = False,
-                   stats: Optional[RingStats] = None) -> Tensor:
+                   stats: Optional[RingStats] = None, generator: Optional[torch.Generator] = None) -> Tensor:
     r"""Exact attention over a sequence sharded across the ranks of ``group``, K/V passed around a ring.
 
     With ``R`` ranks, rank ``r`` holds the positions ``P_r`` of the global sequence (``layout``) and
@@ -375,7 +376,12 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, mask=None, bi
         scale: multiplies the score; default ``1/sqrt(D)`` for ``scaled_dot``, else 1.
         layout: ``"zigzag"`` (default; balances causal work) or ``"contiguous"``; how the shards were
             cut (see :func:`shard`).
-        dropout_p, return_weights: must be 0 / False (not supported here).
+        dropout_p: dropout on the weights, with the counter-based mask of
+            :mod:`attnkit.kernels.dropout` at global positions: the weights one process drops for
+            the same seed. The seed is drawn from ``generator`` (default torch's) on rank 0 and
+            shared with every rank.
+        return_weights: must be False (not supported here).
+        generator: a ``torch.Generator`` making dropout reproducible.
         stats: a :class:`RingStats` to fill with what this rank computed (shards, tiles, steps).
 
     Returns:
@@ -385,7 +391,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, mask=None, bi
     Raises:
         RuntimeError: torch.distributed is not initialized.
         ValueError: on every rank, when any rank's arguments are invalid or unsupported (a
-            normalizer other than softmax/sigmoid, dropout, weights, ...; the message names the
+            normalizer other than softmax/sigmoid, weights, ...; the message names the
             argument and what is supported), when the ranks' shapes, dtypes, layouts or
             ``requires_grad`` differ, or when a zigzag shard has an odd length. No rank is left
             waiting: one ``all_gather`` of the request precedes the ring.
@@ -410,7 +416,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, mask=None, bi
     info = group_info(group, _FN)
     error: Optional[BaseException] = None
     shared: list[int] = []
-    need = 0
+    need = seed = 0
     plan_parts = None
     try:
         layout = check_layout(layout, _FN)
@@ -431,7 +437,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, mask=None, bi
         try:
             spec = canonicalize(_global_like(q, R * n_q), _global_like(k, R * n_k), _global_like(v, R * n_k),
                                 score=score, normalizer=normalizer, mask=mask, bias=bias, scale=scale,
-                                dropout_p=dropout_p, return_weights=return_weights)
+                                dropout_p=dropout_p, return_weights=return_weights, generator=generator)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{_FN} (global sizes Tq = {R * n_q}, Tk = {R * n_k} over {R} ranks): {e}") from e
         why = _unsupported(spec)
@@ -442,14 +448,16 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, mask=None, bi
         status = _status_table(spec, q_chunks, kv_chunks, q.device)
         need = max([(info.rank - src) % R for src in range(R) if _live(status[src])], default=0)
         plan_parts = (spec, layout, q_chunks, kv_chunks, status)
+        seed = draw_seed(spec.generator) if spec.dropout_p > 0 else 0
         shared = [q.shape[0], q.shape[1], k.shape[1], n_q, n_k, q.shape[3], v.shape[3], dtype_code(q.dtype),
                   LAYOUTS.index(layout), int(spec.requires_grad)]
     except Exception as e:  # noqa: BLE001 -- re-raised after every rank has heard of it
         error = e
-    needs = agree(info, _FN, shared or [0] * 10, [need], error=error, describe=_describe,
+    needs = agree(info, _FN, shared or [0] * 10, [need, seed], error=error, describe=_describe,
                   what="shards of the same shapes and dtype, in the same layout, all requiring grad or none")
     spec, layout, q_chunks, kv_chunks, status = plan_parts
     steps = max(n[0] for n in needs) + 1
-    plan = _RingPlan(spec, info, layout, q_chunks, kv_chunks, status, steps, stats)
+    plan = _RingPlan(spec, info, layout, q_chunks, kv_chunks, status, steps, stats,
+                     needs[0][1] if spec.dropout_p > 0 else None)
     qp, kp = spec.score.prepare(q, k)
     return _RingAttention.apply(qp, kp, v, plan, *_bias_params(spec))

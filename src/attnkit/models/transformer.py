@@ -354,9 +354,8 @@ class Transformer(nn.Module):
         ``None``: stop splitting): each rank then passes its shard of ``src``, of the padding mask
         and of ``tgt_in`` in ``layout`` (:func:`attnkit.distributed.shard`, along dim 1) and gets
         its shard of the logits, equal to the whole sequence's (every attention runs as
-        :func:`attnkit.distributed.ring_attention`; positions are the shard's global ones). For
-        training (``forward``): attention dropout must be 0 (``dropout=0``, or evaluation mode),
-        and decoding runs on one process. Returns the model.
+        :func:`attnkit.distributed.ring_attention`; positions are the shard's global ones).
+        Decoding runs on one process. Returns the model.
 
         Example (on every rank of an initialized group)::
 

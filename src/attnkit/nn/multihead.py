@@ -105,9 +105,8 @@ class MultiheadAttention(nn.Module):
             sequences (and of ``key_padding_mask``) in the ``cp_layout`` of
             :mod:`attnkit.distributed` and gets its shard of the output, equal to the module's
             output on the whole sequence (:func:`attnkit.distributed.ring_attention`; masks, score
-            mods and rotary positions at global positions). Not with a cache, ``need_weights=True``,
-            attention dropout in training, a tensor ``attn_mask``, ``add_bias_kv`` or
-            ``add_zero_attn``.
+            mods, rotary positions and attention dropout at global positions). Not with a cache,
+            ``need_weights=True``, a tensor ``attn_mask``, ``add_bias_kv`` or ``add_zero_attn``.
         cp_layout: ``"zigzag"`` (default; balances causal work) or ``"contiguous"``.
 
     Forward:

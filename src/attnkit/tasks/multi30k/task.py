@@ -75,7 +75,7 @@ class Multi30kTask(Task):
         t = p.add_argument_group("recipe")
         t.add_argument("--context-parallel", action="store_true",
                        help="under torchrun, Transformer only: split every sentence over the ranks (ring attention) "
-                            "instead of splitting the batches; attention-weight dropout is then off")
+                            "instead of splitting the batches")
         t.add_argument("--batch-tokens", type=positive_int, default=2048, help="padded tokens per batch (default 2048)")
         t.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default 7e-4 / 1e-3)")
         t.add_argument("--warmup", type=nonnegative_int, default=None, help="warm-up updates (default 300)")
