@@ -376,7 +376,9 @@ def _bad_shapes(rank, world):
     n = 4 if rank == 0 else 6  # rank 0 disagrees: every rank raises, listing every rank's shapes
     q = torch.zeros(1, 2, n, 4)
     with _raises(ValueError, "disagree", "rank 0: q (1, 2, 4, 4)", "rank 1: q (1, 2, 6, 4)"):
-        ring_attention(q, q, q, layout="contiguous")
+        ring_attention(q, q, q, layout="zigzag")  # (contiguous shards may differ in length)
+    with _raises(ValueError, "disagree", "rank 0: q (1, 2, n, 4)", "rank 1: q (1, 3, n, 4)"):
+        ring_attention(*(torch.zeros(1, 2 if rank == 0 else 3, n, 4),) * 3, layout="contiguous")
     with _raises(ValueError, "disagree"):
         kv = torch.zeros(1, world, n, 4)
         ulysses_attention(torch.zeros(1, 2 * world, n, 4), kv, kv, layout="contiguous")
@@ -632,5 +634,50 @@ def _ring_dropout(rank, world):
                 gen = lambda: torch.Generator().manual_seed(1234)  # noqa: E731 -- same seed, fresh generators
                 compare(ring_attention, world, layout, n=8, dropout_p=0.3, generator=gen(),
                         ref_kwargs=dict(dropout_p=0.3, generator=gen(), **kw), **kw)
+    finally:
+        block.SUB_Q, block.SUB_K = saved
+
+
+@case("ring[uneven_contiguous]", worlds=(2, 3, 4))
+def _ring_uneven(rank, world):
+    """Contiguous shards of different lengths (rank r holds 3 + 2r queries and 5 + r keys): outputs
+    and gradients of q, k, v and of a learned bias equal the reference on the whole sequences."""
+    from attnkit.distributed import block
+
+    q_lens = [3 + 2 * r for r in range(world)]
+    k_lens = [5 + r for r in range(world)]
+    Tq, Tk = sum(q_lens), sum(k_lens)
+    qo, ko = sum(q_lens[:rank]), sum(k_lens[:rank])
+    g = torch.Generator().manual_seed(77)
+    H, Hkv, D = 4, 2, 6
+    q = torch.randn(2, H, Tq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(2, Hkv, Tk, D, generator=g, dtype=torch.float64)
+    v = torch.randn(2, Hkv, Tk, D, generator=g, dtype=torch.float64)
+    dout = torch.randn(2, H, Tq, D, generator=g, dtype=torch.float64)
+    t5 = positions.T5RelativeBias(H, num_buckets=8, max_distance=16).double()
+    saved = block.SUB_Q, block.SUB_K
+    block.SUB_Q, block.SUB_K = 4, 3
+    try:
+        for kw in (dict(mask=masks.causal()), dict(mask=masks.sliding_window(4), bias=positions.ALiBi(H)),
+                   dict(mask=masks.key_padding(torch.tensor([Tk, Tk - 4])), bias=t5),
+                   dict(normalizer="sigmoid"), dict(mask=masks.causal(), dropout_p=0.2)):
+            params = list(t5.parameters()) if kw.get("bias") is t5 else []
+            gen = (lambda: torch.Generator().manual_seed(5)) if "dropout_p" in kw else (lambda: None)  # noqa: E731
+            full = [x.clone().requires_grad_() for x in (q, k, v)]
+            want = attnkit.attention(*full, backend="reference", generator=gen(), **kw)
+            wg = torch.autograd.grad((want * dout).sum(), full + params)
+            part = [q[:, :, qo:qo + q_lens[rank]], k[:, :, ko:ko + k_lens[rank]], v[:, :, ko:ko + k_lens[rank]]]
+            part = [x.clone().requires_grad_() for x in part]
+            got = ring_attention(*part, layout="contiguous", generator=gen(), **kw)
+            gg = torch.autograd.grad((got * dout[:, :, qo:qo + q_lens[rank]]).sum(), part + params)
+            what = str(kw)
+            _close(got, want[:, :, qo:qo + q_lens[rank]].detach(), f"out {what}")
+            _close(gg[0], wg[0][:, :, qo:qo + q_lens[rank]], f"dq {what}")
+            _close(gg[1], wg[1][:, :, ko:ko + k_lens[rank]], f"dk {what}")
+            _close(gg[2], wg[2][:, :, ko:ko + k_lens[rank]], f"dv {what}")
+            for a, b in zip(gg[3:], wg[3:]):
+                a = a.clone()
+                dist.all_reduce(a)
+                _close(a, b, f"bias grad {what}")
     finally:
         block.SUB_Q, block.SUB_K = saved

@@ -97,6 +97,17 @@ class _RingPlan:
     steps: int
     stats: Optional[RingStats]
     seed: Optional[int] = None                # dropout's (rank 0's draw, shared by every rank)
+    k_lens: tuple[int, ...] = ()              # every rank's key shard length (contiguous shards may differ)
+
+    def kv_shapes(self, src: int, kp: Tensor, v: Tensor):
+        """The shapes of rank ``src``'s K and V shards (this rank's ``kp``, ``v`` give the rest)."""
+        n = self.k_lens[src]
+        return (*kp.shape[:2], n, kp.shape[3]), (*v.shape[:2], n, v.shape[3])
+
+    def kv_buffer(self, src: int, kp: Tensor, v: Tensor) -> Tensor:
+        """An empty packed K/V buffer the size of rank ``src``'s shard."""
+        (B, Hkv, n, D), (_, _, _, Dv) = self.kv_shapes(src, kp, v)
+        return kp.new_empty(B * Hkv * n * (D + Dv))
 
 
 # -- checks -------------------------------------------------------------------------------------
@@ -160,8 +171,10 @@ def _status_table(spec: AttentionSpec, q_chunks: Sequence[Chunk], kv_chunks: Seq
     of rank ``src``)."""
     if spec.mask is None:
         return tuple(tuple(tuple(FULL for _ in kcs) for _ in q_chunks) for kcs in kv_chunks)
-    if _has_closed_form(spec.mask):
-        cq, ck = q_chunks[0].length, kv_chunks[0][0].length
+    cq, ck = q_chunks[0].length, kv_chunks[0][0].length
+    uniform = all(c.length == cq and c.start % cq == 0 for c in q_chunks) and all(
+        c.length == ck and c.start % ck == 0 for kcs in kv_chunks for c in kcs)
+    if uniform and _has_closed_form(spec.mask):  # (uneven contiguous shards: evaluated tile by tile below)
         cls = spec.mask.classify_blocks(spec.Tq, spec.Tk, cq, ck, spec.B, spec.H, device=device).flatten(0, 1)
         empty, full = (cls == EMPTY).all(0).cpu(), (cls == FULL).all(0).cpu()
         table = torch.where(empty, EMPTY, torch.where(full, FULL, PARTIAL)).tolist()
@@ -185,10 +198,10 @@ def _bias_params(spec: AttentionSpec) -> list[Tensor]:
 
 
 def _describe(s: Sequence[int]) -> str:
-    B, H, Hkv, nq, nk, D, Dv, dt, lay, grad = s
+    B, H, Hkv, nq, nk, D, Dv, dt, lay = s
+    nq, nk = ("n" if nq < 0 else nq), ("n" if nk < 0 else nk)  # contiguous: any length
     return (f"q ({B}, {H}, {nq}, {D}), k ({B}, {Hkv}, {nk}, {D}), v ({B}, {Hkv}, {nk}, {Dv}), "
-            f"{dtype_name(dt)}, layout {LAYOUTS[lay] if 0 <= lay < len(LAYOUTS) else '?'!r}, "
-            f"requires grad {bool(grad)}")
+            f"{dtype_name(dt)}, layout {LAYOUTS[lay] if 0 <= lay < len(LAYOUTS) else '?'!r}")
 
 
 # -- communication ------------------------------------------------------------------------------
@@ -240,9 +253,9 @@ def _ring_forward(qp: Tensor, kp: Tensor, v: Tensor, plan: _RingPlan) -> tuple[T
         src = (rank - t) % R
         works, nxt = [], None
         if t + 1 < plan.steps:  # the next shard travels while this one is computed
-            nxt = torch.empty_like(buf)
+            nxt = plan.kv_buffer((src - 1) % R, kp, v)
             works = net.exchange(info, buf, nxt, rank + 1, rank - 1, tag=0)
-        k_t, v_t = (kp, v) if t == 0 else _unpack(buf, kp.shape, v.shape)
+        k_t, v_t = (kp, v) if t == 0 else _unpack(buf, *plan.kv_shapes(src, kp, v))
         if _live(plan.status[src]):
             shards.append(src)
             tiles += block_forward(qp, k_t, v_t, spec, plan.q_chunks, plan.kv_chunks[src], plan.status[src], state,
@@ -280,15 +293,16 @@ def _ring_backward(qp: Tensor, kp: Tensor, v: Tensor, out: Tensor, lse: Optional
         src = (rank - t) % R
         kv_works, kv_next = [], None
         if t + 1 < S:
-            kv_next = torch.empty_like(kv)
+            kv_next = plan.kv_buffer((src - 1) % R, kp, v)
             kv_works = net.exchange(info, kv, kv_next, rank + 1, rank - 1, tag=0)
-        k_t, v_t = _unpack(kv, kp.shape, v.shape)
+        shapes = plan.kv_shapes(src, kp, v)
+        k_t, v_t = _unpack(kv, *shapes)
         if incoming is not None:  # the partial dK/dV of shard src from the ranks before this one:
             net.wait(in_works)    # this rank adds its part to it
             dkv = incoming
         else:
             dkv = torch.zeros_like(kv)
-        dk_t, dv_t = _unpack(dkv, kp.shape, v.shape)
+        dk_t, dv_t = _unpack(dkv, *shapes)
         if _live(plan.status[src]):
             shards.append(src)
             tiles += block_backward(qp, k_t, v_t, dout, lse, delta, spec, plan.q_chunks, plan.kv_chunks[src],
@@ -297,10 +311,10 @@ def _ring_backward(qp: Tensor, kp: Tensor, v: Tensor, out: Tensor, lse: Optional
             own = dkv  # this rank's part of its own shard's gradient: the others' parts come back at the end
         else:
             if t + 1 < S:
-                incoming = torch.empty_like(dkv)
+                incoming = plan.kv_buffer((src - 1) % R, kp, v)
                 in_works = net.exchange(info, dkv, incoming, rank + 1, rank - 1, tag=1)
             else:  # the others' sum for shard src goes to its owner; ours comes to us
-                back = torch.empty_like(dkv)
+                back = torch.empty_like(own)
                 net.wait(net.exchange(info, dkv, back, src, rank + S - 1, tag=2))
                 own += back
         net.wait(kv_works)
@@ -352,7 +366,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, mask=None, bi
         \ \text{over the keys } j \text{ the mask allows}\big),\qquad i \in P_r,
 
     where ``i``, ``j`` are global positions and every mask and score mod sees the global lengths
-    ``Tq = R·n_q``, ``Tk = R·n_k``. Softmax blocks merge by log-sum-exp (online softmax); sigmoid
+    ``Tq``, ``Tk`` (the sums of the ranks' shard lengths: ``R·n`` in the zigzag layout, whose shards
+    are equal; contiguous shards may differ in length, rank ``r`` then holding the positions after
+    those of ranks ``0 … r-1``). Softmax blocks merge by log-sum-exp (online softmax); sigmoid
     blocks add. The backward (a custom autograd function) passes K/V around the ring again with the
     accumulating dK/dV and recomputes each block's weights from the saved log-sum-exp.
 
@@ -414,10 +430,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, mask=None, bi
         assert torch.allclose(full, attnkit.attention(q, k, v, mask=mask))
     """
     info = group_info(group, _FN)
+    R = info.world_size
+    # 1. every rank's shapes: equal on every rank, but for the shard lengths of the contiguous layout
     error: Optional[BaseException] = None
     shared: list[int] = []
-    need = seed = 0
-    plan_parts = None
+    lengths = [0, 0]
     try:
         layout = check_layout(layout, _FN)
         check_4d(_FN, q=q, k=k, v=v)
@@ -430,34 +447,51 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, mask=None, bi
                 raise ValueError(f"{_FN}: every rank needs at least one position; {name} has shard length 0")
             if layout == "zigzag" and n % 2:
                 raise ValueError(f"{_FN}: layout 'zigzag' gives each rank two chunks of equal length, so the shard "
-                                 f"length must be even (the global length a multiple of 2·R = {2 * info.world_size}); "
+                                 f"length must be even (the global length a multiple of 2·R = {2 * R}); "
                                  f"{name} has shard length {n} (shape {tuple(q.shape if name == 'q' else k.shape)}). "
                                  "Pad the sequence or use layout='contiguous'")
-        R = info.world_size
+        even = layout == "zigzag"  # zigzag shards are equal; contiguous ones may differ
+        shared = [q.shape[0], q.shape[1], k.shape[1], n_q if even else -1, n_k if even else -1, q.shape[3],
+                  v.shape[3], dtype_code(q.dtype), LAYOUTS.index(layout)]
+        lengths = [n_q, n_k]
+    except Exception as e:  # noqa: BLE001 -- re-raised after every rank has heard of it
+        error = e
+    rows = agree(info, _FN, shared or [0] * 9, lengths, error=error, describe=_describe,
+                 what="shards of the same shapes and dtype (contiguous shards may differ in length), in the same "
+                      "layout")
+    q_lens, k_lens = tuple(r[0] for r in rows), tuple(r[1] for r in rows)
+    Tq, Tk = sum(q_lens), sum(k_lens)
+    # 2. the request at global sizes, this rank's tiles, and how far round the ring they reach
+    need = seed = 0
+    plan_parts = None
+    try:
         try:
-            spec = canonicalize(_global_like(q, R * n_q), _global_like(k, R * n_k), _global_like(v, R * n_k),
+            spec = canonicalize(_global_like(q, Tq), _global_like(k, Tk), _global_like(v, Tk),
                                 score=score, normalizer=normalizer, mask=mask, bias=bias, scale=scale,
                                 dropout_p=dropout_p, return_weights=return_weights, generator=generator)
         except (TypeError, ValueError) as e:
-            raise type(e)(f"{_FN} (global sizes Tq = {R * n_q}, Tk = {R * n_k} over {R} ranks): {e}") from e
+            raise type(e)(f"{_FN} (global sizes Tq = {Tq}, Tk = {Tk} over {R} ranks): {e}") from e
         why = _unsupported(spec)
         if why is not None:
             raise ValueError(f"{_FN}: {why}")
-        q_chunks = shard_chunks(layout, n_q, info.rank, R)
-        kv_chunks = tuple(shard_chunks(layout, n_k, r, R) for r in range(R))
+        if layout == "contiguous":  # rank r holds [sum of the lengths before it, + its own)
+            q_chunks = (Chunk(0, q_lens[info.rank], sum(q_lens[:info.rank])),)
+            kv_chunks = tuple((Chunk(0, k_lens[r], sum(k_lens[:r])),) for r in range(R))
+        else:
+            q_chunks = shard_chunks(layout, n_q, info.rank, R)
+            kv_chunks = tuple(shard_chunks(layout, n_k, r, R) for r in range(R))
         status = _status_table(spec, q_chunks, kv_chunks, q.device)
         need = max([(info.rank - src) % R for src in range(R) if _live(status[src])], default=0)
-        plan_parts = (spec, layout, q_chunks, kv_chunks, status)
+        plan_parts = (spec, q_chunks, kv_chunks, status)
         seed = draw_seed(spec.generator) if spec.dropout_p > 0 else 0
-        shared = [q.shape[0], q.shape[1], k.shape[1], n_q, n_k, q.shape[3], v.shape[3], dtype_code(q.dtype),
-                  LAYOUTS.index(layout), int(spec.requires_grad)]
-    except Exception as e:  # noqa: BLE001 -- re-raised after every rank has heard of it
-        error = e
-    needs = agree(info, _FN, shared or [0] * 10, [need, seed], error=error, describe=_describe,
-                  what="shards of the same shapes and dtype, in the same layout, all requiring grad or none")
-    spec, layout, q_chunks, kv_chunks, status = plan_parts
+        grad = int(spec.requires_grad)
+    except Exception as e:  # noqa: BLE001
+        error, grad = e, 0
+    needs = agree(info, _FN, [grad], [need, seed], error=error,
+                  describe=lambda r: f"requires grad {bool(r[0])}", what="all requiring grad or none")
+    spec, q_chunks, kv_chunks, status = plan_parts
     steps = max(n[0] for n in needs) + 1
     plan = _RingPlan(spec, info, layout, q_chunks, kv_chunks, status, steps, stats,
-                     needs[0][1] if spec.dropout_p > 0 else None)
+                     needs[0][1] if spec.dropout_p > 0 else None, k_lens)
     qp, kp = spec.score.prepare(q, k)
     return _RingAttention.apply(qp, kp, v, plan, *_bias_params(spec))
