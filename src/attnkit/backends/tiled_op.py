@@ -27,7 +27,7 @@ Example::
     True
     >>> from attnkit.spec import canonicalize
     >>> describe(canonicalize(q, k, v, mask=attnkit.masks.causal() & attnkit.masks.key_padding(torch.tensor([50]))))
-    ("('dot', 0.25, ('and', ('causal', 'bottom_right'), ('padding', 0)), ())", [tensor([50])])
+    ("('scaled_dot', 0.25, ('and', ('causal', 'bottom_right'), ('padding', 0)), ())", [tensor([50])])
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ class Tile:
                slopes: list | None = None) -> Tensor:
         """The tile's scores after scale, score mods and temperature (from ``raw``, the score's
         own tile, when the caller has it already). With a list ``slopes``, each mod that is a
-        function of the score alone appends its derivative there (:meth:`ScoreMod.slope`): their
+        function of the score alone appends its derivative there (:meth:`ScoreMod.pointwise_slope`): their
         product is ``d s / d (scale · raw)`` up to the temperature, for a closed-form backward."""
         spec = self.spec
         s = spec.score.tile(qp, kp) if raw is None else raw
@@ -67,7 +67,7 @@ class Tile:
         for mod in spec.score_mods:
             s = mod.score_mod(s, *grid, spec.Tq, spec.Tk)
             if slopes is not None and mod.pointwise:
-                slopes.append(mod.slope(s))
+                slopes.append(mod.pointwise_slope(s))
         if self.inv_temp != 1.0:
             s = s * self.inv_temp
         return s

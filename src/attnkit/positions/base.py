@@ -29,14 +29,14 @@ class ScoreMod:
     """
 
     additive: bool = False
-    #: ``score_mod(s, ...) == f(s)`` with ``f'`` in closed form (:meth:`slope`)
+    #: ``score_mod(s, ...) == f(s)`` with ``f'`` in closed form (:meth:`pointwise_slope`)
     pointwise: bool = False
 
     def score_mod(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor,
                   num_queries: int, num_keys: int) -> Tensor:
         raise NotImplementedError
 
-    def slope(self, out: Tensor) -> Tensor | None:
+    def pointwise_slope(self, out: Tensor) -> Tensor:
         """For a mod that is a function of the score alone, ``out = f(score)``: the derivative
         ``f'(score)`` written from ``out``, so a tiled backward chains it in closed form (no
         autograd per tile). Mods that declare ``pointwise = True`` implement it."""
@@ -258,7 +258,7 @@ class SoftCap(ScoreMod):
     def score_mod(self, score, b, h, q_idx, kv_idx, num_queries, num_keys):
         return self.cap * torch.tanh(score / self.cap)
 
-    def slope(self, out: Tensor) -> Tensor:
+    def pointwise_slope(self, out: Tensor) -> Tensor:
         """``d out / d score = 1 - tanh² = 1 - (out / cap)²``."""
         t = out / self.cap
         return 1.0 - t * t
