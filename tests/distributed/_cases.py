@@ -681,3 +681,32 @@ def _ring_uneven(rank, world):
                 _close(a, b, f"bias grad {what}")
     finally:
         block.SUB_Q, block.SUB_K = saved
+
+
+@case("ring[nonfinite]", worlds=(2, 3))
+def _ring_nonfinite(rank, world):
+    """attnkit's NaN policy over the ring: NaN/inf in a live query, a live key, a padded key, a value
+    entry (on whichever rank holds them) give exactly the NaN one process gives, and finite gradients
+    equal to its gradients."""
+    for layout in LAYOUTS:
+        n, N = 4, 4 * world
+        g = torch.Generator().manual_seed(21)
+        q, k, v, dout = (torch.randn(2, 2, N, 4, generator=g, dtype=torch.float64) for _ in range(4))
+        q[0, 1, 1, 2] = float("nan")            # a live query row
+        k[1, 0, N - 1, 0] = float("inf")        # a key only late rows read (causal)
+        k[0, 0, N - 2, 1] = float("nan")        # padded away for batch 0 below
+        v[1, 1, 2, 3] = float("nan")            # one value column
+        kw = dict(mask=masks.causal() & masks.key_padding(torch.tensor([N - 2, N])))
+        full = [x.clone().requires_grad_() for x in (q, k, v)]
+        want = attnkit.attention(*full, backend="reference", **kw)
+        wg = torch.autograd.grad(want.nan_to_num(0.0).mul(dout).sum(), full)
+        part = [shard(x, layout).requires_grad_() for x in (q, k, v)]
+        got = ring_attention(*part, layout=layout, **kw)
+        gg = torch.autograd.grad(got.nan_to_num(0.0).mul(shard(dout, layout)).sum(), part)
+        torch.testing.assert_close(got, shard(want.detach(), layout), equal_nan=True, **TOL)
+        assert bool(got.isnan().any()) and not bool(got.isnan().all())
+        for a, b, what in zip(gg, wg, "qkv"):
+            assert bool(a.isfinite().all()), what
+            _close(a, shard(b, layout), f"d{what}")
+    x = torch.randn(1, 2, 4, 4)  # clean inputs: nothing changes, the check is one sum
+    assert bool(ring_attention(x, x, x, layout="contiguous").isfinite().all())

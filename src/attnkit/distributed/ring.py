@@ -402,7 +402,10 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, mask=None, bi
 
     Returns:
         ``out (B, H, n_q, Dv)``: this rank's rows, equal to the single-process
-        ``attnkit.attention`` on the gathered tensors. Rows with no allowed key give 0.
+        ``attnkit.attention`` on the gathered tensors. Rows with no allowed key give 0. NaN and inf
+        inputs follow attnkit's policy (:mod:`attnkit.nonfinite`) as one process applies it: the
+        output entries that read them are NaN, nothing else, and gradients stay finite (the check
+        is one sum per rank; the ranks share where the bad entries are only when there are any).
 
     Raises:
         RuntimeError: torch.distributed is not initialized.
@@ -462,7 +465,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, mask=None, bi
     q_lens, k_lens = tuple(r[0] for r in rows), tuple(r[1] for r in rows)
     Tq, Tk = sum(q_lens), sum(k_lens)
     # 2. the request at global sizes, this rank's tiles, and how far round the ring they reach
-    need = seed = 0
+    need = seed = bad = 0
     plan_parts = None
     try:
         try:
@@ -485,13 +488,74 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, mask=None, bi
         plan_parts = (spec, q_chunks, kv_chunks, status)
         seed = draw_seed(spec.generator) if spec.dropout_p > 0 else 0
         grad = int(spec.requires_grad)
+        if not torch.compiler.is_compiling():
+            with torch.no_grad():  # the NaN policy's one sum (attnkit.nonfinite)
+                bad = int(not bool(torch.isfinite(q.sum() + k.sum().to(q.dtype) + v.sum().to(q.dtype))))
     except Exception as e:  # noqa: BLE001
         error, grad = e, 0
-    needs = agree(info, _FN, [grad], [need, seed], error=error,
+    needs = agree(info, _FN, [grad], [need, seed, bad], error=error,
                   describe=lambda r: f"requires grad {bool(r[0])}", what="all requiring grad or none")
     spec, q_chunks, kv_chunks, status = plan_parts
     steps = max(n[0] for n in needs) + 1
     plan = _RingPlan(spec, info, layout, q_chunks, kv_chunks, status, steps, stats,
                      needs[0][1] if spec.dropout_p > 0 else None, k_lens)
+    guard = None
+    if any(n[2] for n in needs):  # a NaN or inf on some rank: attnkit's policy, as one process applies it
+        q, k, v, guard = _quarantine(q, k, v, plan, q_lens)
     qp, kp = spec.score.prepare(q, k)
-    return _RingAttention.apply(qp, kp, v, plan, *_bias_params(spec))
+    out = _RingAttention.apply(qp, kp, v, plan, *_bias_params(spec))
+    return out if guard is None else out.masked_fill(guard, float("nan"))
+
+
+def _positions(chunks: Sequence[Chunk], device) -> Tensor:
+    """The global positions of a shard made of ``chunks``, in the shard's order."""
+    return torch.cat([torch.arange(c.start, c.start + c.length, device=device) for c in chunks])
+
+
+def _gather_global(x: Tensor, plan: _RingPlan, lens: Sequence[int], chunks_of, length: int) -> Tensor:
+    """``x (B, H, n_r, ...)`` of every rank put at its global positions along dim 2 (shards may
+    differ in length: padded to the longest for the all_gather)."""
+    import torch.distributed as dist
+
+    info, longest = plan.info, max(lens)
+    flags = x.dtype == torch.bool
+    x = x.to(torch.uint8) if flags else x  # (gloo gathers no bool)
+    pad = x.new_zeros(*x.shape[:2], longest - x.shape[2], *x.shape[3:])
+    mine = torch.cat([x, pad], 2)
+    parts = [torch.empty_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(parts, mine, group=info.group)
+    out = torch.zeros(*x.shape[:2], length, *x.shape[3:], dtype=torch.bool if flags else x.dtype, device=x.device)
+    for r, part in enumerate(parts):
+        out[:, :, _positions(chunks_of(r), x.device)] = part[:, :, :lens[r]].to(out.dtype)
+    return out
+
+
+def _quarantine(q: Tensor, k: Tensor, v: Tensor, plan: _RingPlan, q_lens: Sequence[int]):
+    """attnkit's NaN policy (:mod:`attnkit.nonfinite`) over the ring: every rank zeroes its
+    non-finite inputs, the ranks share where they were (global positions), and each finds the
+    rows of its own queries that one process would make NaN. Returns ``(q, k, v, bad)`` with
+    ``bad`` the ``(B, H, n_q, Dv)`` output entries to set to NaN."""
+    from ..nonfinite import Guard
+
+    spec, info = plan.spec, plan.info
+    with torch.no_grad():
+        bq, bk, bv = (~torch.isfinite(x) for x in (q, k, v))
+        def q_chunks_of(r):
+            if r == info.rank:
+                return plan.q_chunks
+            if plan.layout == "contiguous":
+                return (Chunk(0, q_lens[r], sum(q_lens[:r])),)
+            return shard_chunks(plan.layout, q_lens[r], r, info.world_size)
+
+        q_rows = _gather_global(bq.any(-1), plan, q_lens, q_chunks_of, spec.Tq)
+        k_keys = _gather_global(bk.any(-1), plan, plan.k_lens, lambda r: plan.kv_chunks[r], spec.Tk)
+        v_bad = _gather_global(bv, plan, plan.k_lens, lambda r: plan.kv_chunks[r], spec.Tk)
+        guard = Guard(q_rows=q_rows if bool(q_rows.any()) else None,
+                      k_keys=k_keys if bool(k_keys.any()) and spec.score.reads_keys else None,
+                      v_bad=v_bad if bool(v_bad.any()) else None, bias_bad=None)
+        rows, cols = guard.poisoned(spec)                              # (B, H, Tq), (B, H, Tq, Dv) or None
+        mine = _positions(plan.q_chunks, q.device)
+        bad = rows[:, :, mine].unsqueeze(-1).expand(*rows.shape[:2], len(mine), spec.Dv)
+        if cols is not None:
+            bad = bad | cols[:, :, mine]
+    return q.masked_fill(bq, 0.0), k.masked_fill(bk, 0.0), v.masked_fill(bv, 0.0), bad
