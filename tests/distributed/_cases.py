@@ -710,27 +710,3 @@ def _ring_nonfinite(rank, world):
             _close(a, shard(b, layout), f"d{what}")
     x = torch.randn(1, 2, 4, 4)  # clean inputs: nothing changes, the check is one sum
     assert bool(ring_attention(x, x, x, layout="contiguous").isfinite().all())
-
-
-@case("ring[pieces]", worlds=(2, 3, 4))
-def _ring_pieces(rank, world):
-    """K/V (and dK/dV) travelling in many small pieces (pieces of 1-2 keys here; a quarter of a chunk
-    and at least 256 keys by default): every ring configuration, uneven shards, dropout, the NaN
-    policy and the byte counts give the same results."""
-    from attnkit.distributed import ring as ring_module
-
-    saved = ring_module.PIECES_PER_CHUNK, ring_module.MIN_PIECE
-    ring_module.PIECES_PER_CHUNK, ring_module.MIN_PIECE = 3, 1
-    try:
-        for name, cfg in RING_CONFIGS.items():
-            for layout in LAYOUTS:
-                ring(world, layout, **cfg(world))
-        _ring_uneven(rank, world)
-        _skip_bytes(rank, world)
-        _skip_window(rank, world)
-        _skip_causal(rank, world)
-        if world < 4:
-            _ring_nonfinite(rank, world)
-        _ring_dropout(rank, world)
-    finally:
-        ring_module.PIECES_PER_CHUNK, ring_module.MIN_PIECE = saved

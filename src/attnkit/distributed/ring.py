@@ -220,17 +220,6 @@ class _Traffic:
                dist.P2POp(dist.irecv, recv, info.peer(frm), info.group, tag)]
         return dist.batch_isend_irecv(ops)
 
-    def isend(self, info: GroupInfo, send: Tensor, to: int, tag: int):
-        import torch.distributed as dist
-
-        self.bytes += send.numel() * send.element_size()
-        return dist.isend(send, info.peer(to), info.group, tag)
-
-    def irecv(self, info: GroupInfo, recv: Tensor, frm: int, tag: int):
-        import torch.distributed as dist
-
-        return dist.irecv(recv, info.peer(frm), info.group, tag)
-
     def wait(self, works: list) -> None:
         t = time.perf_counter()
         for w in works:
@@ -254,96 +243,25 @@ def _live(status_src) -> bool:
 
 
 # -- forward and backward -----------------------------------------------------------------------
-#: a K/V shard travels in pieces (each key chunk cut in ``PIECES_PER_CHUNK``, at least
-#: ``MIN_PIECE`` keys long), each forwarded as soon as it has been computed on: a rank holds a few
-#: pieces in flight, not whole shards
-PIECES_PER_CHUNK, MIN_PIECE = 4, 256
-
-
-@dataclass(frozen=True)
-class _Piece:
-    chunk: int  # which key chunk of the shard
-    lo: int     # local key range in the shard
-    hi: int
-
-
-def _pieces(chunks: Sequence[Chunk]) -> list[_Piece]:
-    out = []
-    for j, c in enumerate(chunks):
-        size = max(MIN_PIECE, -(-c.length // PIECES_PER_CHUNK))
-        for a in range(0, c.length, size):
-            out.append(_Piece(j, c.local + a, c.local + min(a + size, c.length)))
-    return out
-
-
-def _piece_block(plan: _RingPlan, src: int, p: _Piece):
-    """The piece as a one-chunk block: ``((Chunk,), status)`` for :func:`block_forward`."""
-    c = plan.kv_chunks[src][p.chunk]
-    chunk = Chunk(0, p.hi - p.lo, c.start + (p.lo - c.local))
-    return (chunk,), tuple((row[p.chunk],) for row in plan.status[src])
-
-
-def _tiles(plan: _RingPlan, src: int) -> int:
-    return sum(cls != EMPTY for row in plan.status[src] for cls in row)
-
-
-class _Stream:
-    """Pieces arriving from one peer in a known order, one receive posted ahead."""
-
-    def __init__(self, net: "_Traffic", info: GroupInfo, frm: int, tag: int, sizes: list[int], like: Tensor):
-        self.net, self.info, self.frm, self.tag, self.sizes, self.like = net, info, frm, tag, sizes, like
-        self.k, self.posted = 0, None
-        self._post()
-
-    def _post(self):
-        if self.k < len(self.sizes):
-            buf = self.like.new_empty(self.sizes[self.k])
-            self.posted = (buf, self.net.irecv(self.info, buf, self.frm, self.tag))
-            self.k += 1
-        else:
-            self.posted = None
-
-    def next(self) -> Tensor:
-        buf, work = self.posted
-        self.net.wait([work])
-        self._post()
-        return buf
-
-    def ready(self) -> bool:
-        """Whether the next piece has arrived already."""
-        return self.posted is not None and self.posted[1].is_completed()
-
-
 def _ring_forward(qp: Tensor, kp: Tensor, v: Tensor, plan: _RingPlan) -> tuple[Tensor, Optional[Tensor]]:
-    """Step ``t`` computes this rank's queries against shard ``rank - t``, piece by piece; each piece
-    received from rank ``r - 1`` goes on to rank ``r + 1`` as soon as it arrives."""
     info, spec = plan.info, plan.spec
-    rank, R, S = info.rank, info.world_size, plan.steps
+    rank, R = info.rank, info.world_size
     state = ForwardState.new(qp, v.shape[-1], is_sigmoid(spec))
-    net, sends, shards, tiles = _Traffic(), [], [], 0
-    B, Hkv, D, Dv = kp.shape[0], kp.shape[1], kp.shape[3], v.shape[3]
-    sizes = [B * Hkv * (p.hi - p.lo) * (D + Dv) for t in range(1, S) for p in _pieces(plan.kv_chunks[(rank - t) % R])]
-    incoming = _Stream(net, info, rank - 1, 0, sizes, kp) if sizes else None
-    for t in range(S):
+    buf = _pack(kp, v) if plan.steps > 1 else None
+    shards, tiles, net = [], 0, _Traffic()
+    for t in range(plan.steps):
         src = (rank - t) % R
-        live = _live(plan.status[src])
-        if live:
+        works, nxt = [], None
+        if t + 1 < plan.steps:  # the next shard travels while this one is computed
+            nxt = plan.kv_buffer((src - 1) % R, kp, v)
+            works = net.exchange(info, buf, nxt, rank + 1, rank - 1, tag=0)
+        k_t, v_t = (kp, v) if t == 0 else _unpack(buf, *plan.kv_shapes(src, kp, v))
+        if _live(plan.status[src]):
             shards.append(src)
-            tiles += _tiles(plan, src)
-        for p in _pieces(plan.kv_chunks[src]):
-            if t == 0:
-                k_t, v_t = kp[:, :, p.lo:p.hi], v[:, :, p.lo:p.hi]
-                msg = _pack(k_t, v_t) if S > 1 else None
-            else:
-                msg = incoming.next()
-                k_t, v_t = _unpack(msg, (B, Hkv, p.hi - p.lo, D), (B, Hkv, p.hi - p.lo, Dv))
-            if t + 1 < S:  # on to the next rank while this rank computes on it (never waited for in the
-                sends.append(net.isend(info, msg, rank + 1, 0))  # loop: only receives block, so no cycle)
-                sends = [w for w in sends if not w.is_completed()]
-            if live:
-                chunks, status = _piece_block(plan, src, p)
-                block_forward(qp, k_t, v_t, spec, plan.q_chunks, chunks, status, state, plan.seed)
-    net.wait(sends)
+            tiles += block_forward(qp, k_t, v_t, spec, plan.q_chunks, plan.kv_chunks[src], plan.status[src], state,
+                                   plan.seed)
+        net.wait(works)
+        buf = nxt if nxt is not None else buf
     if plan.stats is not None:
         st = plan.stats
         st.rank, st.world_size, st.layout, st.steps = rank, R, plan.layout, plan.steps
@@ -356,80 +274,57 @@ def _ring_forward(qp: Tensor, kp: Tensor, v: Tensor, plan: _RingPlan) -> tuple[T
 
 def _ring_backward(qp: Tensor, kp: Tensor, v: Tensor, out: Tensor, lse: Optional[Tensor], dout: Tensor,
                    plan: _RingPlan, params: Sequence[Tensor]):
-    """K/V travel around the ring again, piece by piece, each piece followed (from the second step)
-    by the partial sum of its dK/dV: at step ``t >= 1`` rank ``r`` adds its part for shard ``r - t``
-    and passes the piece on; at the last step the sum goes to the shard's owner, which adds the
-    part it computed at step 0. Each rank sends its K/V and a partial dK/dV ``steps - 1`` times:
-    with every shard visited, ``2 (R - 1) / R`` of the full K and V, the least a ring can send."""
+    """K/V travel around the ring again, followed by the buffer that accumulates their gradient:
+    at step ``t >= 1`` rank ``r`` adds its block's ``dK``, ``dV`` for shard ``r - t`` to the partial
+    sum received from rank ``r - 1`` and passes it on; the last step hands the sum to the shard's
+    owner, which adds its own part (kept since step 0). So each rank sends its K/V and a partial
+    dK/dV ``steps - 1`` times: with every shard visited, ``2 (R - 1) / R`` of the full K and V,
+    the least a ring can send."""
     info, spec = plan.info, plan.spec
     rank, R, S = info.rank, info.world_size, plan.steps
     sigmoid = is_sigmoid(spec)
     dq = torch.zeros_like(qp)
     dparams = [torch.zeros_like(p) for p in params]
     delta = None if sigmoid else (dout * out).sum(-1, keepdim=True)
-    own_k, own_v = torch.zeros_like(kp), torch.zeros_like(v)
-    B, Hkv, D, Dv = kp.shape[0], kp.shape[1], kp.shape[3], v.shape[3]
-    net, sends, shards, tiles = _Traffic(), [], [], 0
-
-    def size(p, grads):  # a message: K, V of the piece (and its dK, dV partial sums from step 2 on)
-        return B * Hkv * (p.hi - p.lo) * (D + Dv) * (2 if grads else 1)
-
-    ring_sizes = [size(p, t >= 2) for t in range(1, S) for p in _pieces(plan.kv_chunks[(rank - t) % R])]
-    incoming = _Stream(net, info, rank - 1, 0, ring_sizes, kp) if ring_sizes else None
-    mine = _pieces(plan.kv_chunks[rank])
-    # the others' parts of this rank's own shard come back from the rank whose last step is on it
-    back = _Stream(net, info, rank + S - 1, 2, [size(p, False) for p in mine], kp) if S > 1 else None
-    returned, returns = [0], []
-
-    def take_back(block: bool) -> None:
-        while back is not None and returned[0] < len(mine) and (block or back.ready()):
-            p = mine[returned[0]]
-            n = p.hi - p.lo
-            dk_b, dv_b = _unpack(back.next(), (B, Hkv, n, D), (B, Hkv, n, Dv))
-            own_k[:, :, p.lo:p.hi] += dk_b
-            own_v[:, :, p.lo:p.hi] += dv_b.to(own_v.dtype)
-            returned[0] += 1
+    kv = _pack(kp, v)
+    incoming, in_works, own = None, [], None
+    shards, tiles, net = [], 0, _Traffic()
     for t in range(S):
         src = (rank - t) % R
-        live = _live(plan.status[src])
-        if live:
+        kv_works, kv_next = [], None
+        if t + 1 < S:
+            kv_next = plan.kv_buffer((src - 1) % R, kp, v)
+            kv_works = net.exchange(info, kv, kv_next, rank + 1, rank - 1, tag=0)
+        shapes = plan.kv_shapes(src, kp, v)
+        k_t, v_t = _unpack(kv, *shapes)
+        if incoming is not None:  # the partial dK/dV of shard src from the ranks before this one:
+            net.wait(in_works)    # this rank adds its part to it
+            dkv = incoming
+        else:
+            dkv = torch.zeros_like(kv)
+        dk_t, dv_t = _unpack(dkv, *shapes)
+        if _live(plan.status[src]):
             shards.append(src)
-            tiles += _tiles(plan, src)
-        for p in _pieces(plan.kv_chunks[src]):
-            n = p.hi - p.lo
-            kshape, vshape = (B, Hkv, n, D), (B, Hkv, n, Dv)
-            if t == 0:
-                k_t, v_t = kp[:, :, p.lo:p.hi], v[:, :, p.lo:p.hi]
-                dk_t, dv_t = own_k[:, :, p.lo:p.hi], own_v[:, :, p.lo:p.hi]
-                msg = _pack(k_t, v_t) if S > 1 else None
-            else:
-                got = incoming.next()
-                kv_part = got[:B * Hkv * n * (D + Dv)]
-                k_t, v_t = _unpack(kv_part, kshape, vshape)
-                if t == 1:  # the partial sum starts here (the owner keeps its own part)
-                    dkv = kp.new_zeros(B * Hkv * n * (D + Dv))
-                    msg = torch.cat([kv_part, dkv]) if t + 1 < S else None
-                    dkv = msg[kv_part.numel():] if msg is not None else dkv
-                else:
-                    msg, dkv = got, got[kv_part.numel():]
-                dk_t, dv_t = _unpack(dkv, kshape, vshape)
-            if live:
-                chunks, status = _piece_block(plan, src, p)
-                block_backward(qp, k_t, v_t, dout, lse, delta, spec, plan.q_chunks, chunks, status, params, dq,
-                               dk_t, dv_t, dparams, plan.seed)
-            if t + 1 < S:  # (sends are never waited for in the loop: only receives block, so no cycle)
-                sends.append(net.isend(info, msg, rank + 1, 0))
-                sends = [w for w in sends if not w.is_completed()]
-            elif t > 0:  # the others' sum for this piece of shard src goes to its owner
-                returns.append(net.isend(info, dkv, src, 2))
-                take_back(block=False)
-    take_back(block=True)
-    net.wait(sends + returns)
+            tiles += block_backward(qp, k_t, v_t, dout, lse, delta, spec, plan.q_chunks, plan.kv_chunks[src],
+                                    plan.status[src], params, dq, dk_t, dv_t, dparams, plan.seed)
+        if t == 0:
+            own = dkv  # this rank's part of its own shard's gradient: the others' parts come back at the end
+        else:
+            if t + 1 < S:
+                incoming = plan.kv_buffer((src - 1) % R, kp, v)
+                in_works = net.exchange(info, dkv, incoming, rank + 1, rank - 1, tag=1)
+            else:  # the others' sum for shard src goes to its owner; ours comes to us
+                back = torch.empty_like(own)
+                net.wait(net.exchange(info, dkv, back, src, rank + S - 1, tag=2))
+                own += back
+        net.wait(kv_works)
+        kv = kv_next if kv_next is not None else kv
+    dk, dv = _unpack(own, kp.shape, v.shape)
     if plan.stats is not None:
         st = plan.stats
         st.backward_shards_computed, st.backward_tiles_computed = shards, tiles
         st.backward_bytes_sent, st.backward_wait_seconds = net.bytes, net.seconds
-    return dq, own_k, own_v, dparams
+    return dq, dk, dv.to(v.dtype), dparams  # views of one buffer: no copy
 
 
 class _RingAttention(torch.autograd.Function):
