@@ -195,13 +195,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     _prepare(targs)
     from .distributed import data_parallel as dp
 
-    if dp.init_from_env(targs.device):  # under torchrun: rank 0 alone prints and writes
+    if dp.init_from_env(targs.device):  # under torchrun: rank 0 alone prints, writes and evaluates
+        from .training import RankFinished, main_rank_finishes
+
         try:
-            if not dp.is_main():
-                with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-                    task.train(targs)
-                return 0
-            return _train_and_report(task, targs)
+            with main_rank_finishes():
+                if not dp.is_main():
+                    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                        try:
+                            task.train(targs)
+                        except RankFinished:
+                            pass
+                    return 0
+                return _train_and_report(task, targs)
         finally:
             dp.dist.destroy_process_group()
     return _train_and_report(task, targs)

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -56,6 +57,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+
+
+class RankFinished(Exception):
+    """Raised by :func:`fit` on a rank other than 0, once training is over, inside
+    :func:`main_rank_finishes`: what follows training (the final test, the last checkpoint) is rank
+    0's alone."""
+
+
+_main_finishes: list[bool] = []
+
+
+@contextlib.contextmanager
+def main_rank_finishes():
+    """Within the block, :func:`fit` under several ranks ends ranks other than 0 with
+    :class:`RankFinished` after the last epoch (its checkpoint written), so that a task's final
+    evaluation runs on rank 0 only (``attnkit train`` under ``torchrun`` uses it; other ranks
+    would repeat the evaluation, and on another machine could not read rank 0's checkpoint)."""
+    _main_finishes.append(True)
+    try:
+        yield
+    finally:
+        _main_finishes.pop()
 
 
 @dataclass
@@ -170,6 +193,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Calla
                 log(hist.stop_message)
             break
     hist.seconds = time.perf_counter() - start
+    if ranks.parallel and not ranks.main and _main_finishes:
+        raise RankFinished(f"rank {ranks.rank}: training is over; rank 0 finishes the run")
     return hist
 
 

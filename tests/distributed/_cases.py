@@ -710,3 +710,20 @@ def _ring_nonfinite(rank, world):
             _close(a, shard(b, layout), f"d{what}")
     x = torch.randn(1, 2, 4, 4)  # clean inputs: nothing changes, the check is one sum
     assert bool(ring_attention(x, x, x, layout="contiguous").isfinite().all())
+
+
+@case("ddp[main_rank_finishes]")
+def _ddp_main_finishes(rank, world):
+    """Inside main_rank_finishes (what `attnkit train` under torchrun uses), ranks other than 0 end
+    with RankFinished once training is over: the final evaluation is rank 0's alone."""
+    from attnkit.training import RankFinished, main_rank_finishes
+
+    with main_rank_finishes():
+        if rank == 0:
+            _, _, hist = _fit_run(True, steps=4)
+            assert hist.steps == 4
+        else:
+            with _raises(RankFinished, "rank 0 finishes"):
+                _fit_run(True, steps=4)
+    _, _, hist = _fit_run(True, steps=2)  # outside it every rank returns
+    assert hist.steps == 2
