@@ -127,8 +127,7 @@ def quarantine(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
     give (NaN spreads through the rows and columns it reaches)."""
     if torch.compiler.is_compiling():
         return q, k, v, spec, None
-    with torch.no_grad():  # one sum and one read for the three in the usual case (decoding steps are short)
-        fine = bool(torch.isfinite(q.sum() + k.sum().to(q.dtype) + v.sum().to(q.dtype)))
+    fine = inputs_finite(q, k, v)
     bad = [None] * 3 if fine else [None if all_finite(x) else ~torch.isfinite(x) for x in (q, k, v)]
     bias_bad, mods = None, list(spec.score_mods)
     for i, m in enumerate(mods):
@@ -170,6 +169,13 @@ def pending_check(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
         return bool(host)
 
     return finite
+
+
+def inputs_finite(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether ``q``, ``k`` and ``v`` hold only finite values, in one sum of the three (a NaN or
+    inf makes it non-finite; a finite sum proves all three clean)."""
+    with torch.no_grad():
+        return bool(torch.isfinite(q.sum() + k.sum().to(q.dtype) + v.sum().to(q.dtype)))
 
 
 def all_finite(x: Tensor) -> bool:

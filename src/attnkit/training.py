@@ -127,8 +127,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Calla
 
     if split not in ("rows", "none"):
         raise ValueError(f"split must be 'rows' or 'none'; got {split!r}")
-    ranks = _Ranks.start(model, data_parallel)
-    ranks.split = split
+    ranks = _Ranks.start(model, data_parallel, split)
     if not ranks.main:
         progress, log = False, None
     hist = History()
@@ -201,16 +200,15 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Calla
 class _Ranks:
     """The process group :func:`fit` trains over (one process: nothing to do)."""
 
-    def __init__(self, dp=None):
-        self.dp = dp
-        self.split = "rows"
+    def __init__(self, dp=None, split: str = "rows"):
+        self.dp, self.split = dp, split
         self.parallel = dp is not None
         self.rank = dp.dist.get_rank() if dp is not None else 0
         self.world = dp.dist.get_world_size() if dp is not None else 1
         self.main = self.rank == 0
 
     @classmethod
-    def start(cls, model: torch.nn.Module, wanted: bool | None) -> "_Ranks":
+    def start(cls, model: torch.nn.Module, wanted: bool | None, split: str) -> "_Ranks":
         dist = torch.distributed
         group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if wanted and not group:
@@ -221,7 +219,7 @@ class _Ranks:
         from .distributed import data_parallel as dp
 
         dp.broadcast_parameters(model)
-        return cls(dp)
+        return cls(dp, split)
 
     def step(self, model: torch.nn.Module, step: Callable, batch: Batch, out_of_time: bool
              ) -> tuple[Optional[float], bool]:

@@ -689,7 +689,7 @@ def _ring_nonfinite(rank, world):
     entry (on whichever rank holds them) give exactly the NaN one process gives, and finite gradients
     equal to its gradients."""
     for layout in LAYOUTS:
-        n, N = 4, 4 * world
+        N = 4 * world
         g = torch.Generator().manual_seed(21)
         q, k, v, dout = (torch.randn(2, 2, N, 4, generator=g, dtype=torch.float64) for _ in range(4))
         q[0, 1, 1, 2] = float("nan")            # a live query row

@@ -18,39 +18,16 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="needs torch.distributed with the gloo backend")
 
 
-def _params(prefix):
-    return [pytest.param(world, name, id=f"R{world}-{name}")
-            for world in (2, 3, 4) for name, fn in _cases.CASES.items()
-            if name.startswith(prefix) and world in getattr(fn, "worlds", _cases.DEFAULT_WORLDS)]
+CASES = [pytest.param(world, name, id=f"R{world}-{name}")
+         for world in (2, 3, 4) for name, fn in _cases.CASES.items()
+         if world in getattr(fn, "worlds", _cases.DEFAULT_WORLDS)]
 
 
-@pytest.mark.parametrize("world,name", _params("ring["))
-def test_ring_equals_single_process(world, name):
-    check(world, name)
-
-
-@pytest.mark.parametrize("world,name", _params("skip["))
-def test_ring_skips_masked_shards(world, name):
-    check(world, name)
-
-
-@pytest.mark.parametrize("world,name", _params("ulysses["))
-def test_ulysses_equals_single_process(world, name):
-    check(world, name)
-
-
-@pytest.mark.parametrize("world,name", _params("bad["))
-def test_bad_use_raises_on_every_rank(world, name):
-    check(world, name)
-
-
-@pytest.mark.parametrize("world,name", _params("cp["))
-def test_multihead_attention_with_a_process_group(world, name):
-    check(world, name)
-
-
-@pytest.mark.parametrize("world,name", _params("ddp["))
-def test_data_parallel_fit(world, name):
+@pytest.mark.parametrize("world,name", CASES)
+def test_case_in_a_group(world, name):
+    """Every case of _cases.py: ring[...] and ulysses[...] equal the single process; skip[...] checks
+    the shards and bytes a rank handles; bad[...] raises on every rank; cp[...] runs the modules with
+    a process group; ddp[...] trains data-parallel."""
     check(world, name)
 
 

@@ -37,6 +37,7 @@ from ..positions.base import FromBias, FromScoreMod, TensorBias
 from ..spec import AttentionSpec, canonicalize
 from ._group import check_4d, GroupInfo, agree, dtype_code, dtype_name, group_info
 from ..kernels.dropout import draw_seed
+from ..nonfinite import inputs_finite
 from .block import ForwardState, block_backward, block_forward, is_sigmoid, tile_class
 from .layout import LAYOUTS, Chunk, check_layout, shard_chunks
 
@@ -477,20 +478,15 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, mask=None, bi
         why = _unsupported(spec)
         if why is not None:
             raise ValueError(f"{_FN}: {why}")
-        if layout == "contiguous":  # rank r holds [sum of the lengths before it, + its own)
-            q_chunks = (Chunk(0, q_lens[info.rank], sum(q_lens[:info.rank])),)
-            kv_chunks = tuple((Chunk(0, k_lens[r], sum(k_lens[:r])),) for r in range(R))
-        else:
-            q_chunks = shard_chunks(layout, n_q, info.rank, R)
-            kv_chunks = tuple(shard_chunks(layout, n_k, r, R) for r in range(R))
+        q_chunks = _rank_chunks(layout, q_lens, info.rank)
+        kv_chunks = tuple(_rank_chunks(layout, k_lens, r) for r in range(R))
         status = _status_table(spec, q_chunks, kv_chunks, q.device)
         need = max([(info.rank - src) % R for src in range(R) if _live(status[src])], default=0)
         plan_parts = (spec, q_chunks, kv_chunks, status)
         seed = draw_seed(spec.generator) if spec.dropout_p > 0 else 0
         grad = int(spec.requires_grad)
         if not torch.compiler.is_compiling():
-            with torch.no_grad():  # the NaN policy's one sum (attnkit.nonfinite)
-                bad = int(not bool(torch.isfinite(q.sum() + k.sum().to(q.dtype) + v.sum().to(q.dtype))))
+            bad = int(not inputs_finite(q, k, v))  # the NaN policy's one sum (attnkit.nonfinite)
     except Exception as e:  # noqa: BLE001
         error, grad = e, 0
     needs = agree(info, _FN, [grad], [need, seed, bad], error=error,
@@ -505,6 +501,14 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, mask=None, bi
     qp, kp = spec.score.prepare(q, k)
     out = _RingAttention.apply(qp, kp, v, plan, *_bias_params(spec))
     return out if guard is None else out.masked_fill(guard, float("nan"))
+
+
+def _rank_chunks(layout: str, lens: Sequence[int], r: int) -> tuple[Chunk, ...]:
+    """The chunks of rank ``r``'s shard given every rank's shard length ``lens``: contiguous
+    shards may differ (rank ``r`` holds the positions after ranks ``0 … r-1``), zigzag ones are equal."""
+    if layout == "contiguous":
+        return (Chunk(0, lens[r], sum(lens[:r])),)
+    return shard_chunks(layout, lens[r], r, len(lens))
 
 
 def _positions(chunks: Sequence[Chunk], device) -> Tensor:
@@ -537,17 +541,10 @@ def _quarantine(q: Tensor, k: Tensor, v: Tensor, plan: _RingPlan, q_lens: Sequen
     ``bad`` the ``(B, H, n_q, Dv)`` output entries to set to NaN."""
     from ..nonfinite import Guard
 
-    spec, info = plan.spec, plan.info
+    spec = plan.spec
     with torch.no_grad():
         bq, bk, bv = (~torch.isfinite(x) for x in (q, k, v))
-        def q_chunks_of(r):
-            if r == info.rank:
-                return plan.q_chunks
-            if plan.layout == "contiguous":
-                return (Chunk(0, q_lens[r], sum(q_lens[:r])),)
-            return shard_chunks(plan.layout, q_lens[r], r, info.world_size)
-
-        q_rows = _gather_global(bq.any(-1), plan, q_lens, q_chunks_of, spec.Tq)
+        q_rows = _gather_global(bq.any(-1), plan, q_lens, lambda r: _rank_chunks(plan.layout, q_lens, r), spec.Tq)
         k_keys = _gather_global(bk.any(-1), plan, plan.k_lens, lambda r: plan.kv_chunks[r], spec.Tk)
         v_bad = _gather_global(bv, plan, plan.k_lens, lambda r: plan.kv_chunks[r], spec.Tk)
         guard = Guard(q_rows=q_rows if bool(q_rows.any()) else None,

@@ -8,6 +8,7 @@ best-BLEU checkpoint tested at the end), batched decoding (:func:`translate_ids`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -84,19 +85,17 @@ def _context_parallel_step(model, train, args, src_pad: int, pad: int, device):
     return step
 
 
-class _one_process:
+@contextlib.contextmanager
+def _one_process(model):
     """Evaluate (decode) with the model's context parallelism off, then put it back."""
-
-    def __init__(self, model):
-        self.model, self.group = model, getattr(model, "context_parallel", None)
-
-    def __enter__(self):
-        if self.group is not None:
-            self.model.set_context_parallel(None)
-
-    def __exit__(self, *exc):
-        if self.group is not None:
-            self.model.set_context_parallel(self.group, self.model.cp_layout)
+    group = getattr(model, "context_parallel", None)
+    if group is not None:
+        model.set_context_parallel(None)
+    try:
+        yield
+    finally:
+        if group is not None:
+            model.set_context_parallel(group, model.cp_layout)
 
 
 def generate(model: torch.nn.Module, src: Tensor, src_lengths: Tensor, *, beam: int = 1, max_len: int = 50,
