@@ -7,6 +7,8 @@ process, round-robin) and writes every repeat's seconds and peak memory to ``--j
 Usage (from the repository root)::
 
     python benchmarks/engine_round2.py --run --threads 2 --repeat 3 --json benchmarks/results/engine_round2.json
+    python benchmarks/engine_round2.py --run --threads 1 --repeat 3 --cases window256_fwdbwd window256_fwd_ \
+        --json benchmarks/results/engine_round2_1thread.json                    # what the second thread buys
     python benchmarks/engine_round2.py benchmarks/results/engine_round2.json     # print its table again
 """
 
@@ -20,10 +22,18 @@ from engine_targets import Target, targets_main  # noqa: E402
 
 # (the bench also has sparse_causal_fwdbwd_N65536, the issue's memory target at N=65536: several
 # minutes a run, measured on its own with `attnkit bench sparse_causal_fwdbwd_N65536 --repeat 3`)
-CASES = ["mha_weights", "sparse_causal_fwdbwd_N16384"]
+CASES = ["window256_fwdbwd", "window256_fwd_", "alibi", "mha_weights", "sparse_causal_fwdbwd_N16384"]
 
+W16, W8, AL = "window256_fwdbwd_N16384", "window256_fwd_N8192", "alibi_causal_fwdbwd_N8192"
 MW = "mha_weights_eval_N16384"
 TARGETS = [
+    Target("sliding window w=256, causal, N=16384, fwd+bwd: time", "seconds", (W16, "attnkit tiled"),
+           (W16, "sdpa dense mask"), "faster", "≥ 25×", lambda r: r >= 25, anchor_label="SDPA + dense mask"),
+    Target("sliding window, forward only, N=8192: time", "seconds", (W8, "attnkit tiled"), (W8, "flex compiled"),
+           "faster", "≥ 1× (flex's speed)", lambda r: r >= 1, anchor_label="compiled flex"),
+    Target("ALiBi + causal, N=8192, fwd+bwd: time", "seconds", (AL, "attnkit tiled"),
+           (AL, "sdpa is_causal, no bias"), "ratio", "≤ 1.10×", lambda r: r <= 1.10,
+           anchor_label="SDPA `is_causal` without the bias"),
     Target("`nn.MultiheadAttention(need_weights=True)` (weights averaged over the heads), causal, N=16384, "
            "eval: time", "seconds", (MW, "attnkit nn.MultiheadAttention"), (MW, "torch nn.MultiheadAttention"),
            "faster", "≥ 2×", lambda r: r >= 2, anchor_label="`torch.nn.MultiheadAttention`"),

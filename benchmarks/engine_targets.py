@@ -93,7 +93,13 @@ def targets_main(argv: list[str] | None, *, script: str, doc: str, cases: list[s
     p.add_argument("--repeat", type=int, default=3, help="fresh processes per variant (default 3)")
     p.add_argument("--quick", action="store_true", help="every size divided by 4 (smoke run; the docs ignore it)")
     p.add_argument("--json", default=default_json, help="where --run writes its results")
+    p.add_argument("--cases", nargs="+", metavar="PREFIX", help="only the cases whose names start so")
     args = p.parse_args(argv)
+    if args.cases:
+        unknown = [c for c in args.cases if not any(k.startswith(c) or c.startswith(k) for k in cases)]
+        if unknown:
+            p.error(f"--cases: {unknown} are not among this script's cases {cases}")
+        cases = args.cases
     path = args.json_file
     if args.run:
         from attnkit import bench

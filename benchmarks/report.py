@@ -43,10 +43,13 @@ COMMANDS = {
                             f"--json {RES}compile_window.json"),
     "small_calls.json": f"python benchmarks/small_calls.py --threads 2 --repeat 5 --json {RES}small_calls.json",
     "engine_round2.json": f"python benchmarks/engine_round2.py --run --threads 2 --repeat 3 --json {RES}engine_round2.json",
+    "engine_round2_1thread.json": ("python benchmarks/engine_round2.py --run --threads 1 --repeat 3 --cases "
+                                   f"window256_fwdbwd window256_fwd_ --json {RES}engine_round2_1thread.json"),
 }
 #: the settings a stored file must have for the docs to use it (a smoke run with other sizes is ignored)
 EXPECT = {"engine_2threads.json": {"threads": 2, "quick": False}, "engine_1thread.json": {"threads": 1, "quick": False},
           "hf_2threads.json": {"threads": 2, "quick": False}, "engine_round2.json": {"threads": 2, "quick": False},
+          "engine_round2_1thread.json": {"threads": 1, "quick": False},
           "causal_64k.json": {"threads": 2, "n": 65536},
           "demo_quality.json": {"threads": 1, "max_seconds": 150, "epochs": 10}}
 #: single-run quality results (long training, not repeated) and the command that appends or writes them
@@ -162,12 +165,13 @@ def engine_table(data, cmd: str, name: str = "", targets=None, what: str = "issu
     return "\n".join(out)
 
 
-def threads_table(one, two) -> str:
+def threads_table(one, two, names=("engine_1thread.json", "engine_2threads.json")) -> str:
     if not one or not two:
-        missing = [n for n, d in (("engine_1thread.json", one), ("engine_2threads.json", two)) if not d]
+        missing = [n for n, d in zip(names, (one, two)) if not d]
         return "\n".join(f"* `{RES}{n}`: {pending(COMMANDS[n])}" for n in missing)
     i1, i2 = _index(one), _index(two)
-    out = [f"From `{RES}engine_1thread.json` and `{RES}engine_2threads.json` (commands above); the speed-up "
+    g1, g2 = one.get("matmul_gflops") or [], two.get("matmul_gflops") or []
+    out = [f"From `{RES}{names[0]}` and `{RES}{names[1]}` (commands above); the speed-up "
            "from the second thread is taken over every pairing of a 1-thread and a 2-thread repeat.", "",
            "| case | variant | 1 thread | 2 threads | speed-up from the second thread |", "|---|---|---|---|---|"]
     for key, r1 in i1.items():
@@ -176,6 +180,9 @@ def threads_table(one, two) -> str:
         if measured(s1) and measured(s2):
             out.append(f"| {key[0]} | {key[1]} | {measured(s1, 's')} | {measured(s2, 's')} | "
                        f"{measured([x / y for x in s1 for y in s2], '×')} |")
+    if measured(g1) and measured(g2):  # the machine's own bound: a large float32 GEMM's throughput
+        out.append(f"| float32 matmul 2048×2048 (the hardware's scaling) | GFLOP/s | {measured(g1, 'GFLOP/s')} | "
+                   f"{measured(g2, 'GFLOP/s')} | {measured([y / x for x in g1 for y in g2], '×')} |")
     return "\n".join(out)
 
 
@@ -738,6 +745,9 @@ def render(results: Path) -> dict[str, dict[str, str]]:
             "gpu": gpu_block(results),
             "engine-round2": engine_table(load(results, "engine_round2.json"), COMMANDS["engine_round2.json"],
                                           "engine_round2.json", targets=engine_round2.TARGETS, what="target"),
+            "engine-round2-threads": threads_table(load(results, "engine_round2_1thread.json"),
+                                                   load(results, "engine_round2.json"),
+                                                   ("engine_round2_1thread.json", "engine_round2.json")),
             "hf-targets": engine_table(load(results, "hf_2threads.json"), COMMANDS["hf_2threads.json"],
                                        "hf_2threads.json", targets=hf_targets.TARGETS, what="target")},
         "README.md": {"readme-quality": readme_quality(results), "readme-gpu": readme_gpu(results),

@@ -27,7 +27,8 @@ from report import COMMANDS  # noqa: E402
 #: pays a process start and a warm-up call)
 ESTIMATE_MIN = {"engine_2threads.json": "13-20", "causal_64k.json": "7-12", "demo_quality.json": "13-17",
                 "engine_1thread.json": "22-30", "hf_2threads.json": "10-20",
-                "compile.json": "4-8", "small_calls.json": "1"}
+                "compile.json": "4-8", "small_calls.json": "1", "engine_round2.json": "12-15",
+                "engine_round2_1thread.json": "4-6"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     plan = [name for name in COMMANDS if not a.only or name in a.only]
     for name in plan:
-        print(f"~{ESTIMATE_MIN[name]:>5} min  {COMMANDS[name]}")
+        print(f"~{ESTIMATE_MIN.get(name, '?'):>5} min  {COMMANDS[name]}")
     if not a.quiet_machine:
         print("(the plan only: run with --quiet-machine on an otherwise idle machine)")
         return 0

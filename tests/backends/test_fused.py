@@ -179,7 +179,8 @@ def test_long_rows_use_taller_query_blocks_and_weights_stay_exact(monkeypatch):
     kw = dict(mask=masks.causal(), bias=positions.ALiBi(2))
     rows = [0, 127, 128, 255, 256, 1000, 2299]
     out, w = attnkit.attention(q, k, v, backend="tiled", return_weights=attnkit.WeightsRequest(rows=rows), **kw)
-    assert [p.block_q for p in plans] == [128, 256]  # causal rows average > 1024 keys
+    # causal rows average > 1024 keys: the tallest blocks that leave <= 1/4 of the area partial
+    assert [p.block_q for p in plans] == [128, 1024, 512, 256]
     ref_out, ref_w = attnkit.attention(q, k, v, backend="reference", return_weights=True, **kw)
     assert_close(out, ref_out)
     assert_close(w, ref_w[:, :, rows])
@@ -192,7 +193,7 @@ def test_long_rows_use_taller_query_blocks_and_weights_stay_exact(monkeypatch):
     real_fwd = kernel.fused_forward
     monkeypatch.setattr(kernel, "fused_forward", lambda *a: used.append(a[4].block_q) or real_fwd(*a))
     out = attnkit.attention(q, k, v, backend="tiled", mask=masks.block_sparse(layout, 128))
-    assert [p.block_q for p in plans] == [128, 256] and used == [128]  # 256 rows would mix layout rows
+    assert [p.block_q for p in plans] == [128, 1024, 512, 256] and used == [128]  # taller would mix layout rows
     assert plans[0].live_tiles > 0 and all(not r.partial for runs in plans[0].runs for r in runs)
     assert_close(out, attnkit.attention(q, k, v, backend="reference", mask=masks.block_sparse(layout, 128)))
 
@@ -245,12 +246,22 @@ def test_a_bias_tensor_that_is_minus_infinity_on_whole_rows_gives_zeros(calls):
 
 
 def test_long_full_runs_are_cut_in_the_backward(calls, monkeypatch):
-    monkeypatch.setattr(kernel, "_BWD_TEMP_BYTES", 2 * 4 * 8 * 8)  # 2 keys' worth of dk: cut at block_k
+    # B·H·(D + Dv)·8 bytes = 1 KiB per key: the backward's kernel calls see at most 16 keys of a
+    # full run (runs with partial tiles are at most kv_chunk = 24 keys)
+    monkeypatch.setattr(kernel, "_CALL_BYTES", 16 << 10)
+    monkeypatch.setitem(attnkit.backends.REGISTRY, "tiled", TiledBackend(block_q=16, block_k=8, kv_chunk=24))
+    widths = []
+    backward = kernel._FLASH_BACKWARD
+
+    def spy(dout, q, k, *rest, **kw):
+        widths.append(k.shape[2])
+        return backward(dout, q, k, *rest, **kw)
+
+    monkeypatch.setattr(kernel, "_FLASH_BACKWARD", spy)
     q, k, v = make_qkv(2, 4, 70, 90, D=8, dtype=torch.float64, requires_grad=True)
     kw = dict(mask=masks.causal(), bias=positions.ALiBi(4))
-    assert list(kernel._split_full_runs([plan_module.Run(0, 40, False), plan_module.Run(40, 48, True)], 16)) == [
-        plan_module.Run(0, 16, False), plan_module.Run(16, 32, False), plan_module.Run(32, 40, False), plan_module.Run(40, 48, True)]
     fast, ref = run(q, k, v, "tiled", **kw), run(q, k, v, "reference", **kw)
     assert calls["backward"] == 1
+    assert max(widths) <= 24 and 16 in widths
     for name, a, b in zip(["out", "weights", "dq", "dk", "dv"], fast, ref):
         assert_close(a, b, name=name)

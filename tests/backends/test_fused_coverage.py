@@ -1,7 +1,7 @@
 """Fused-backward combinations of the tiled backend that the other tests leave out: GQA/MQA with
 ALiBi under every mask, biases with every kind of mask, Tq > Tk with a bias, rows left without
 keys under a prescaled bias, frozen and learnable T5 buckets, bfloat16 and float32 against a
-float64 gold, and the tall (``long_row_block_q``) plans.
+float64 gold, and the tall (``long_row_blocks``) plans.
 
 Each case runs the tiled backend twice -- its fused body (asserting that the fused forward and
 backward really ran, or that the request really fell back to the eager body) and its eager body
@@ -37,7 +37,7 @@ def tall_small():
     """Plans whose query blocks see >= 32 keys on average switch from 16 to 32 rows (when at most a
     quarter of the tall plan's area is partial: ``kv_chunk=32`` keeps partial (mixed) runs short)."""
     b = TiledBackend(block_q=16, block_k=8, kv_chunk=32)
-    b.long_row_keys, b.long_row_block_q = 32, 32
+    b.long_row_keys, b.long_row_blocks = 32, (32,)
     return b
 
 
@@ -269,7 +269,7 @@ def test_learnable_bias_tensor_uses_the_eager_body_and_gets_its_gradient(mask, w
 @pytest.mark.parametrize("bias_name", ["t5_frozen", "tensor", "alibi+tensor", "alibi"])
 @pytest.mark.parametrize("mask", ["padding", "causal"])
 def test_full_runs_cut_in_the_backward_with_biases(bias_name, mask, calls, monkeypatch):
-    monkeypatch.setattr(kernel, "_BWD_TEMP_BYTES", 2 * 4 * 5 * 8)  # 2 keys' worth of dk: cut at block_k
+    monkeypatch.setattr(kernel, "_CALL_BYTES", 2 * 2 * 4 * (5 + 5) * 8)  # 2 keys of dk, dv: cut at block_k
     B, H, Tq, Tk = 2, 4, 45, 70
     q, k, v = make_qkv(B, H, Tq, Tk, D=5, Hkv=2, dtype=F64, requires_grad=True)
     m = masks.key_padding(torch.tensor([70, 50])) if mask == "padding" else masks.causal()
@@ -318,7 +318,7 @@ def test_float32_gqa_and_batches_against_float64_gold(Hkv, case, calls, monkeypa
         assert counts(calls) == ({"forward": 1, "backward": 1} if tiled.fuse else {"forward": 0, "backward": 0})
 
 
-# --- 8. tall query blocks (long_row_block_q) beyond causal + ALiBi with H = Hkv ------------------------
+# --- 8. tall query blocks (long_row_blocks) beyond causal + ALiBi with H = Hkv ------------------------
 
 TALL = {
     # name: (B, Hkv, Tq, Tk, kwargs builder)

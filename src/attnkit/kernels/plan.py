@@ -41,6 +41,54 @@ class Plan:
     prescaled: bool = False
     #: runs go to torch's fused flash kernel (:func:`fused_forward`; requires ``prescaled``)
     fused: bool = False
+    #: every run, grouped into stacks of equal shape (:func:`stack_runs`; fused plans)
+    stacks: tuple["Stack", ...] = ()
+
+
+@dataclass(frozen=True)
+class Stack:
+    """``n`` runs of one shape, one per consecutive query block: item ``i`` covers queries
+    ``[q0 + i·step, q0 + i·step + rows)`` and keys ``run`` shifted by ``i·step``. One kernel call
+    serves them all, its items along the batch dimension: the threads get ``n`` times more
+    independent work than a call per block gives them, and a translation-invariant mask or bias
+    (:attr:`Mask.translation_invariant`) is the same for every item, so it is built once."""
+
+    q0: int
+    rows: int
+    step: int
+    n: int
+    run: Run  # the first item's
+
+    def part(self, first: int, count: int, keys: tuple[int, int] | None = None) -> "Stack":
+        """Items ``first .. first + count - 1``, optionally only keys ``[a, b)`` of each item's run
+        (offsets into the run; a full run's keys can be cut anywhere)."""
+        shift = first * self.step
+        r = self.run
+        start, stop = (r.start, r.stop) if keys is None else (r.start + keys[0], r.start + keys[1])
+        if keys is not None and r.partial:
+            raise ValueError("only a full run's keys can be cut")
+        return Stack(self.q0 + shift, self.rows, self.step, count,
+                     Run(start + shift, stop + shift, r.partial,
+                         tuple((a + shift, b + shift) for a, b in r.full_parts)))
+
+
+def stack_runs(plan: Plan) -> tuple[Stack, ...]:
+    """Every run of ``plan`` in a :class:`Stack`: runs of equal query rows, length, class (and full
+    parts) at the same offset from their query block, in consecutive query blocks, stack."""
+    groups: dict[tuple, list[tuple[int, Run]]] = {}
+    for (qs, qe), runs in zip(plan.q_blocks, plan.runs):
+        for r in runs:
+            key = (qe - qs, r.start - qs, r.stop - r.start, r.partial,
+                   tuple((a - r.start, b - r.start) for a, b in r.full_parts))
+            groups.setdefault(key, []).append((qs, r))
+    stacks = []
+    for (rows, *_), items in groups.items():
+        first = 0
+        for i in range(1, len(items) + 1):
+            if i == len(items) or items[i][0] != items[i - 1][0] + plan.block_q:
+                stacks.append(Stack(items[first][0], rows, plan.block_q, i - first, items[first][1]))
+                first = i
+    return tuple(stacks)
 
 
 def make_plan(spec: AttentionSpec, block_q: int, block_k: int, kv_chunk: int, device=None,

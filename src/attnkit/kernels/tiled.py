@@ -35,6 +35,7 @@ import torch
 
 from ..spec import AttentionSpec
 from . import fused
+from .denormals import flushing_denormals
 from .dropout import keep_mask
 from .entmax import entmax_forward
 from .plan import Plan
@@ -209,12 +210,13 @@ class TiledAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qp, kp, v, spec, plan, seed, *params):
         saved_out = None
-        if plan.fused:
-            out, lse = fused.fused_forward(qp, kp, v, spec, plan)
-        elif normalizer_kind(spec) == "entmax":
-            out, lse, saved_out = entmax_forward(qp, kp, v, spec, plan)  # the backward reads out_g
-        else:
-            out, lse = tiled_forward(qp, kp, v, spec, plan, seed)
+        with flushing_denormals(large_call(spec, plan)):
+            if plan.fused:
+                out, lse = fused.fused_forward(qp, kp, v, spec, plan)
+            elif normalizer_kind(spec) == "entmax":
+                out, lse, saved_out = entmax_forward(qp, kp, v, spec, plan)  # the backward reads out_g
+            else:
+                out, lse = tiled_forward(qp, kp, v, spec, plan, seed)
         ctx.save_for_backward(qp, kp, v, out if saved_out is None else saved_out, *(() if lse is None else (lse,)))
         ctx.spec, ctx.plan, ctx.seed, ctx.params, ctx.has_lse = spec, plan, seed, params, lse is not None
         ctx.mark_non_differentiable(*(() if lse is None else (lse,)))
@@ -225,8 +227,20 @@ class TiledAttentionFn(torch.autograd.Function):
         saved = ctx.saved_tensors
         qp, kp, v, out = saved[:4]
         lse = saved[4] if ctx.has_lse else None
-        if ctx.plan.fused:
-            return (*fused.fused_backward(qp, kp, v, out, lse, dout.contiguous(), ctx.spec, ctx.plan), None, None, None)
-        dq, dk, dv, dparams = tiled_backward(qp, kp, v, out, lse, dout.contiguous(), ctx.spec, ctx.plan, ctx.params,
-                                             ctx.seed)
+        with flushing_denormals(large_call(ctx.spec, ctx.plan)):
+            if ctx.plan.fused:
+                return (*fused.fused_backward(qp, kp, v, out, lse, dout.contiguous(), ctx.spec, ctx.plan),
+                        None, None, None)
+            dq, dk, dv, dparams = tiled_backward(qp, kp, v, out, lse, dout.contiguous(), ctx.spec, ctx.plan,
+                                                 ctx.params, ctx.seed)
         return (dq, dk, dv, None, None, None, *dparams)
+
+
+#: calls with at least this many live scores flush denormals on every thread (two OpenMP regions,
+#: tens of microseconds: kernels/denormals.py)
+FLUSH_MIN_SCORES = 1 << 22
+
+
+def large_call(spec: AttentionSpec, plan: Plan) -> bool:
+    """Whether a call is large enough to flush denormals around (:data:`FLUSH_MIN_SCORES`)."""
+    return spec.B * spec.H * plan.live_tiles * plan.block_q * plan.block_k >= FLUSH_MIN_SCORES

@@ -137,10 +137,12 @@ def weights_pass(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: P
 def tiled_weights(qp: Tensor, kp: Tensor, spec: AttentionSpec, lse: Tensor | None,
                   heads: tuple[int, ...] | None = None, rows: tuple[int, ...] | None = None,
                   block_q: int = 128, kv_chunk: int = 1024, prescaled: bool = False,
-                  average: bool = False) -> Tensor:
+                  average: bool = False, lse_block: int | None = None) -> Tensor:
     """Exact weights ``(B, len(heads), len(rows), Tk)`` (all heads / rows when None), recomputed
     from the saved log-sum-exp block by block: cost ``O(len(heads) · len(rows) · Tk)``; with
-    ``average``, their mean over those heads ``(B, 1, len(rows), Tk)``, summed block by block."""
+    ``average``, their mean over those heads ``(B, 1, len(rows), Tk)``, summed block by block.
+    ``lse_block``: the rows whose lse shares one bias reference on a prescaled plan (the eager
+    body's query block, the default ``block_q``; 1 for the fused body's exact-score lse)."""
     dev = qp.device
     heads_t = torch.arange(spec.H, device=dev) if heads is None else torch.tensor(heads, device=dev)
     rows_t = torch.arange(spec.Tq, device=dev) if rows is None else torch.tensor(rows, device=dev)
@@ -149,7 +151,7 @@ def tiled_weights(qp: Tensor, kp: Tensor, spec: AttentionSpec, lse: Tensor | Non
     lse_sel = None if lse is None else lse.index_select(1, heads_t)
     w = zeros_result((spec.B, 1 if average else len(heads_t), len(rows_t), spec.Tk), qp.dtype, dev)  # masked-out chunks stay 0
     tile = Tile(spec, dev, prescaled)
-    tile.rows_block = block_q  # the lse of row i was taken relative to its forward block's first query
+    tile.rows_block = block_q if lse_block is None else lse_block  # the reference of row i's lse
     b = torch.arange(spec.B, device=dev).view(-1, 1, 1, 1)
     h = heads_t.view(1, -1, 1, 1)
     for r0 in range(0, len(rows_t), block_q):

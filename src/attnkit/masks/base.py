@@ -78,6 +78,10 @@ class Mask:
     #: True when the predicate ignores ``q_idx`` (key padding): materialized, it is one row per
     #: (batch, head) broadcast over the queries, not a dense (Tq, Tk) tensor.
     query_invariant: bool = False
+    #: True when, for given sizes, the predicate depends on ``q_idx`` and ``kv_idx`` only through
+    #: ``q_idx - kv_idx`` (causal, windows): every tile on one diagonal has the same mask, so the
+    #: tiled engine builds it once for all of them.
+    translation_invariant: bool = False
 
     # -- the predicate -------------------------------------------------------------------
     def mask_mod(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor,
@@ -257,6 +261,7 @@ class And(Mask):
         self.left, self.right = left, right
         self.has_weight_factor = left.has_weight_factor or right.has_weight_factor
         self.query_invariant = left.query_invariant and right.query_invariant
+        self.translation_invariant = left.translation_invariant and right.translation_invariant
 
     def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
         return (self.left.mask_mod(b, h, q_idx, kv_idx, num_queries, num_keys)
@@ -296,6 +301,7 @@ class Or(Mask):
             raise ValueError("masks with a weight factor (local_p) can only be combined with '&'")
         self.left, self.right = left, right
         self.query_invariant = left.query_invariant and right.query_invariant
+        self.translation_invariant = left.translation_invariant and right.translation_invariant
 
     def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
         return (self.left.mask_mod(b, h, q_idx, kv_idx, num_queries, num_keys)
@@ -326,6 +332,7 @@ class Not(Mask):
             raise ValueError("masks with a weight factor (local_p) cannot be inverted with '~'")
         self.inner = inner
         self.query_invariant = inner.query_invariant
+        self.translation_invariant = inner.translation_invariant
 
     def mask_mod(self, b, h, q_idx, kv_idx, num_queries, num_keys):
         return ~self.inner.mask_mod(b, h, q_idx, kv_idx, num_queries, num_keys)

@@ -26,6 +26,7 @@ class Causal(Mask):
     """
 
     is_causal = True
+    translation_invariant = True
 
     def __init__(self, align: "str | int" = "bottom_right"):
         self.align = check_align(align)
@@ -61,6 +62,8 @@ class SlidingWindow(Mask):
         . x x x .
         . . x x x
     """
+
+    translation_invariant = True
 
     def __init__(self, left: int, right: int = 0, align: "str | int" = "bottom_right"):
         self.left = int(check_positive("left", left, integer=True, allow_zero=True))

@@ -164,6 +164,8 @@ class Strided(Mask):
         . x . . x x x x
     """
 
+    translation_invariant = True
+
     def __init__(self, stride: int, causal: bool = True, align: str = "bottom_right"):
         self.stride = int(check_positive("stride", stride, integer=True))
         self.causal = _check_bool("causal", causal)
@@ -443,6 +445,8 @@ class DilatedWindow(Mask):
         . x . x . x .
         . . x . x . x
     """
+
+    translation_invariant = True
 
     def __init__(self, left: int, right: int = 0, dilation: int = 2, align: str = "bottom_right"):
         self.left = int(check_positive("left", left, integer=True, allow_zero=True))

@@ -78,6 +78,8 @@ class ALiBi(ScoreMod):
     """
 
     additive = True
+    translation_invariant = True
+    finite = True
 
     def __init__(self, num_heads: int, symmetric: bool = False):
         self.num_heads = int(check_positive("num_heads", num_heads, integer=True))

@@ -31,6 +31,13 @@ class ScoreMod:
     additive: bool = False
     #: ``score_mod(s, ...) == f(s)`` with ``f'`` in closed form (:meth:`pointwise_slope`)
     pointwise: bool = False
+    #: the mod depends on ``q_idx`` and ``kv_idx`` only through ``kv_idx - q_idx`` (ALiBi, T5
+    #: buckets), and so does :meth:`key_bias` on ``kv_idx - q_ref``: every tile on one diagonal gets
+    #: the same values, which the tiled engine then builds once for all of them
+    translation_invariant: bool = False
+    #: the mod never gives -inf (ALiBi, T5 buckets, soft-capping): a kernel need not look for rows
+    #: that a bias alone leaves without a live key
+    finite: bool = False
 
     def score_mod(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor,
                   num_queries: int, num_keys: int) -> Tensor:
@@ -251,6 +258,7 @@ class SoftCap(ScoreMod):
     """
 
     pointwise = True
+    finite = True
 
     def __init__(self, cap: float):
         self.cap = float(check_positive("cap", cap))

@@ -135,6 +135,8 @@ class T5RelativeBias(ScoreMod, nn.Module):
     """
 
     additive = True
+    translation_invariant = True
+    finite = True
 
     def __init__(self, num_heads: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = True):
         nn.Module.__init__(self)
