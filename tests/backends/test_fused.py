@@ -177,9 +177,21 @@ def test_long_rows_use_taller_query_blocks_and_weights_stay_exact(monkeypatch):
     monkeypatch.setitem(attnkit.backends.REGISTRY, "tiled", TiledBackend())
     q, k, v = make_qkv(1, 2, 2300, D=8, dtype=torch.float64)
     kw = dict(mask=masks.causal(), bias=positions.ALiBi(2))
-    rows = [0, 127, 128, 255, 256, 1000, 2299]
+    rows = [0, 127, 128, 255, 256, 1000, 1023, 1024, 1025, 2047, 2048, 2299]
+    fused_plans = []
+    real_fused = kernel.fused_forward
+    monkeypatch.setattr(kernel, "fused_forward", lambda *a: fused_plans.append(a[4]) or real_fused(*a))
+    out = attnkit.attention(q, k, v, backend="tiled", **kw)
+    # causal rows average > 1024 keys: full runs in 1,024-row blocks, the diagonal in 256-row
+    # blocks whose squares the kernel masks itself
+    (plan,) = fused_plans
+    heights = {qe - qs for qs, qe in plan.q_blocks}
+    assert plan.block_q == 256 and heights >= {1024, 256} and sum(r.causal for rs in plan.runs for r in rs) == 9
+    monkeypatch.setattr(kernel, "fused_forward", real_fused)
+    assert_close(out, attnkit.attention(q, k, v, backend="reference", **kw))
+    plans.clear()
+    # weights asked for: the tallest one-level blocks that leave <= 1/4 of the area partial
     out, w = attnkit.attention(q, k, v, backend="tiled", return_weights=attnkit.WeightsRequest(rows=rows), **kw)
-    # causal rows average > 1024 keys: the tallest blocks that leave <= 1/4 of the area partial
     assert [p.block_q for p in plans] == [128, 1024, 512, 256]
     ref_out, ref_w = attnkit.attention(q, k, v, backend="reference", return_weights=True, **kw)
     assert_close(out, ref_out)

@@ -37,19 +37,20 @@ def tall_small():
     """Plans whose query blocks see >= 32 keys on average switch from 16 to 32 rows (when at most a
     quarter of the tall plan's area is partial: ``kv_chunk=32`` keeps partial (mixed) runs short)."""
     b = TiledBackend(block_q=16, block_k=8, kv_chunk=32)
-    b.long_row_keys, b.long_row_blocks = 32, (32,)
+    b.long_row_keys, b.long_row_blocks, b.causal_blocks = 32, (32,), (32, 16)
     return b
 
 
 @pytest.fixture
 def calls(monkeypatch):
     """Counts fused forward/backward calls and records the block_q of each fused forward's plan."""
-    seen = {"forward": 0, "backward": 0, "block_q": []}
+    seen = {"forward": 0, "backward": 0, "block_q": [], "causal_runs": []}
     fwd, bwd = kernel.fused_forward, kernel.fused_backward
 
     def count_fwd(qp, kp, v, spec, plan):
         seen["forward"] += 1
         seen["block_q"].append(plan.block_q)
+        seen["causal_runs"].append(sum(r.causal for runs in plan.runs for r in runs))
         return fwd(qp, kp, v, spec, plan)
 
     def count_bwd(*a, **kw):
@@ -60,7 +61,7 @@ def calls(monkeypatch):
     monkeypatch.setattr(kernel, "fused_backward", count_bwd)
 
     def reset():
-        seen.update(forward=0, backward=0, block_q=[])
+        seen.update(forward=0, backward=0, block_q=[], causal_runs=[])
 
     seen["reset"] = reset
     return seen
@@ -354,6 +355,8 @@ def test_tall_query_blocks(case, calls, monkeypatch):
     calls["reset"]()
     fast = run(q, k, v, "tiled", **kw)
     assert counts(calls) == {"forward": 1, "backward": 1}
+    # (weights are asked for: a causal mask keeps one-level blocks, see test_stacked.py for the
+    # two-level causal plan)
     assert [p.block_q for p in plans] == [16, 32] and calls["block_q"] == [32], "the tall plan must be taken"
     for name, a, b in zip(names_for(()), fast, ref):
         assert torch.isfinite(a).all(), name
@@ -361,4 +364,7 @@ def test_tall_query_blocks(case, calls, monkeypatch):
     # the same request in float32 against the float64 gold
     calls["reset"]()
     assert_matches_float64_gold(q, k, v, "tiled", **kw)
-    assert calls["block_q"] == [32]
+    # without weights, a causal mask whose last query sees the last key takes the two-level plan
+    # (its diagonal in 16-row blocks) when its biases are row-separable (T5 buckets are not)
+    two_level = type(kw.get("mask")) is masks.Causal and "top_left" not in case and "t5" not in case
+    assert calls["block_q"] == [16 if two_level else 32]

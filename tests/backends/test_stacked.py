@@ -12,14 +12,14 @@ import attnkit
 import attnkit.kernels.fused as kernel
 from attnkit import masks, positions
 from attnkit.backends.tiled import TiledBackend
-from attnkit.kernels.plan import make_plan, stack_runs
+from attnkit.kernels.plan import causal_plan, make_plan, stack_runs
 from attnkit.spec import canonicalize
 from attnkit.testing import assert_close, make_qkv
 
 
 def _pairs_of_plan(plan):
-    return sorted((qs, r.start, r.stop, r.partial, r.full_parts) for (qs, _), runs in zip(plan.q_blocks, plan.runs)
-                  for r in runs)
+    return sorted((qs, r.start, r.stop, r.partial, r.full_parts, r.causal)
+                  for (qs, _), runs in zip(plan.q_blocks, plan.runs) for r in runs)
 
 
 def _pairs_of_stacks(stacks):
@@ -27,7 +27,7 @@ def _pairs_of_stacks(stacks):
     for s in stacks:
         for i in range(s.n):
             it = s.part(i, 1)
-            out.append((it.q0, it.run.start, it.run.stop, it.run.partial, it.run.full_parts))
+            out.append((it.q0, it.run.start, it.run.stop, it.run.partial, it.run.full_parts, it.run.causal))
     return sorted(out)
 
 
@@ -51,9 +51,63 @@ def test_the_stacks_hold_every_run_of_the_plan_once(T, block, chunk, name):
     plan = make_plan(spec, block, block, chunk, partial_chunk=min(chunk, 64), mix=True)
     stacks = stack_runs(plan)
     assert _pairs_of_stacks(stacks) == _pairs_of_plan(plan)
-    for s in stacks:  # one shape per stack, items one query block apart
-        assert s.n >= 1 and s.step == block
+    for s in stacks:  # one shape per stack, items whole query blocks apart
+        assert s.n >= 1 and (s.n == 1 or s.step % block == 0)
         assert all(s.part(i, 1).rows == s.rows for i in range(s.n))
+
+
+@settings(max_examples=80, deadline=None)
+@given(Tq=st.integers(2, 300), extra=st.integers(0, 40), fine=st.sampled_from([4, 8, 16]),
+       ratio=st.sampled_from([1, 2, 4]), align=st.sampled_from(["bottom_right", "top_left"]))
+def test_a_causal_plan_reads_every_live_key_of_every_row_once(Tq, extra, fine, ratio, align):
+    Tk = Tq + extra if align == "bottom_right" else Tq
+    q, k, v = make_qkv(1, 1, Tq, Tk, D=2)
+    spec = canonicalize(q, k, v, mask=masks.causal(align=align))
+    plan = causal_plan(spec, fine * ratio, fine, 8)
+    assert plan is not None
+    seen = torch.zeros(Tq, Tk, dtype=torch.int64)
+    for (qs, qe), runs in zip(plan.q_blocks, plan.runs):
+        for r in runs:
+            if r.causal:  # the block's own square, causal from its corner
+                assert r.stop - r.start == qe - qs and not r.partial
+                seen[qs:qe, r.start:r.stop] += torch.ones(qe - qs, qe - qs, dtype=torch.int64).tril()
+            else:
+                assert not r.partial
+                seen[qs:qe, r.start:r.stop] += 1
+    assert torch.equal(seen, masks.causal(align=align).materialize(Tq, Tk)[0, 0].long())
+    assert _pairs_of_stacks(stack_runs(plan)) == _pairs_of_plan(plan)
+
+
+def _two_level_small():
+    b = TiledBackend(block_q=16, block_k=8, kv_chunk=32)
+    b.long_row_keys, b.causal_blocks = 8, (32, 8)
+    return b
+
+
+@pytest.mark.parametrize("Tq,Tk,H,Hkv", [(100, 100, 4, 4), (77, 130, 4, 2), (33, 33, 2, 1), (129, 129, 4, 4)])
+@pytest.mark.parametrize("bias", [None, "alibi", "alibi/temperature"])
+def test_the_two_level_causal_plan_matches_the_reference(kernel_calls, monkeypatch, Tq, Tk, H, Hkv, bias):
+    monkeypatch.setitem(attnkit.backends.REGISTRY, "tiled", _two_level_small())
+    q, k, v = make_qkv(2, H, Tq, Tk, D=6, Hkv=Hkv, dtype=torch.float64, requires_grad=True, noncontiguous=True)
+    kw = dict(mask=masks.causal(), bias=positions.ALiBi(H) if bias else None,
+              normalizer=attnkit.normalizers.Softmax(0.7 if bias == "alibi/temperature" else 1.0))
+    _assert_same(_grads(q, k, v, "tiled", **kw), _grads(q, k, v, "reference", **kw))
+    assert any(n > 1 for n, _ in kernel_calls["forward"])  # the diagonal squares go as one call
+
+
+def test_the_two_level_causal_plan_in_float32_against_the_float64_gold(monkeypatch):
+    from attnkit.testing import assert_matches_float64_gold
+
+    monkeypatch.setitem(attnkit.backends.REGISTRY, "tiled", _two_level_small())
+    q, k, v = make_qkv(1, 4, 150, D=8, dtype=torch.float64, requires_grad=True)
+    assert_matches_float64_gold(q, k, v, "tiled", mask=masks.causal(), bias=positions.ALiBi(4))
+
+
+def test_a_causal_plan_is_only_for_a_causal_mask_whose_last_query_sees_the_last_key():
+    for mask, Tq, Tk in [(masks.sliding_window(4), 30, 30), (masks.causal(align="top_left"), 20, 30),
+                         (masks.causal(), 30, 20), (masks.causal() & masks.key_padding(torch.tensor([9])), 30, 30)]:
+        q, k, v = make_qkv(1, 1, Tq, Tk, D=2)
+        assert causal_plan(canonicalize(q, k, v, mask=mask), 16, 8, 8) is None
 
 
 def test_a_sliding_window_is_one_stack_past_its_first_blocks():

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..kernels.dropout import draw_seed
 from ..kernels.fused import fusable
-from ..kernels.plan import can_prescale, make_plan, query_scale, stack_runs
+from ..kernels.plan import can_prescale, causal_plan, make_plan, query_scale, stack_runs
 from ..kernels.tiled import TiledAttentionFn
 from ..kernels.weights import tiled_weights, weights_pass
 from ..kernels.tile import normalizer_kind
@@ -108,6 +108,9 @@ class TiledBackend:
     #: 167 -> 223 backward from 256 to 1,024 rows, 2 threads, keys 4,096, D 64)
     long_row_keys: int = 1024
     long_row_blocks: tuple[int, ...] = (1024, 512, 256)
+    #: a causal mask over long rows: full runs in blocks of the first size, the diagonal in blocks
+    #: of the second, each block's own square under the kernel's causal masking (``causal_plan``)
+    causal_blocks: tuple[int, int] = (1024, 256)
 
     #: additive scores build a (B, H, tq, tk, hidden) tile and make a few passes over it: keep it
     #: near this size so the passes run from cache (4 MiB: 2.7 s -> 1.65 s forward, B=4, T=1024)
@@ -169,12 +172,20 @@ class TiledBackend:
         if fused and can_prescale(spec):  # the fused kernel's memory does not grow with a full run:
             chunk = max(spec.Tk, block_k)  # let it span the row; runs that carry a (block_q, run)
             # mask or non-separable bias stay short
-        plan = make_plan(spec, block_q, block_k, chunk, device=q.device, partial_chunk=partial_chunk, mix=fused)
-        if fused:
-            # long rows: more queries per call let the fused kernel use larger GEMM blocks
-            # (causal + ALiBi, N=8192, fwd+bwd, 1 thread: 4.05 s at 128 rows -> 3.52 s at 256)
-            # unless the taller blocks turn full tiles partial (block-sparse layouts of 128)
-            if plan.live_tiles * block_k >= self.long_row_keys * len(plan.q_blocks):
+        # long rows: more queries per call let the fused kernel use larger GEMM blocks (causal +
+        # ALiBi, N=8192, fwd+bwd, 1 thread: 4.05 s at 128 rows -> 3.52 s at 256) unless the taller
+        # blocks turn full tiles partial (block-sparse layouts of 128); a causal mask takes tall
+        # blocks for its full runs and the kernel's causal masking for the diagonal (no masked half
+        # computed): causal_plan. Prescaled plans only (other biases would make its long full runs
+        # carry a (rows, keys) bias each), and not when weights are asked for (the one-pass weights
+        # and the eager body read disjoint query blocks)
+        two_level = fused and can_prescale(spec) and not spec.return_weights
+        plan = causal_plan(spec, *self.causal_blocks, block_k) if two_level else None
+        if plan is not None and plan.live_area < self.long_row_keys * spec.Tq:
+            plan = None
+        if plan is None:
+            plan = make_plan(spec, block_q, block_k, chunk, device=q.device, partial_chunk=partial_chunk, mix=fused)
+            if fused and plan.live_tiles * block_k >= self.long_row_keys * len(plan.q_blocks):
                 for rows in self.long_row_blocks:
                     if rows <= block_q:
                         break
@@ -183,6 +194,7 @@ class TiledBackend:
                     if _partial_share(tall) <= 0.25:
                         plan = tall
                         break
+        if fused:
             plan = replace(plan, fused=True, stacks=stack_runs(plan))
         if plan.prescaled:
             qp = qp * query_scale(spec)

@@ -210,7 +210,8 @@ def fused_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: 
     lse = torch.full((B, H, spec.Tq), _NEG_INF, dtype=qp.dtype, device=qp.device)
     qp = _mergeable(qp)
     kp, v = _mergeable(expand(kp, G)), _mergeable(expand(v, G))  # once, not per run
-    touched = [False] * len(plan.q_blocks)  # a block's first run is copied, later ones merged
+    g = plan.block_q
+    touched = [False] * -(-spec.Tq // g)  # per block of g rows: a row's first run is copied, later ones merged
     for st in plan.stacks:
         L = st.run.stop - st.run.start
         same = _invariant(spec, st)
@@ -223,26 +224,31 @@ def fused_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: 
             if not same:
                 mask, dead, row = _stack_mask(tile, part, qp.dtype, B, H)
             o, l = _FLASH(_items(qp, part.q0, st.step, n, st.rows), _items(kp, part.run.start, st.step, n, L),
-                         _items(v, part.run.start, st.step, n, L), 0.0, False, attn_mask=mask, scale=scale)
+                         _items(v, part.run.start, st.step, n, L), 0.0, st.run.causal, attn_mask=mask,
+                          scale=scale)
             if row is not None:
                 l = l + row
             if dead is not None:
                 l = l.masked_fill(dead, _NEG_INF)  # the kernel reports lse 0 (and output 0) there
-            first = part.q0 // plan.block_q
+            # items whose rows have not been written yet take the kernel's result, the others
+            # merge with it (out and lse start at 0 and -inf, so a part-written item merges)
+            spans = [((part.q0 + t * st.step) // g, -(-(part.q0 + t * st.step + st.rows) // g)) for t in range(n)]
+            fresh = [not any(touched[a:b]) for a, b in spans]
             i = 0
-            while i < n:  # items whose blocks have (or have not) been written yet
+            while i < n:
                 j = i + 1
-                while j < n and touched[first + j] == touched[first + i]:
+                while j < n and fresh[j] == fresh[i]:
                     j += 1
                 ov = _items(out, part.q0 + i * st.step, st.step, j - i, st.rows)
                 lv = _items(lse, part.q0 + i * st.step, st.step, j - i, st.rows)
-                if touched[first + i]:
-                    _merge(ov, lv, o[i:j], l[i:j])
-                else:
+                if fresh[i]:
                     ov.copy_(o[i:j])
                     lv.copy_(l[i:j])
-                    touched[first + i:first + j] = [True] * (j - i)
+                else:
+                    _merge(ov, lv, o[i:j], l[i:j])
                 i = j
+            for a, b in spans:
+                touched[a:b] = [True] * (b - a)
     return out, lse
 
 
@@ -272,7 +278,8 @@ def fused_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan):
     cap = max(plan.block_k, (_CALL_BYTES // (B * H * (D + Dv) * size)) // plan.block_k * plan.block_k)
     for st in plan.stacks:
         L = st.run.stop - st.run.start
-        cuts = [(a, min(a + cap, L)) for a in range(0, L, cap)] if not st.run.partial else [None]
+        whole_run = st.run.partial or st.run.causal  # a mask or a causal square is not cut
+        cuts = [(a, min(a + cap, L)) for a in range(0, L, cap)] if not whole_run else [None]
         same = _invariant(spec, st)
         for keys in cuts:
             width = L if keys is None else keys[1] - keys[0]
@@ -290,7 +297,7 @@ def fused_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan):
                 g_q, g_k, g_v = _FLASH_BACKWARD(_items(dout, q0, st.step, n, st.rows), _items(qp, q0, st.step, n, st.rows),
                                           _items(kp, k0, st.step, n, width), _items(v, k0, st.step, n, width),
                                           _items(out, q0, st.step, n, st.rows), li if row is None else li - row,
-                                          0.0, False, attn_mask=mask, scale=scale)
+                                          0.0, st.run.causal, attn_mask=mask, scale=scale)
                 _add_items(dq, g_q, q0, st.step)
                 _add_items(dk, g_k, k0, st.step)
                 _add_items(dv, g_v, k0, st.step)

@@ -26,10 +26,17 @@ class Run:
     #: key ranges of a mixed run (``make_plan(mix=True)``) whose tiles are full: the predicate
     #: is evaluated on the rest of the run only
     full_parts: tuple[tuple[int, int], ...] = ()
+    #: the run is its query block's diagonal square and the mask on it is causal from the block's
+    #: first query and first key (:func:`causal_plan`): the fused kernel's own causal masking
+    #: serves it, skipping the upper triangle (``partial`` is False: no predicate to evaluate)
+    causal: bool = False
 
 
 @dataclass(frozen=True)
 class Plan:
+    """Query blocks and their runs. Blocks are disjoint, except in a :func:`causal_plan`, whose tall
+    blocks hold the full runs of the finer blocks they contain."""
+
     block_q: int
     block_k: int
     q_blocks: tuple[tuple[int, int], ...]
@@ -43,6 +50,8 @@ class Plan:
     fused: bool = False
     #: every run, grouped into stacks of equal shape (:func:`stack_runs`; fused plans)
     stacks: tuple["Stack", ...] = ()
+    #: (query, key) pairs the runs compute, when known exactly (:func:`causal_plan`)
+    live_area: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,30 +74,68 @@ class Stack:
         shift = first * self.step
         r = self.run
         start, stop = (r.start, r.stop) if keys is None else (r.start + keys[0], r.start + keys[1])
-        if keys is not None and r.partial:
+        if keys is not None and (r.partial or r.causal):
             raise ValueError("only a full run's keys can be cut")
         return Stack(self.q0 + shift, self.rows, self.step, count,
                      Run(start + shift, stop + shift, r.partial,
-                         tuple((a + shift, b + shift) for a, b in r.full_parts)))
+                         tuple((a + shift, b + shift) for a, b in r.full_parts), r.causal))
 
 
 def stack_runs(plan: Plan) -> tuple[Stack, ...]:
     """Every run of ``plan`` in a :class:`Stack`: runs of equal query rows, length, class (and full
-    parts) at the same offset from their query block, in consecutive query blocks, stack."""
+    parts) at the same offset from their query block, in query blocks evenly spaced (consecutive
+    blocks, or every tall block's sub-block of a :func:`causal_plan`), stack."""
     groups: dict[tuple, list[tuple[int, Run]]] = {}
     for (qs, qe), runs in zip(plan.q_blocks, plan.runs):
         for r in runs:
-            key = (qe - qs, r.start - qs, r.stop - r.start, r.partial,
+            key = (qe - qs, r.start - qs, r.stop - r.start, r.partial, r.causal,
                    tuple((a - r.start, b - r.start) for a, b in r.full_parts))
             groups.setdefault(key, []).append((qs, r))
     stacks = []
     for (rows, *_), items in groups.items():
+        items.sort(key=lambda item: item[0])
         first = 0
-        for i in range(1, len(items) + 1):
-            if i == len(items) or items[i][0] != items[i - 1][0] + plan.block_q:
-                stacks.append(Stack(items[first][0], rows, plan.block_q, i - first, items[first][1]))
-                first = i
+        while first < len(items):
+            step = items[first + 1][0] - items[first][0] if first + 1 < len(items) else rows
+            last = first + 1
+            while last < len(items) and items[last][0] - items[last - 1][0] == step:
+                last += 1
+            stacks.append(Stack(items[first][0], rows, step, last - first, items[first][1]))
+            first = last
     return tuple(stacks)
+
+
+def causal_plan(spec: AttentionSpec, tall: int, fine: int, block_k: int) -> Plan | None:
+    """A two-level plan for a causal mask whose last query sees the last key (self-attention, a
+    prefill): every ``tall``-row block reads the keys before its own rows as one full run (the
+    kernel runs faster on more rows); each ``fine``-row block inside it reads the full keys between
+    the tall block's first row and its own, then its diagonal square with the kernel's causal
+    masking (no masked half computed). None when the mask is not such a causal mask."""
+    from ..masks.basic import Causal
+    from ..masks.base import query_offset
+
+    m, Tq, Tk = spec.mask, spec.Tq, spec.Tk
+    if type(m) is not Causal or tall % fine:
+        return None
+    o = query_offset(m.align, Tq, Tk)
+    if o < 0 or Tq + o != Tk:
+        return None
+    blocks, runs, area = [], [], 0
+    for a in range(0, Tq, tall):
+        b = min(a + tall, Tq)
+        if a + o > 0:
+            blocks.append((a, b))
+            runs.append((Run(0, a + o, False),))
+            area += (b - a) * (a + o)
+        for s in range(a, b, fine):
+            e = min(s + fine, b)
+            row = ([Run(a + o, s + o, False)] if s > a else []) + [Run(s + o, e + o, False, causal=True)]
+            blocks.append((s, e))
+            runs.append(tuple(row))
+            area += (e - s) * (s - a) + (e - s) * (e - s + 1) // 2
+    live = -(-area // (fine * block_k))
+    total = -(-Tq // fine) * -(-Tk // block_k)
+    return Plan(fine, block_k, tuple(blocks), tuple(runs), live, total, can_prescale(spec), live_area=area)
 
 
 def make_plan(spec: AttentionSpec, block_q: int, block_k: int, kv_chunk: int, device=None,
