@@ -169,6 +169,10 @@ def threads_table(one, two, names=("engine_1thread.json", "engine_2threads.json"
     if not one or not two:
         missing = [n for n, d in zip(names, (one, two)) if not d]
         return "\n".join(f"* `{RES}{n}`: {pending(COMMANDS[n])}" for n in missing)
+    cpus = [(d.get("machine") or {}).get("cpu") for d in (one, two)]
+    if cpus[0] != cpus[1]:  # a ratio across two machines says nothing about threads
+        return (f"`{RES}{names[0]}` ran on {cpus[0]} and `{RES}{names[1]}` on {cpus[1]}: no speed-up across "
+                f"two machines. Rerun the one-thread file on the machine of the other: `{COMMANDS[names[0]]}`.")
     i1, i2 = _index(one), _index(two)
     g1, g2 = one.get("matmul_gflops") or [], two.get("matmul_gflops") or []
     out = [f"From `{RES}{names[0]}` and `{RES}{names[1]}` (commands above); the speed-up "

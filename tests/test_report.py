@@ -164,3 +164,16 @@ def test_gpu_block_judges_each_route_against_its_target(tmp_path):
 
 def test_gpu_block_says_how_to_measure_when_nothing_is_stored(tmp_path):
     assert "attnkit" in report.gpu_block(tmp_path) or "gpu.py" in report.gpu_block(tmp_path)
+
+
+def test_the_second_thread_table_pairs_one_machine_only():
+    series = {("window", "attnkit tiled"): ([2.0, 2.0, 2.0], [1, 1, 1])}
+    one, two = _engine(series, threads=1), _engine({k: ([1.0, 1.0, 1.0], m) for k, (s, m) in series.items()})
+    for d, cpu in ((one, "CPU A"), (two, "CPU A")):
+        d["machine"] = {"cpu": cpu}
+    one["matmul_gflops"], two["matmul_gflops"] = [100.0] * 3, [190.0] * 3
+    table = report.threads_table(one, two)
+    assert "| window | attnkit tiled | 2.00 s" in table and "2.00× (2.00–2.00, n=9)" in table
+    assert "1.90× (1.90–1.90, n=9)" in table  # the machine's own GEMM scaling
+    two["machine"] = {"cpu": "CPU B"}
+    assert "no speed-up across two machines" in report.threads_table(one, two)
