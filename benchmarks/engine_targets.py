@@ -82,7 +82,7 @@ TARGETS = [
 
 
 def targets_main(argv: list[str] | None, *, script: str, doc: str, cases: list[str], targets: list[Target],
-                 default_json: str, what: str = "issue #4 target") -> int:
+                 default_json: str, what: str = "issue #4 target", extra_cases: tuple[str, ...] = ()) -> int:
     """The command line of a targets script: ``--run`` measures ``cases`` with the ``attnkit bench``
     harness and stores every repeat; a stored file's table (``targets``) is printed either way."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -96,7 +96,8 @@ def targets_main(argv: list[str] | None, *, script: str, doc: str, cases: list[s
     p.add_argument("--cases", nargs="+", metavar="PREFIX", help="only the cases whose names start so")
     args = p.parse_args(argv)
     if args.cases:
-        unknown = [c for c in args.cases if not any(k.startswith(c) or c.startswith(k) for k in cases)]
+        unknown = [c for c in args.cases if not any(k.startswith(c) or c.startswith(k)
+                                                    for k in (*cases, *extra_cases))]
         if unknown:
             p.error(f"--cases: {unknown} are not among this script's cases {cases}")
         cases = args.cases
