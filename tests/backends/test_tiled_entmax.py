@@ -123,14 +123,20 @@ def test_property_any_size_and_window(Tq, Tk, left, alpha, seed):
     assert max_err(out, ref) < 1e-9
 
 
-@pytest.mark.parametrize("top_k", [1, 4096])
+@pytest.mark.parametrize("groups,group,block_bytes,first", [(1, 32, 2**26, 8), (4096, 32, 2**26, 1),
+                                                            (2, 4, 2**26, 2), (64, 32, 3000, 32)])
 @pytest.mark.parametrize("norm", list(NORMALIZERS))
-def test_both_threshold_searches_are_exact(monkeypatch, top_k, norm):
-    """TOP_K = 1 sends every row to the Newton passes; TOP_K = 4096 finds every threshold from
-    the first pass's top values."""
+def test_both_threshold_searches_are_exact(monkeypatch, groups, group, block_bytes, first, norm):
+    """One candidate group sends the rows with several groups near their maximum to the Newton
+    passes; 4,096 finds every threshold in closed form (from the loosest lower bound, one group's
+    maximum); groups of 4 keys cut the row into many; a few KiB per block cut every query block
+    into single rows."""
     import attnkit.kernels.entmax as E
 
-    monkeypatch.setattr(E, "TOP_K", top_k)
+    monkeypatch.setattr(E, "CANDIDATE_GROUPS", groups)
+    monkeypatch.setattr(E, "GROUP", group)
+    monkeypatch.setattr(E, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(E, "FIRST_GROUPS", first)
     q, k, v = make_qkv(2, 2, 50, 400, D=8, dtype=torch.float64, requires_grad=True)
     q = (q * 0.3).detach().requires_grad_()  # flat scores: wide supports
     kw = dict(normalizer=NORMALIZERS[norm], mask=masks.causal())
