@@ -12,7 +12,7 @@ import attnkit
 import attnkit.kernels.fused as kernel
 from attnkit import masks, positions
 from attnkit.backends.tiled import TiledBackend
-from attnkit.kernels.plan import causal_plan, make_plan, stack_runs
+from attnkit.kernels.plan import causal_plan, gather_runs, make_plan, stack_runs
 from attnkit.spec import canonicalize
 from attnkit.testing import assert_close, make_qkv
 
@@ -54,6 +54,25 @@ def test_the_stacks_hold_every_run_of_the_plan_once(T, block, chunk, name):
     for s in stacks:  # one shape per stack, items whole query blocks apart
         assert s.n >= 1 and (s.n == 1 or s.step % block == 0)
         assert all(s.part(i, 1).rows == s.rows for i in range(s.n))
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 200), block=st.sampled_from([8, 16]), density=st.floats(0.05, 0.6),
+       max_keys=st.sampled_from([8, 40, 10_000]), seed=st.integers(0, 10))
+def test_stacks_and_gathers_hold_every_run_of_the_plan_once(T, block, density, max_keys, seed):
+    nb = -(-T // block)
+    layout = torch.rand(nb, nb, generator=torch.Generator().manual_seed(seed)) < density
+    q, k, v = make_qkv(1, 2, T, D=4)
+    spec = canonicalize(q, k, v, mask=masks.block_sparse(layout, block))
+    plan = make_plan(spec, block, block, 1024, partial_chunk=64, mix=True)
+    stacks, gathers = gather_runs(stack_runs(plan), max_keys)
+    gathered = [(g.q0, r.start, r.stop, r.partial, r.full_parts, r.causal) for g in gathers for r in g.runs]
+    assert sorted(_pairs_of_stacks(stacks) + gathered) == _pairs_of_plan(plan)
+    for g in gathers:  # full runs of one query block, two or more, within the budget unless alone
+        assert len(g.runs) >= 2 or g.length > max_keys or any(h.q0 == g.q0 and h is not g for h in gathers)
+        assert all(not r.partial and not r.causal for r in g.runs)
+        assert g.length <= max_keys or len(g.runs) == 1
+        assert torch.equal(g.keys(), torch.cat([torch.arange(r.start, r.stop) for r in g.runs]))
 
 
 @settings(max_examples=80, deadline=None)
@@ -182,6 +201,24 @@ def test_a_bias_tensor_gets_one_bias_per_item(kernel_calls, monkeypatch):
     _assert_same(fast, ref)
     assert torch.all(fast[0][:, :, 17] == 0)
     assert any(n > 1 for n, _ in kernel_calls["forward"])
+
+
+@pytest.mark.parametrize("T,block_k", [(160, 8), (157, 8), (160, 16)])
+def test_scattered_runs_are_gathered_into_one_call_per_block(kernel_calls, monkeypatch, T, block_k):
+    """A block-sparse layout scatters its runs: each query block's go to the kernel as one call
+    over their keys side by side (block by block where the runs are whole key blocks, key by key
+    where the layout's blocks are finer than the plan's or the last block is ragged)."""
+    monkeypatch.setitem(attnkit.backends.REGISTRY, "tiled", TiledBackend(block_q=8, block_k=block_k))
+    nb = -(-T // 8)
+    layout = torch.rand(nb, nb, generator=torch.Generator().manual_seed(3)) < 0.2
+    layout |= torch.eye(nb, dtype=torch.bool)
+    q, k, v = make_qkv(2, 4, T, D=6, Hkv=2, dtype=torch.float64, requires_grad=True, noncontiguous=True)
+    kw = dict(mask=masks.block_sparse(layout, 8))
+    _assert_same(_grads(q, k, v, "tiled", **kw), _grads(q, k, v, "reference", **kw))
+    if block_k == 8:
+        runs = sum(len(r) for r in make_plan(canonicalize(q, k, v, **kw), 8, 8, 1024, mix=True).runs)
+        assert len(kernel_calls["forward"]) < runs / 2
+        assert len(kernel_calls["backward"]) == len(kernel_calls["forward"])
 
 
 @pytest.mark.parametrize("budget,most", [(1, 1), (4000, 2), (1 << 30, None)])

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..kernels.dropout import draw_seed
-from ..kernels.fused import fusable
-from ..kernels.plan import can_prescale, causal_plan, make_plan, query_scale, stack_runs
+from ..kernels.fused import fusable, gather_keys
+from ..kernels.plan import can_prescale, causal_plan, gather_runs, make_plan, query_scale, stack_runs
 from ..kernels.tiled import TiledAttentionFn
 from ..kernels.weights import tiled_weights, weights_pass
 from ..kernels.tile import normalizer_kind
@@ -195,7 +195,10 @@ class TiledBackend:
                         plan = tall
                         break
         if fused:
-            plan = replace(plan, fused=True, stacks=stack_runs(plan))
+            stacks, gathers = stack_runs(plan), ()
+            if not spec.score_mods:  # a bias would need the gathered keys' positions
+                stacks, gathers = gather_runs(stacks, gather_keys(spec, v.shape[-1], qp.element_size()))
+            plan = replace(plan, fused=True, stacks=stacks, gathers=gathers)
         if plan.prescaled:
             qp = qp * query_scale(spec)
         return qp, kp, v, plan, seed, params

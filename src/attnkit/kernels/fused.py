@@ -11,7 +11,9 @@ Runs of one shape in consecutive query blocks go to the kernel together, as one 
 along the kernel's batch dimension (no copy), so the kernel's threads share out items × heads ×
 query splits instead of the heads and splits of one block, and a translation-invariant mask
 (causal, windows; ALiBi and T5 biases) is built once for the whole stack. The backward adds each
-item's dk, dv back where its keys overlap the next item's.
+item's dk, dv back where its keys overlap the next item's. A query block's full runs that no
+stack shares (a block-sparse layout scatters them) have their keys gathered side by side into one
+call (:class:`~attnkit.kernels.plan.Gather`); the backward adds their dk, dv back by index.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from ..normalizers.base import Softmax
 from ..spec import AttentionSpec
-from .plan import Plan, Run, Stack
+from .plan import Gather, Plan, Run, Stack
 from .tile import NEG_INF as _NEG_INF
 from .tile import Tile, expand, reduce_groups
 
@@ -192,6 +194,35 @@ def _stack_mask(tile: Tile, st: Stack, dtype, B: int, H: int):
 _CALL_BYTES = 16 << 20
 
 
+def gather_keys(spec: AttentionSpec, Dv: int, size: int) -> int:
+    """The most keys one :class:`Gather` copies: their keys and values about :data:`_CALL_BYTES`."""
+    return max(128, _CALL_BYTES // (spec.B * spec.H * 2 * Dv * size))
+
+
+def _gathered(ga: Gather, kp: Tensor, v: Tensor, block: int):
+    """The gather's keys and values side by side, and a function adding a gradient of theirs back
+    into a ``kp``-shaped tensor. Runs on whole key blocks of ``block`` move block by block (whole
+    contiguous rows of keys: twice as fast as key by key)."""
+    nb = kp.shape[2] // block
+    if all(r.start % block == 0 and r.stop % block == 0 and r.stop <= nb * block for r in ga.runs):
+        idx = torch.cat([torch.arange(r.start // block, r.stop // block, device=kp.device) for r in ga.runs])
+
+        def pick(x):
+            return x[:, :, :nb * block].unflatten(2, (nb, block)).index_select(2, idx).flatten(2, 3)
+
+        def add(dx, g):
+            dx[:, :, :nb * block].unflatten(2, (nb, block)).index_add_(2, idx, g.unflatten(2, (-1, block)))
+    else:
+        idx = ga.keys(kp.device)
+
+        def pick(x):
+            return x.index_select(2, idx)
+
+        def add(dx, g):
+            dx.index_add_(2, idx, g)
+    return pick(kp), pick(v), add
+
+
 def _chunks(n: int, per_item: int):
     """``(first, count)`` pieces of ``n`` items, each about :data:`_CALL_BYTES`."""
     size = max(1, _CALL_BYTES // max(1, per_item))
@@ -249,6 +280,17 @@ def fused_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: 
                 i = j
             for a, b in spans:
                 touched[a:b] = [True] * (b - a)
+    for ga in plan.gathers:
+        kg, vg, _ = _gathered(ga, kp, v, plan.block_k)
+        o, l = _FLASH(qp[:, :, ga.q0:ga.q0 + ga.rows], kg, vg, 0.0, False, scale=scale)
+        a, b = ga.q0 // g, -(-(ga.q0 + ga.rows) // g)
+        ov, lv = out[:, :, ga.q0:ga.q0 + ga.rows], lse[:, :, ga.q0:ga.q0 + ga.rows]
+        if any(touched[a:b]):
+            _merge(ov, lv, o, l)
+        else:
+            ov.copy_(o)
+            lv.copy_(l)
+        touched[a:b] = [True] * (b - a)
     return out, lse
 
 
@@ -301,4 +343,12 @@ def fused_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan):
                 _add_items(dq, g_q, q0, st.step)
                 _add_items(dk, g_k, k0, st.step)
                 _add_items(dv, g_v, k0, st.step)
+    for ga in plan.gathers:
+        kg, vg, add = _gathered(ga, kp, v, plan.block_k)
+        rows = slice(ga.q0, ga.q0 + ga.rows)
+        g_q, g_k, g_v = _FLASH_BACKWARD(dout[:, :, rows], qp[:, :, rows], kg, vg, out[:, :, rows], lse[:, :, rows],
+                                        0.0, False, scale=scale)
+        dq[:, :, rows] += g_q
+        add(dk, g_k)
+        add(dv, g_v)
     return dq, reduce_groups(dk, G), reduce_groups(dv, G)

@@ -50,6 +50,8 @@ class Plan:
     fused: bool = False
     #: every run, grouped into stacks of equal shape (:func:`stack_runs`; fused plans)
     stacks: tuple["Stack", ...] = ()
+    #: full runs that no stack shares, one query block's read as one call (:func:`gather_runs`)
+    gathers: tuple["Gather", ...] = ()
     #: (query, key) pairs the runs compute, when known exactly (:func:`causal_plan`)
     live_area: int | None = None
 
@@ -103,6 +105,58 @@ def stack_runs(plan: Plan) -> tuple[Stack, ...]:
             stacks.append(Stack(items[first][0], rows, step, last - first, items[first][1]))
             first = last
     return tuple(stacks)
+
+
+@dataclass(frozen=True)
+class Gather:
+    """Full runs of one query block, rows ``[q0, q0 + rows)``, that no other block shares in a
+    stack (a block-sparse layout scatters them): their keys, gathered side by side, make one call
+    instead of one short call per run."""
+
+    q0: int
+    rows: int
+    runs: tuple[Run, ...]
+
+    @property
+    def length(self) -> int:
+        return sum(r.stop - r.start for r in self.runs)
+
+    def keys(self, device=None) -> torch.Tensor:
+        """The gathered key positions, in order."""
+        return torch.cat([torch.arange(r.start, r.stop, device=device) for r in self.runs])
+
+
+#: stacks of fewer items than this are gathered (:func:`gather_runs`) where they can be
+GATHER_BELOW = 4
+
+
+def gather_runs(stacks: tuple[Stack, ...], max_keys: int) -> tuple[tuple[Stack, ...], tuple[Gather, ...]]:
+    """Split ``stacks`` into those kept and the :class:`Gather` of each query block with at least
+    two full runs in short stacks (fewer than ``GATHER_BELOW`` items, neither partial nor causal:
+    their masks and biases need no key positions; a block-sparse layout scatters its runs so that
+    few blocks share one), at most ``max_keys`` keys per gather."""
+    def short(st: Stack) -> bool:
+        return st.n < GATHER_BELOW and not st.run.partial and not st.run.causal
+
+    single: dict[tuple[int, int], list[Run]] = {}
+    for st in stacks:
+        if short(st):
+            for i in range(st.n):
+                item = st.part(i, 1)
+                single.setdefault((item.q0, item.rows), []).append(item.run)
+    gathers, leftover = [], []
+    for (q0, rows), runs in single.items():
+        if len(runs) < 2:
+            leftover.append(Stack(q0, rows, rows, 1, runs[0]))
+            continue
+        cur: list[Run] = []
+        for r in sorted(runs, key=lambda r: r.start):
+            if cur and sum(x.stop - x.start for x in cur) + r.stop - r.start > max_keys:
+                gathers.append(Gather(q0, rows, tuple(cur)))
+                cur = []
+            cur.append(r)
+        gathers.append(Gather(q0, rows, tuple(cur)))
+    return tuple(st for st in stacks if not short(st)) + tuple(leftover), tuple(gathers)
 
 
 def causal_plan(spec: AttentionSpec, tall: int, fine: int, block_k: int) -> Plan | None:
