@@ -10,7 +10,7 @@ Usage (from the repository root)::
     python benchmarks/engine_round2.py --run --threads 1 --repeat 3 --cases window256_fwdbwd window256_fwd_ \
         --json benchmarks/results/engine_round2_1thread.json                    # what the second thread buys
     python benchmarks/engine_round2.py --run --threads 2 --repeat 3 --cases sparse_causal_fwdbwd_N65536 \
-        --json benchmarks/results/engine_round2_65k.json                        # N=65536 memory (~30 min)
+        --json benchmarks/results/engine_round2_65k.json                        # N=65536 memory (~20 min: one call per repeat)
     python benchmarks/engine_round2.py benchmarks/results/engine_round2.json     # print its table again
 """
 

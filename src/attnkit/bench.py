@@ -1,8 +1,8 @@
 """Benchmark harness: attnkit against the anchors (SDPA with a dense mask or bias, compiled flex,
 the naive materializing version, ``nn.MultiheadAttention``), in the same run.
 
-Each repeat of a variant is a fresh subprocess (one warm-up call, then one timed call), so the
-peak memory is that process's own: the growth of its peak resident set over its size once the
+Each repeat of a variant is a fresh subprocess (one warm-up call, then one timed call; calls of
+minutes skip the warm-up: ``Case.warm_up``), so the peak memory is that process's own: the growth of its peak resident set over its size once the
 inputs exist. The repeats of a case run round-robin over its variants, so that a slow spell of
 the machine hits every variant alike. ``--json`` stores every repeat's seconds and peak memory
 (never only a summary), with the command line, the date and the machine; the median and the
@@ -157,6 +157,9 @@ class Case:
     variants: list[Variant] = field(default_factory=list)
     #: run only when asked for by name (cases that need an extra, e.g. transformers)
     explicit: bool = False
+    #: call once untimed before the timed call (compiles flex, fills caches); off for calls of
+    #: minutes, where that first-call cost is nothing and a warm-up would double the run
+    warm_up: bool = True
 
 
 def _child(conn, case_name: str, variant_name: str, threads: int, quick: bool) -> None:
@@ -167,7 +170,8 @@ def _child(conn, case_name: str, variant_name: str, threads: int, quick: bool) -
         fn, note = variant.setup()
         base = _rss_bytes()
         _reset_peak()
-        fn()  # warm-up (compiles flex, fills caches)
+        if case.warm_up:
+            fn()  # warm-up (compiles flex, fills caches)
         seconds = _timed(fn)
         conn.send((seconds, max(0, _peak_bytes() - base), note, None))
     except BaseException as e:  # noqa: BLE001 - report any failure (OOM, unsupported) as a result
@@ -410,7 +414,7 @@ def cases(quick: bool = False) -> list[Case]:
             variants.append(Variant("attnkit tiled softmax", _attnkit("tiled", True, B, H, N, D, mask=causal)))
         out.append(Case(f"sparse_causal_fwdbwd_N{N}", f"sparsemax and 1.5-entmax, causal, N={N}, forward+backward "
                         "(no other library tiles them)", lambda N=N: attention_flops(B, H, N * (N + 1) // 2, D, True),
-                        variants))
+                        variants, warm_up=N <= 16384 // s))
     N = 16384 // s
     out.append(Case(f"mha_weights_eval_N{N}", f"causal self-attention module with need_weights=True (torch's "
                     f"default: weights averaged over the heads), N={N}, E=512, eval, no grad",

@@ -21,6 +21,10 @@ IEEE arithmetic (``NaN + -inf = NaN``) it does not shield the row from a NaN key
 A bias of ``+inf`` or NaN on a live position (a bias tensor) poisons that row too.
 
 The check costs one summation of q, k and v; when everything is finite nothing else happens.
+A tensor found finite is remembered until it is changed in place or freed (its version counter,
+a weak reference), so keys and values read again unchanged (cross-attention to an encoder's
+memory at every decoding step, :class:`attnkit.nn.KVCache`'s views, which it checks as they are
+appended) cost no second summation.
 
 Example::
 
@@ -38,6 +42,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -171,11 +177,53 @@ def pending_check(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
     return finite
 
 
-def inputs_finite(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether ``q``, ``k`` and ``v`` hold only finite values, in one sum of the three (a NaN or
-    inf makes it non-finite; a finite sum proves all three clean)."""
+#: tensors found finite: id -> (weak reference, version counter when found)
+_FINITE: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _forget(key: int):
+    return lambda _ref: _FINITE.pop(key, None)
+
+
+def mark_finite(x: Tensor) -> None:
+    """Remember that ``x`` holds only finite values, until it is changed in place (its version
+    counter moves) or freed. Only for a caller that knows: :class:`attnkit.nn.KVCache` marks its
+    views after checking each appended piece; :func:`inputs_finite` marks what it checked."""
+    if torch.compiler.is_compiling() or x.is_inference():  # inference tensors keep no version counter
+        return
+    key = id(x)
+    _FINITE[key] = (weakref.ref(x, _forget(key)), x._version)
+
+
+def known_finite(x: Tensor) -> bool:
+    """Whether ``x`` was found finite and has not changed since (:func:`mark_finite`)."""
+    seen = _FINITE.get(id(x))
+    return seen is not None and seen[0]() is x and not x.is_inference() and seen[1] == x._version
+
+
+def sum_finite(*xs: Tensor) -> bool:
+    """Whether every tensor of ``xs`` holds only finite values, by one summation (a finite sum
+    proves them clean; entries whose sum overflows read as not finite)."""
     with torch.no_grad():
-        return bool(torch.isfinite(q.sum() + k.sum().to(q.dtype) + v.sum().to(q.dtype)))
+        total = xs[0].sum()
+        for x in xs[1:]:
+            total = total + x.sum().to(total.dtype)
+        return math.isfinite(total.item())  # one number: no kernel call needed to test it
+
+
+def inputs_finite(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether ``q``, ``k`` and ``v`` hold only finite values, in one sum of those not known finite
+    already (a NaN or inf makes it non-finite; a finite sum proves all of them clean). Keys and
+    values found clean are remembered (:func:`known_finite`)."""
+    todo = [x for x in (q, k, v) if not known_finite(x)]
+    if not todo:
+        return True
+    fine = sum_finite(*todo)
+    if fine:
+        for x in todo:
+            if x is not q:
+                mark_finite(x)
+    return fine
 
 
 def all_finite(x: Tensor) -> bool:

@@ -296,3 +296,68 @@ def test_the_finiteness_screen_is_exact():
     # a normalizer whose scores overflow when summed still normalizes them exactly
     s = torch.tensor([3e38, 3e38, 1.0])
     assert_close(N.Softmax()(s), torch.softmax(s, -1))
+
+
+# -- the check remembers clean tensors (decoding reads the same keys again) --------------------
+
+def test_a_key_found_clean_is_not_summed_again_until_it_changes_in_place():
+    from attnkit import nonfinite
+
+    q, k, v = make_qkv(1, 2, 1, 12, D=4)
+    kw = dict(mask=masks.key_padding(torch.tensor([9])))
+    first = attnkit.attention(q, k, v, **kw)
+    assert nonfinite.known_finite(k) and nonfinite.known_finite(v) and not nonfinite.known_finite(q)
+    assert torch.equal(attnkit.attention(q, k, v, **kw), first)
+    k[0, 1, 3, 0] = NAN  # in place: the version counter moves, the memo no longer holds
+    assert not nonfinite.known_finite(k)
+    out = attnkit.attention(q, k, v, **kw)
+    assert out[0, 1].isnan().all() and out[0, 0].isfinite().all()  # the policy applied: head 1 reads it
+    v[0, 0, 10, 0] = NAN  # a padded value, changed after it was found clean: still reaches nothing
+    assert attnkit.attention(q, k, v, **kw)[0, 0].isfinite().all()
+
+
+def test_the_memo_is_per_tensor_object_not_per_address():
+    from attnkit import nonfinite
+
+    q, k, v = make_qkv(1, 1, 2, 6, D=3)
+    attnkit.attention(q, k, v)
+    view = k[:, :, :]  # same storage and version, another object: checked afresh
+    assert nonfinite.known_finite(k) and not nonfinite.known_finite(view)
+    key = id(k)
+    del k, view  # (a view keeps its base alive)
+    import gc
+
+    gc.collect()
+    assert key not in nonfinite._FINITE  # a freed tensor is forgotten (its address may be reused)
+
+
+def test_marked_tensors_skip_the_sum():
+    """``mark_finite`` is a promise: a tensor marked clean is not summed (so a lying caller gets
+    what the backend gives); attention marks only what it checked."""
+    from attnkit import nonfinite
+
+    q, k, v = make_qkv(1, 1, 2, 6, D=3)
+    k[0, 0, 1, 0] = NAN
+    assert not nonfinite.inputs_finite(q, k, v) and not nonfinite.known_finite(k)
+    nonfinite.mark_finite(k)
+    assert nonfinite.inputs_finite(q, k, v)
+
+
+def test_a_kv_cache_checks_what_it_appends_and_hands_out_views_known_clean():
+    from attnkit import nonfinite
+
+    for max_length in (None, 8):
+        cache = attnkit.nn.KVCache(max_length=max_length)
+        q, k, v = make_qkv(1, 2, 1, 3, D=4)
+        keys, values = cache.append(k, v)
+        assert nonfinite.known_finite(keys) and nonfinite.known_finite(values)
+        bad = k[:, :, :1].clone()
+        bad[0, 0, 0, 0] = INF
+        keys, values = cache.append(bad, v[:, :, :1])
+        assert not nonfinite.known_finite(keys)
+        out = attnkit.attention(q, keys, values)  # the policy: the live inf key poisons head 0
+        assert out[0, 0].isnan().all() and out[0, 1].isfinite().all()
+        keys, values = cache.append(k[:, :, :1], v[:, :, :1])
+        assert not nonfinite.known_finite(keys)  # the cache still holds the bad key
+        cache.reset()
+        assert nonfinite.known_finite(cache.append(k, v)[0])

@@ -62,6 +62,15 @@ class SDPABackend:
         return (isinstance(m, Causal) and query_offset(m.align, spec.Tq, spec.Tk) == 0  # SDPA's is_causal is top-left
                 and len(spec.score_mods) == 0)
 
+    @staticmethod
+    def key_slice(spec: AttentionSpec) -> tuple[int, int] | None:
+        """The keys ``[lo, hi)`` that are every query's only live keys (:meth:`Mask.key_range`: a
+        window or causal mask at one query), read as a slice with no mask; None otherwise."""
+        m = spec.mask
+        if m is None or spec.score_mods or torch.compiler.is_compiling():
+            return None
+        return m.key_range(spec.Tq, spec.Tk)
+
     def auto_reasons(self, spec: AttentionSpec) -> list[str]:
         """SDPA serves masks and biases by materializing a (Tq, Tk) tensor and doing all Tq·Tk work;
         past ``auto_dense_limit`` pairs the tiled backend, which skips masked tiles, wins.
@@ -72,7 +81,8 @@ class SDPABackend:
         pairs = spec.Tq * spec.Tk
         # a query-invariant mask (key padding) materializes as one row broadcast over the queries
         dense_mask = (spec.mask is not None and not isinstance(spec.mask, FromTensor)
-                      and not spec.mask.query_invariant and not self.native_causal(spec))
+                      and not spec.mask.query_invariant and not self.native_causal(spec)
+                      and self.key_slice(spec) is None)
         dense_bias = any(not isinstance(m, TensorBias) for m in spec.score_mods)
         limit = self.auto_dense_limit_dropout if spec.dropout_p > 0 else self.auto_dense_limit
         if torch.compiler.is_compiling():
@@ -91,6 +101,8 @@ class SDPABackend:
             how = "torch's fused kernel with is_causal, nothing materialized"
         elif spec.mask is None and not spec.score_mods:
             how = "torch's fused kernel, no mask"
+        elif (span := self.key_slice(spec)) is not None:
+            how = f"torch's fused kernel on keys [{span[0]}, {span[1]}), the mask's only live keys, no mask"
         else:
             what = " and ".join(w for w, on in (("the mask", spec.mask is not None), ("the bias", spec.score_mods)) if on)
             how = (f"torch's kernel with {what} as a dense ({spec.Tq} x {spec.Tk}) tensor; "
@@ -101,6 +113,9 @@ class SDPABackend:
         scale = spec.scale / spec.normalizer.temperature
         mask, is_causal, dead = None, False, None
         m = spec.mask
+        span = self.key_slice(spec)
+        if span is not None:  # a decoding step's window: its keys as a slice, nothing materialized
+            k, v, m = k[:, :, span[0]:span[1]], v[:, :, span[0]:span[1]], None
         if self.native_causal(spec):
             is_causal = True
         elif m is not None:

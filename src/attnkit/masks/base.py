@@ -102,6 +102,13 @@ class Mask:
         the mask. False when unsure (the default)."""
         return False
 
+    def key_range(self, num_queries: int, num_keys: int) -> tuple[int, int] | None:
+        """``(lo, hi)`` when, from its parameters alone, every query sees exactly the keys
+        ``lo <= j < hi`` at these sizes (a window for one query at the end of a decoding cache):
+        a dense kernel then reads that slice of the keys without a mask. None when unsure (the
+        default) or when a query would see no key."""
+        return None
+
     # -- views -----------------------------------------------------------------------------
     def bind(self, num_queries: int, num_keys: int) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
         """A FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx)`` for these sequence lengths."""
@@ -280,6 +287,14 @@ class And(Mask):
 
     def sees_every_key(self, num_queries, num_keys):
         return self.left.sees_every_key(num_queries, num_keys) and self.right.sees_every_key(num_queries, num_keys)
+
+    def key_range(self, num_queries, num_keys):
+        spans = [m.key_range(num_queries, num_keys) if not m.sees_every_key(num_queries, num_keys) else (0, num_keys)
+                 for m in (self.left, self.right)]
+        if any(s is None for s in spans):
+            return None
+        lo, hi = max(spans[0][0], spans[1][0]), min(spans[0][1], spans[1][1])
+        return (lo, hi) if lo < hi else None
 
     def classify_blocks(self, num_queries, num_keys, block_q, block_k, batch=1, heads=1, device=None):
         args = (num_queries, num_keys, block_q, block_k, batch, heads, device)

@@ -38,6 +38,10 @@ class Causal(Mask):
         # the first query reaches the last key (one query at the end of a decoding cache)
         return query_offset(self.align, num_queries, num_keys) >= num_keys - 1
 
+    def key_range(self, num_queries, num_keys):
+        hi = min(num_keys, query_offset(self.align, num_queries, num_keys) + 1)  # one query: keys before it
+        return (0, hi) if num_queries == 1 and hi > 0 else None
+
     def classify_blocks(self, num_queries, num_keys, block_q, block_k, batch=1, heads=1, device=None):
         o = query_offset(self.align, num_queries, num_keys)
         qs, qe = tile_bounds(num_queries, block_q, device)
@@ -87,6 +91,11 @@ class SlidingWindow(Mask):
         # the first query reaches the last key and the last query the first
         o = query_offset(self.align, num_queries, num_keys)
         return o + self.right >= num_keys - 1 and num_queries - 1 + o - self.left <= 0
+
+    def key_range(self, num_queries, num_keys):
+        o = query_offset(self.align, num_queries, num_keys)
+        lo, hi = max(0, o - self.left), min(num_keys, o + self.right + 1)  # one query's window
+        return (lo, hi) if num_queries == 1 and lo < hi else None
 
     def classify_blocks(self, num_queries, num_keys, block_q, block_k, batch=1, heads=1, device=None):
         o = query_offset(self.align, num_queries, num_keys)

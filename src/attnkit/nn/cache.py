@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from .._checks import check_positive, check_tensor, shape_str
+from ..nonfinite import mark_finite, sum_finite
 
 Tensor = torch.Tensor
 
@@ -67,6 +68,7 @@ class KVCache:
         self._k: Optional[Tensor] = None  # (B, Hkv, capacity >= length, D)
         self._v: Optional[Tensor] = None  # (B, Hkv, capacity >= length, Dv)
         self._length = 0
+        self._finite = True  # every cached position holds finite values (checked as appended)
 
     @property
     def length(self) -> int:
@@ -138,7 +140,16 @@ class KVCache:
             self._k = torch.cat([self.keys, k], dim=2)
             self._v = torch.cat([self.values, v], dim=2)
         self._length = new_len
-        return self.keys, self.values
+        keys, values = self.keys, self.values
+        # the new positions are checked as they come (O(Tnew)), so attention's NaN policy need
+        # not sum the whole cache again at every step (attnkit.nonfinite.known_finite)
+        if torch.compiler.is_compiling():  # compiled attention skips the NaN check (and asking is a graph break)
+            return keys, values
+        self._finite = self._finite and sum_finite(k, v)
+        if self._finite:
+            mark_finite(keys)
+            mark_finite(values)
+        return keys, values
 
     def _grow(self, old: Optional[Tensor], new: Tensor) -> Tensor:
         B, H, _, D = new.shape
