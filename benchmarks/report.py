@@ -178,8 +178,13 @@ def threads_table(one, two, names=("engine_1thread.json", "engine_2threads.json"
                 f"two machines. Rerun the one-thread file on the machine of the other: `{COMMANDS[names[0]]}`.")
     i1, i2 = _index(one), _index(two)
     g1, g2 = one.get("matmul_gflops") or [], two.get("matmul_gflops") or []
+    dates = [str(d.get("date", "?")) for d in (one, two)]
+    apart = "" if dates[0][:13] == dates[1][:13] else (
+        f" The two runs are not of one sitting ({dates[0]} and {dates[1]}): the code and the machine's state may "
+        "differ between them, so a speed-up here mixes the second thread with both; the float32 matmul row below "
+        "shows the machine's own change.")
     out = [f"From `{RES}{names[0]}` and `{RES}{names[1]}` (commands above); the speed-up "
-           "from the second thread is taken over every pairing of a 1-thread and a 2-thread repeat.", "",
+           "from the second thread is taken over every pairing of a 1-thread and a 2-thread repeat." + apart, "",
            "| case | variant | 1 thread | 2 threads | speed-up from the second thread |", "|---|---|---|---|---|"]
     for key, r1 in i1.items():
         r2 = i2.get(key)

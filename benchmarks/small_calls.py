@@ -36,6 +36,10 @@ def cases(q, k, v):
         "SDPA, window 256 as a dense mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense_window),
         "attnkit, no mask": lambda: attnkit.attention(q, k, v),
         "attnkit, masks.causal()": lambda: attnkit.attention(q, k, v, mask=masks.causal()),
+        # new view objects of the same keys every call: the NaN policy cannot know them clean and
+        # sums them (a loop that re-slices its own cache; attnkit.nn.KVCache's views are known)
+        "attnkit, masks.causal(), new K/V views each call":
+            lambda: attnkit.attention(q, k[:, :, :], v[:, :, :], mask=masks.causal()),
         "attnkit, masks.sliding_window(256)": lambda: attnkit.attention(q, k, v, mask=window),
     }
 

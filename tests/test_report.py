@@ -175,5 +175,9 @@ def test_the_second_thread_table_pairs_one_machine_only():
     table = report.threads_table(one, two)
     assert "| window | attnkit tiled | 2.00 s" in table and "2.00× (2.00–2.00, n=9)" in table
     assert "1.90× (1.90–1.90, n=9)" in table  # the machine's own GEMM scaling
+    one["date"], two["date"] = "2026-12-04 10:00:00", "2026-12-04 10:40:00"
+    assert "not of one sitting" not in report.threads_table(one, two)
+    two["date"] = "2026-12-04 13:05:00"  # hours apart: said, with both dates
+    assert "not of one sitting (2026-12-04 10:00:00 and 2026-12-04 13:05:00)" in report.threads_table(one, two)
     two["machine"] = {"cpu": "CPU B"}
     assert "no speed-up across two machines" in report.threads_table(one, two)

@@ -45,14 +45,6 @@ FIRST_GROUPS = 32
 BLOCK_BYTES = 32 * 2**20
 
 
-def _live_x(tile: Tile, qi: Tensor, kp: Tensor, qs: int, qe: int, r, spec: AttentionSpec, am1: float) -> Tensor:
-    grid = tile.grid(qs, qe, r.start, r.stop)
-    x = tile.scores(qi, expand(kp[:, :, r.start:r.stop], spec.groups), qs, r.start, grid)
-    if am1 != 1.0:
-        x = x * am1
-    return x.masked_fill(~tile.allowed(grid), NEG_INF) if r.partial else x
-
-
 def _width(runs) -> int:
     """The runs' total length rounded up to a multiple of ``GROUP``."""
     return -(-sum(r.stop - r.start for r in runs) // GROUP) * GROUP
