@@ -28,7 +28,7 @@ from report import COMMANDS  # noqa: E402
 ESTIMATE_MIN = {"engine_2threads.json": "13-20", "causal_64k.json": "7-12", "demo_quality.json": "13-17",
                 "engine_1thread.json": "22-30", "hf_2threads.json": "10-20",
                 "compile.json": "4-8", "small_calls.json": "1", "engine_round2.json": "12-15",
-                "engine_round2_1thread.json": "4-6", "engine_round2_65k.json": "15-25"}
+                "engine_round2_1thread.json": "4-6", "engine_round2_65k.json": "15-25", "engine_window_scaling_recheck.json": "3"}
 
 
 def main(argv: list[str] | None = None) -> int:
