@@ -172,6 +172,17 @@ def engine_table(data, cmd: str, name: str = "", targets=None, what: str = "issu
     return "\n".join(out)
 
 
+def _hours_apart(a: str, b: str) -> float:
+    """Hours between two stored run dates (``YYYY-MM-DD HH:MM:SS``); infinite when either is unreadable."""
+    import datetime
+
+    try:
+        t = [datetime.datetime.strptime(x[:19], "%Y-%m-%d %H:%M:%S") for x in (a, b)]
+    except ValueError:
+        return float("inf")
+    return abs((t[1] - t[0]).total_seconds()) / 3600
+
+
 def threads_table(one, two, names=("engine_1thread.json", "engine_2threads.json")) -> str:
     if not one or not two:
         missing = [n for n, d in zip(names, (one, two)) if not d]
@@ -183,8 +194,8 @@ def threads_table(one, two, names=("engine_1thread.json", "engine_2threads.json"
     i1, i2 = _index(one), _index(two)
     g1, g2 = one.get("matmul_gflops") or [], two.get("matmul_gflops") or []
     dates = [str(d.get("date", "?")) for d in (one, two)]
-    apart = "" if dates[0][:13] == dates[1][:13] else (
-        f" The two runs are not of one sitting ({dates[0]} and {dates[1]}): the code and the machine's state may "
+    apart = "" if _hours_apart(*dates) <= 2 else (
+        f" The two runs are not of one sitting (more than two hours apart: {dates[0]} and {dates[1]}): the code and the machine's state may "
         "differ between them, so a speed-up here mixes the second thread with both; the float32 matmul row below "
         "shows the machine's own change.")
     out = [f"From `{RES}{names[0]}` and `{RES}{names[1]}` (commands above); the speed-up "
