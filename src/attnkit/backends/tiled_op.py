@@ -145,14 +145,10 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, data: list[Tensor], desc: s
     """``(out (B, H, Tq, Dv), lse (B, H, Tq))``: attention of the request ``desc`` describes
     (``data``: the tensors its masks hold), by the tiled backend's kernels, and the log-sum-exp of
     each row that its backward reads."""
-    from ..kernels import fused
-    from ..kernels.denormals import flushing_denormals
-    from ..kernels.tiled import large_call, tiled_forward
+    from ..kernels.tiled import run_forward
 
     spec, qp, kp, v, plan = _setup(q, k, v, data, desc)
-    with flushing_denormals(large_call(spec, plan)):
-        out, lse = fused.fused_forward(qp, kp, v, spec, plan) if plan.fused else tiled_forward(qp, kp, v, spec, plan,
-                                                                                                None)
+    out, lse, _ = run_forward(qp, kp, v, spec, plan)
     return out.contiguous(), lse.contiguous()
 
 
@@ -166,17 +162,11 @@ def tiled_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
                              data: list[Tensor], desc: str) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``q``, ``k``, ``v`` for the output gradient ``dout``, by the tiled backward
     (tile by tile, from ``out`` and ``lse``; no (Tq, Tk) tensor)."""
-    from ..kernels import fused
-    from ..kernels.denormals import flushing_denormals
     from ..kernels.plan import query_scale
-    from ..kernels.tiled import large_call, tiled_backward
+    from ..kernels.tiled import run_backward
 
     spec, qp, kp, v, plan = _setup(q, k, v, data, desc)
-    with flushing_denormals(large_call(spec, plan)):
-        if plan.fused:
-            dq, dk, dv = fused.fused_backward(qp, kp, v, out, lse, dout, spec, plan)
-        else:
-            dq, dk, dv, _ = tiled_backward(qp, kp, v, out, lse, dout, spec, plan, (), None)
+    dq, dk, dv, _ = run_backward(qp, kp, v, out, lse, dout, spec, plan)
     if plan.prescaled:  # the kernels saw q * scale
         dq = dq * query_scale(spec)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()

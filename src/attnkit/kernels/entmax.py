@@ -173,13 +173,16 @@ def entmax_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan:
     out = torch.zeros(B, H, spec.Tq, v.shape[-1], dtype=qp.dtype, device=qp.device)
     out_g = torch.zeros_like(out)
     taus = torch.full((B, H, spec.Tq), float("inf"), dtype=qp.dtype, device=qp.device)
-    size = max((B * H * min(qe - qs, max(1, BLOCK_BYTES // (B * H * _width(runs) * qp.element_size())))
-                * _width(runs) for (qs, qe), runs in zip(plan.q_blocks, plan.runs) if runs), default=0)
+    def rows_at_once(runs) -> int:  # rows whose held scores fit in BLOCK_BYTES (at least one)
+        return max(1, BLOCK_BYTES // (B * H * _width(runs) * qp.element_size()))
+
+    size = max((B * H * min(qe - qs, rows_at_once(runs)) * _width(runs)
+                for (qs, qe), runs in zip(plan.q_blocks, plan.runs) if runs), default=0)
     work = (qp.new_empty(size), qp.new_empty(size))  # the scores, and the gates of sparsemax/1.5-entmax
     for (qs0, qe0), runs in zip(plan.q_blocks, plan.runs):
         if not runs:
             continue  # no live key: output 0, τ = +inf
-        rows = max(1, BLOCK_BYTES // (B * H * _width(runs) * qp.element_size()))
+        rows = rows_at_once(runs)
         for qs in range(qs0, qe0, rows):  # a run full for the block is full for any of its rows
             qe = min(qe0, qs + rows)
             x = block_scores(qp[:, :, qs:qe], kp, qs, qe, runs, tile, spec, work[0])

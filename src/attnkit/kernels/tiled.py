@@ -199,6 +199,27 @@ def tiled_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, p
     return dq, dk, dv, dparams
 
 
+def run_forward(qp: Tensor, kp: Tensor, v: Tensor, spec: AttentionSpec, plan: Plan, seed=None):
+    """``(out, lse, saved)`` of the plan's body (fused, entmax or eager), with denormals flushed
+    around large calls; ``saved`` is what the backward reads in place of ``out`` (entmax's
+    ``out_g``), else None."""
+    with flushing_denormals(large_call(spec, plan)):
+        if plan.fused:
+            return (*fused.fused_forward(qp, kp, v, spec, plan), None)
+        if normalizer_kind(spec) == "entmax":
+            return entmax_forward(qp, kp, v, spec, plan)
+        return (*tiled_forward(qp, kp, v, spec, plan, seed), None)
+
+
+def run_backward(qp, kp, v, out, lse, dout, spec: AttentionSpec, plan: Plan, params=(), seed=None):
+    """``(dq, dk, dv, dparams)`` of the plan's body (``dq`` w.r.t. ``qp`` as given), with denormals
+    flushed around large calls."""
+    with flushing_denormals(large_call(spec, plan)):
+        if plan.fused:
+            return (*fused.fused_backward(qp, kp, v, out, lse, dout, spec, plan), ())
+        return tiled_backward(qp, kp, v, out, lse, dout, spec, plan, params, seed)
+
+
 class TiledAttentionFn(torch.autograd.Function):
     """``out = attention(prepared q, prepared k, v)`` with the tiled forward and backward.
 
@@ -209,14 +230,7 @@ class TiledAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qp, kp, v, spec, plan, seed, *params):
-        saved_out = None
-        with flushing_denormals(large_call(spec, plan)):
-            if plan.fused:
-                out, lse = fused.fused_forward(qp, kp, v, spec, plan)
-            elif normalizer_kind(spec) == "entmax":
-                out, lse, saved_out = entmax_forward(qp, kp, v, spec, plan)  # the backward reads out_g
-            else:
-                out, lse = tiled_forward(qp, kp, v, spec, plan, seed)
+        out, lse, saved_out = run_forward(qp, kp, v, spec, plan, seed)
         ctx.save_for_backward(qp, kp, v, out if saved_out is None else saved_out, *(() if lse is None else (lse,)))
         ctx.spec, ctx.plan, ctx.seed, ctx.params, ctx.has_lse = spec, plan, seed, params, lse is not None
         ctx.mark_non_differentiable(*(() if lse is None else (lse,)))
@@ -227,12 +241,8 @@ class TiledAttentionFn(torch.autograd.Function):
         saved = ctx.saved_tensors
         qp, kp, v, out = saved[:4]
         lse = saved[4] if ctx.has_lse else None
-        with flushing_denormals(large_call(ctx.spec, ctx.plan)):
-            if ctx.plan.fused:
-                return (*fused.fused_backward(qp, kp, v, out, lse, dout.contiguous(), ctx.spec, ctx.plan),
-                        None, None, None)
-            dq, dk, dv, dparams = tiled_backward(qp, kp, v, out, lse, dout.contiguous(), ctx.spec, ctx.plan,
-                                                 ctx.params, ctx.seed)
+        dq, dk, dv, dparams = run_backward(qp, kp, v, out, lse, dout.contiguous(), ctx.spec, ctx.plan,
+                                           ctx.params, ctx.seed)
         return (dq, dk, dv, None, None, None, *dparams)
 
 
