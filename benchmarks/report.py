@@ -670,7 +670,7 @@ def small_calls_block(results: Path) -> str:
              f"{m['threads']} thread(s), torch {m['torch']}. B={s['B']}, H={s['H']}, Tq={s['Tq']}, Tk={s['Tk']}, "
              f"D={s['D']}, float32, no grad; microseconds per call: the median over {d['repeat']} repeats of "
              f"{d['calls']:,} calls with the spread.", "",
-             "| call | time per call | against SDPA without a mask |", "|---|---|---|"]
+             "| call | time per call | against SDPA without a mask (the same calls) |", "|---|---|---|"]
     for r in d["results"]:
         lines.append(f"| {r['case']} | {measured(r['us'], 'us')} | {fmt(r['ratio_to_sdpa'])}× |")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ import dataclasses
 
 from . import nonfinite
 from . import recording as _capture
+from . import request_cache
 from .backends import registry
 from .spec import WeightsRequest, canonicalize
 
@@ -50,6 +51,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normalizer
         ``out (B, H, Tq, Dv)``, or ``(out, weights)`` when ``return_weights``. Query rows whose keys
         are all masked give zero output and zero weights.
 
+    A call whose options are plain values (score and normalizer by name, a mask given by its
+    parameters such as ``masks.causal()``, no bias, dropout or weights) is planned once for its
+    shapes and options: later calls like it (the layers of a model at one decoding step, a training
+    loop's steps) skip the checks and the backend choice (:mod:`attnkit.request_cache`).
+
     Equivalent PyTorch (plain softmax)::
 
         w = torch.softmax(q @ k.transpose(-2, -1) * scale + bias, dim=-1)  # masked -> -inf
@@ -63,11 +69,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normalizer
         >>> out.shape, w.shape
         (torch.Size([2, 4, 5, 3]), torch.Size([2, 4, 5, 7]))
     """
-    spec = canonicalize(q, k, v, score=score, normalizer=normalizer, mask=mask, bias=bias, scale=scale,
-                        dropout_p=dropout_p, return_weights=return_weights, generator=generator)
-    choice = registry.choose(spec, backend)
-    run = registry.REGISTRY[choice.backend]
-    recs = _capture.recorders()
+    # a request with plain options is planned once per shapes (attnkit.request_cache)
+    request = request_cache.key(q, k, v, score, normalizer, mask, bias, scale, dropout_p, return_weights, backend,
+                                generator)
+    planned = request_cache.get(request)
+    if planned is None:
+        spec = canonicalize(q, k, v, score=score, normalizer=normalizer, mask=mask, bias=bias, scale=scale,
+                            dropout_p=dropout_p, return_weights=return_weights, generator=generator)
+        name = registry.choose(spec, backend).backend
+        run = request_cache.plan(request, spec, name)
+    else:
+        spec, name, run = planned
+        if not q.is_cuda and _capture.none_open() and nonfinite.inputs_finite(q, k, v):
+            # a small call's whole path (a remembered request has no bias, no weights, no dropout)
+            return run.direct(q, k, v) if type(run) is registry.Prepared else run(q, k, v, spec)[0]
+    recs = _capture.recorders() if _capture.active() is not None else ()
     if not recs:
         # on CUDA the finiteness check runs beside the kernels: queued first, read after them
         finite = nonfinite.pending_check(q, k, v, spec)
@@ -78,24 +94,26 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normalizer
             # rare: a NaN or inf somewhere; the result is discarded and the policy below applies
     # one NaN/inf policy for every backend (attnkit.nonfinite): non-finite inputs are zeroed
     # here and the NaN is written back into exactly the rows that read them
-    q, k, v, spec, guard = nonfinite.quarantine(q, k, v, spec)
+    q, k, v, planned_spec, guard = nonfinite.quarantine(q, k, v, spec)
+    if planned_spec is not spec:  # a bias tensor cleaned: the backend plans the new request itself
+        spec, run = planned_spec, registry.REGISTRY[name]
     if recs and not spec.normalizer.deterministic:
         # a sampling normalizer must not be run twice: take the weights from this very call
         full = dataclasses.replace(spec, return_weights=True, weights=WeightsRequest())
-        out, weights = run(q, k, v, full)
+        out, weights = registry.REGISTRY[name](q, k, v, full)
         if guard is not None:
             out, weights = guard.apply(out, weights, full)
         for rec in recs:
-            _capture.record_given(rec, weights, spec, choice.backend)
+            _capture.record_given(rec, weights, spec, name)
         return (out, spec.weights.select(weights)) if spec.return_weights else out
     out, weights = run(q, k, v, spec)
     if guard is not None:
         out, weights = guard.apply(out, weights, spec)
     for rec in recs:
         if spec.return_weights and spec.weights == WeightsRequest():
-            _capture.record_given(rec, weights, spec, choice.backend)  # the call computed them already
+            _capture.record_given(rec, weights, spec, name)  # the call computed them already
         else:
-            _capture.record(rec, q, k, v, spec, choice.backend, guard)
+            _capture.record(rec, q, k, v, spec, name, guard)
     return (out, weights) if spec.return_weights else out
 
 

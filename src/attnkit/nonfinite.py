@@ -134,6 +134,8 @@ def quarantine(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
     if torch.compiler.is_compiling():
         return q, k, v, spec, None
     fine = inputs_finite(q, k, v)
+    if fine and not spec.score_mods:
+        return q, k, v, spec, None  # the common case, first: a small call pays for little else here
     bad = [None] * 3 if fine else [None if all_finite(x) else ~torch.isfinite(x) for x in (q, k, v)]
     bias_bad, mods = None, list(spec.score_mods)
     for i, m in enumerate(mods):
@@ -198,26 +200,39 @@ def mark_finite(x: Tensor) -> None:
 def known_finite(x: Tensor) -> bool:
     """Whether ``x`` was found finite and has not changed since (:func:`mark_finite`)."""
     seen = _FINITE.get(id(x))
-    return seen is not None and seen[0]() is x and not x.is_inference() and seen[1] == x._version
+    # (an inference tensor is never marked: one that reuses a freed tensor's id fails "is x")
+    return seen is not None and seen[0]() is x and seen[1] == x._version
 
 
 def sum_finite(*xs: Tensor) -> bool:
     """Whether every tensor of ``xs`` holds only finite values, by one summation (a finite sum
     proves them clean; entries whose sum overflows read as not finite)."""
+    if not any(x.requires_grad for x in xs):  # (entering no_grad costs more than a small sum)
+        return math.isfinite(_sum(xs))
     with torch.no_grad():
-        total = xs[0].sum()
-        for x in xs[1:]:
-            total = total + x.sum().to(total.dtype)
-        return math.isfinite(total.item())  # one number: no kernel call needed to test it
+        return math.isfinite(_sum(xs))
+
+
+def _sum(xs) -> float:
+    total = xs[0].sum()
+    for x in xs[1:]:
+        total = total + x.sum().to(total.dtype)
+    return total.item()  # one number: no kernel call needed to test it
 
 
 def inputs_finite(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether ``q``, ``k`` and ``v`` hold only finite values, in one sum of those not known finite
     already (a NaN or inf makes it non-finite; a finite sum proves all of them clean). Keys and
     values found clean are remembered (:func:`known_finite`)."""
-    todo = [x for x in (q, k, v) if not known_finite(x)]
+    todo = []
+    for x in (q, k, v):  # known_finite, inlined: this runs on every call
+        seen = _FINITE.get(id(x))
+        if seen is None or seen[0]() is not x or seen[1] != x._version:
+            todo.append(x)
     if not todo:
         return True
+    if len(todo) == 1 and todo[0] is q and not q.requires_grad:
+        return math.isfinite(q.sum().item())  # a decoding step against known keys: the query alone
     fine = sum_finite(*todo)
     if fine:
         for x in todo:

@@ -220,6 +220,12 @@ def recorders() -> list[Recorder]:
     return list(getattr(_state, "recorders", ()))
 
 
+def none_open() -> bool:
+    """True when no capture block is open in any thread (cheaper than :func:`active`: the
+    attention call's fast path asks it first)."""
+    return _hook_users == 0
+
+
 def active() -> Optional[Recorder]:
     """The innermost active recorder, or None (cheap: called on every attention call)."""
     stack = getattr(_state, "recorders", None)

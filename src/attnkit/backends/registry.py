@@ -6,7 +6,9 @@ that only ``auto`` heeds (a request the backend serves correctly but slower than
 ``traces`` (a bool, or a function of the request) False for a request the backend serves only
 with a ``torch.compile`` graph break, and
 ``compile_fallback = True`` for one that inside ``torch.compile`` beats the reference on every
-request it supports. ``auto`` walks
+request it supports; and ``prepare(spec)``, the call for one request with the decisions that
+depend on the request alone taken once (a :class:`Prepared`, or the backend itself), which
+``attnkit.request_cache`` keeps for repeated requests. ``auto`` walks
 :data:`PRIORITY` and takes the first backend with no reasons; a forced backend that cannot serve
 a request raises an error listing its reasons.
 
@@ -31,6 +33,20 @@ Tensor = torch.Tensor
 log = logging.getLogger("attnkit.backends")
 
 
+class Prepared:
+    """A backend's call planned for one request (its optional ``prepare(spec)``): ``out =
+    direct(q, k, v)``. Called as a backend, ``(q, k, v, spec) -> (out, None)``, it ignores
+    ``spec``: it is only ever called with the request it was planned for."""
+
+    __slots__ = ("direct",)
+
+    def __init__(self, direct):
+        self.direct = direct
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
+        return self.direct(q, k, v), None
+
+
 class Backend(Protocol):
     name: str
 
@@ -39,10 +55,36 @@ class Backend(Protocol):
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor | None]: ...
 
 
-REGISTRY: dict[str, Backend] = {}
+class _Table(dict):
+    """The registry's table: counts its changes, so that choices remembered for a request
+    (``attnkit.attention``'s request cache) are dropped when a backend is added or replaced,
+    however it is done (``register``, or ``REGISTRY[name] = ...`` as tests do)."""
+
+    version = 0
+
+    def __setitem__(self, name, backend):
+        type(self).version += 1
+        super().__setitem__(name, backend)
+
+    def __delitem__(self, name):
+        type(self).version += 1
+        super().__delitem__(name)
+
+    def pop(self, *args):
+        type(self).version += 1
+        return super().pop(*args)
+
+
+REGISTRY: dict[str, Backend] = _Table()
 #: the order in which ``auto`` tries backends; ``reference`` serves everything and comes last
 PRIORITY: list[str] = []
 _forced: list[str] = []
+
+
+def state() -> tuple[int, str | None]:
+    """What a choice depends on beyond the request: the table's version (:func:`register`
+    changes it) and the backend :func:`use_backend` forces, if any."""
+    return _Table.version, _forced[-1] if _forced else None
 
 
 #: why ``auto`` passes over a backend whose ``traces`` attribute is False inside ``torch.compile``
@@ -60,7 +102,7 @@ def _traces(backend, spec: AttentionSpec) -> bool:
 def register(backend: Backend, *, priority: int | None = None) -> Backend:
     """Add a backend (replacing one of the same name). ``priority`` is its index in the ``auto``
     order (default: just before ``reference``)."""
-    REGISTRY[backend.name] = backend
+    REGISTRY[backend.name] = backend  # (a new version: remembered choices are dropped)
     if backend.name in PRIORITY:
         PRIORITY.remove(backend.name)
     if priority is None:

@@ -8,6 +8,8 @@ mask is opened and their output set to 0, matching the reference.
 
 from __future__ import annotations
 
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,7 @@ from ..normalizers.base import Softmax
 from ..positions.base import TensorBias
 from ..scores import Dot
 from ..spec import AttentionSpec
+from .registry import Prepared
 from .reference import expand_kv
 
 Tensor = torch.Tensor
@@ -108,6 +111,30 @@ class SDPABackend:
             how = (f"torch's kernel with {what} as a dense ({spec.Tq} x {spec.Tk}) tensor; "
                    f"{spec.Tq * spec.Tk} pairs is below the {self.auto_dense_limit} where a block-sparse backend wins")
         return how + (", GQA without copying K/V" if spec.groups > 1 and _HAS_GQA else "")
+
+    def prepare(self, spec: AttentionSpec):
+        """This backend's call for ``spec``, planned once (``attnkit.request_cache`` keeps it for
+        requests of the same shapes and options): a request with no mask to build (none, SDPA's
+        own ``is_causal``, or a slice of the keys) goes straight to torch's kernel; others take
+        :meth:`__call__`."""
+        if spec.score_mods or (spec.mask is not None and not self.native_causal(spec)
+                               and self.key_slice(spec) is None) or (spec.groups > 1 and not _HAS_GQA):
+            return self
+        span = self.key_slice(spec) or (0, spec.Tk)
+        lo, hi = span
+        kw = {"scale": spec.scale / spec.normalizer.temperature, "is_causal": self.native_causal(spec),
+              "dropout_p": spec.dropout_p}
+        if spec.groups > 1:
+            kw["enable_gqa"] = True
+        if spec.scale == 1 / math.sqrt(spec.D) and spec.normalizer.temperature == 1.0:
+            del kw["scale"]  # SDPA's own default, computed as torch does: fewer arguments to parse
+        for name, default in (("is_causal", False), ("dropout_p", 0.0)):
+            if kw[name] == default:
+                del kw[name]
+        sdpa = functools.partial(F.scaled_dot_product_attention, **kw)
+        if (lo, hi) != (0, spec.Tk):
+            return Prepared(lambda q, k, v: sdpa(q, k[:, :, lo:hi], v[:, :, lo:hi]))
+        return Prepared(sdpa)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
         scale = spec.scale / spec.normalizer.temperature

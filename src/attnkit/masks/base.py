@@ -32,6 +32,7 @@ from .._checks import broadcastable, check_arity, shape_str
 Tensor = torch.Tensor
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+_PLAIN = (int, float, str, bool)  # attribute types a mask's cache_key takes as they are
 ALIGNMENTS = ("bottom_right", "top_left")
 
 
@@ -108,6 +109,22 @@ class Mask:
         a dense kernel then reads that slice of the keys without a mask. None when unsure (the
         default) or when a query would see no key."""
         return None
+
+    def cache_key(self) -> Optional[tuple]:
+        """A hashable value equal for two masks with the same predicate: the class and every
+        attribute, when each is a plain value (int, float, str, bool, None) or a mask with a key
+        itself. None when the mask holds anything else (a tensor, a callable): such a mask is
+        never served from a cache keyed by parameters (``attnkit.attention``'s request cache)."""
+        items = []
+        for name, value in vars(self).items():
+            if isinstance(value, Mask):
+                value = value.cache_key()
+                if value is None:
+                    return None
+            elif not (value is None or type(value) in _PLAIN):
+                return None
+            items.append((name, value))
+        return (type(self), tuple(items))
 
     # -- views -----------------------------------------------------------------------------
     def bind(self, num_queries: int, num_keys: int) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
