@@ -198,7 +198,10 @@ class TiledBackend:
             stacks, gathers = stack_runs(plan), ()
             if not spec.score_mods:  # a bias would need the gathered keys' positions
                 stacks, gathers = gather_runs(stacks, gather_keys(spec, v.shape[-1], qp.element_size()))
-            plan = replace(plan, fused=True, stacks=stacks, gathers=gathers)
+            # with no bias riding on the queries, the kernel takes the scale itself: no pass over q
+            # (and none over dq in the backward; 4% of a window's fwd+bwd at N=16384)
+            plan = replace(plan, fused=True, stacks=stacks, gathers=gathers,
+                           prescaled=plan.prescaled and bool(spec.score_mods))
         if plan.prescaled:
             qp = qp * query_scale(spec)
         return qp, kp, v, plan, seed, params

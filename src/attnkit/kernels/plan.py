@@ -46,7 +46,8 @@ class Plan:
     #: the queries arrive pre-multiplied by ``scale / temperature`` (dot scores without score
     #: mods): one pass over q instead of one over every tile of scores, forward and backward
     prescaled: bool = False
-    #: runs go to torch's fused flash kernel (:func:`fused_forward`; requires ``prescaled``)
+    #: runs go to torch's fused flash kernel (:func:`fused_forward`), which takes the scale
+    #: itself unless ``prescaled`` (prescaled when row-separable biases ride on the queries)
     fused: bool = False
     #: every run, grouped into stacks of equal shape (:func:`stack_runs`; fused plans)
     stacks: tuple["Stack", ...] = ()
