@@ -351,3 +351,11 @@ def test_sigkill_at_random_moments_never_leaves_a_mix(tmp_path):
     assert interrupted > 0, "no kill landed inside a save"
     _generation(d, steps[-1] + 1)
     assert _loaded_step(d) == steps[-1] + 1 and not any(p.name.startswith(".") for p in d.iterdir())
+
+
+def test_a_checkpoint_without_a_key_its_task_reads_names_the_key_and_the_file(tmp_path):
+    ck.save_checkpoint(tmp_path / "run", model=torch.nn.Linear(2, 2), config={"model": "Linear"})
+    c = ck.load_checkpoint(tmp_path / "run")
+    assert c.require(("model",), "dates") is c.config
+    with pytest.raises(ValueError, match=r"run'?: config.json has no 'vocab' \(not a dates checkpoint\?\)"):
+        c.require(("model", "vocab"), "dates")

@@ -83,6 +83,14 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     trainer_state: dict[str, Any] | None = field(default=None)
 
+    def require(self, keys: tuple[str, ...], kind: str) -> dict[str, Any]:
+        """The config, after checking that it has every key a ``kind`` checkpoint's rebuild reads
+        (``ValueError`` naming the first missing key and the file otherwise)."""
+        for key in keys:
+            if key not in self.config:
+                raise ValueError(f"checkpoint {str(self.path)!r}: config.json has no {key!r} (not a {kind} checkpoint?)")
+        return self.config
+
 
 # ---------------------------------------------------------------------------------------------
 # Saving

@@ -15,14 +15,13 @@ import shutil
 import sys
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from attnkit import cli
-from attnkit.checkpoint import load_checkpoint
+from attnkit.checkpoint import Checkpoint, load_checkpoint
 from attnkit.models.vqa import (GridEncoder, RelationalAttentionNetwork, StackedAttentionNetwork, VqaTransformer,
                                 grid_side)
 from attnkit.tasks.vqa import recipe
@@ -410,9 +409,9 @@ def test_rebuild_refuses_what_is_not_a_vqa_checkpoint():
     for key in good:
         cfg = {k: v for k, v in good.items() if k != key}
         with pytest.raises(ValueError, match=f"config.json has no '{key}' \\(not a VQA checkpoint\\?\\)"):
-            recipe.rebuild(SimpleNamespace(config=cfg, path=Path("ck")))
+            recipe.rebuild(Checkpoint(path=Path("ck"), config=cfg, state_dict={}))
     with pytest.raises(ValueError, match=r"unknown VQA model 'rnn'; expected one of \['relational', 'san', 'transformer'\]"):
-        recipe.rebuild(SimpleNamespace(config={**good, "model_name": "rnn"}, path=Path("ck")))
+        recipe.rebuild(Checkpoint(path=Path("ck"), config={**good, "model_name": "rnn"}, state_dict={}))
 
 
 # -- the command line ---------------------------------------------------------------------------------

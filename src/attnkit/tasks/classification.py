@@ -186,9 +186,7 @@ COMMON_OPTIONS = {"dim": "dim", "depth": "depth", "heads": "num_heads", "encoder
 
 def rebuild_model(checkpoint: Checkpoint, device: str = "cpu") -> torch.nn.Module:
     """The checkpoint's model with its weights, in eval mode."""
-    cfg = checkpoint.config
-    if "model" not in cfg or "model_config" not in cfg:
-        raise ValueError(f"checkpoint {str(checkpoint.path)!r}: config.json has no model / model_config")
+    cfg = checkpoint.require(("model", "model_config"), "classification")
     model = models.get(cfg["model"])(**cfg["model_config"])
     return load_weights(model, checkpoint).to(device).eval()
 

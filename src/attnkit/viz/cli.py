@@ -64,10 +64,7 @@ def _model(ckpt, device: str) -> torch.nn.Module:
     from .. import models
     from ..checkpoint import load_weights
 
-    cfg = ckpt.config
-    for key in ("model", "model_config"):
-        if key not in cfg:
-            raise ValueError(f"checkpoint {str(ckpt.path)!r}: config.json has no {key!r}")
+    cfg = ckpt.require(("model", "model_config"), "task")
     if not isinstance(cfg["model_config"], dict):
         raise ValueError(f"checkpoint {str(ckpt.path)!r}: config.json 'model_config' must be an object")
     try:
@@ -86,10 +83,7 @@ def _show(tok: str) -> str:
 def _dates(ckpt, text: str, device: str) -> Example:
     from ..tasks.vocab import Vocab, pad_batch
 
-    cfg = ckpt.config
-    for key in ("src_vocab", "tgt_vocab"):
-        if key not in cfg:
-            raise ValueError(f"checkpoint {str(ckpt.path)!r}: config.json has no {key!r} (not a dates checkpoint?)")
+    cfg = ckpt.require(("src_vocab", "tgt_vocab"), "dates")
     model = _model(ckpt, device)
     src_vocab, tgt_vocab = Vocab.from_json(cfg["src_vocab"]), Vocab.from_json(cfg["tgt_vocab"])
     chars = list(text)
@@ -124,10 +118,7 @@ def _translation(ckpt, text: str, device: str) -> Example:
     from ..tasks.subword import from_config
     from ..tasks.vocab import pad_batch
 
-    cfg = ckpt.config
-    if "src_tokenizer" not in cfg:
-        raise ValueError(f"checkpoint {str(ckpt.path)!r}: config.json has no 'src_tokenizer' (not a translation "
-                         "checkpoint?)")
+    cfg = ckpt.require(("src_tokenizer",), "translation")
     model = _model(ckpt, device)
     src_tok = from_config(cfg["src_tokenizer"])
     tgt_tok = src_tok if cfg.get("joint", False) else from_config(cfg["tgt_tokenizer"])
@@ -152,8 +143,7 @@ def _sst2(ckpt, text: str, device: str) -> Example:
     if cfg.get("model") != "AttentionClassifier":
         raise ValueError(f"attnkit viz draws sst2 checkpoints of the AttentionClassifier; this one holds "
                          f"{cfg.get('model')!r}")
-    if "vocab" not in cfg:
-        raise ValueError(f"checkpoint {str(ckpt.path)!r}: config.json has no 'vocab'")
+    ckpt.require(("vocab",), "sst2")
     model = _model(ckpt, device)
     vocab = Vocab.from_json(cfg["vocab"])
     words = tokenize(text)

@@ -48,6 +48,14 @@ def _live_range(PTR, i, NBLK, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _rows(X, base, offs, ok, s_row, offs_d, s_d, D):
+    """Rows ``offs`` of a ``(rows, D)`` slice of ``X`` starting at ``base`` (row stride ``s_row``,
+    feature stride ``s_d``), zero where ``ok`` is false or past ``D``: a tile of q, k, v or dout."""
+    return tl.load(X + base + offs[:, None] * s_row + offs_d[None, :] * s_d,
+                   mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
 def _query_block(Q, SLOPES, sqb, sqh, sqm, sqd, H, G, Tq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DV: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """A query-major program's block: its indices, offsets, queries and ALiBi slope."""
@@ -58,8 +66,7 @@ def _query_block(Q, SLOPES, sqb, sqh, sqm, sqd, H, G, Tq, D, BLOCK_M: tl.constex
     offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Tq
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _rows(Q, b * sqb + h * sqh, offs_m, row_ok, sqm, offs_d, sqd, D)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h)
@@ -79,8 +86,7 @@ def _tile_probs(q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d,
         j = t
     offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < Tk
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    k = _rows(K, b * skb + hk * skh, offs_n, col_ok, skn, offs_d, skd, D)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + offset
     if HAS_ALIBI:
         s += slope * (offs_n[None, :] - offs_m[:, None] - shift).to(tl.float32)
@@ -110,8 +116,7 @@ def _fwd(Q, K, V, O, SLOPES, PTR, COLS, TILES, MT,
             q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d, skb, skh, skn, skd, stp, stb, sth, stm, stn,
             Tk, D, scale, offset, shift, slope, BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
         p = tl.where(keep, p, 0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        v = _rows(V, b * svb + hk * svh, offs_n, col_ok, svn, offs_dv, svd, DV)
         acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod, acc.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
@@ -127,16 +132,14 @@ def _bwd_dq(Q, K, V, DO, DQ, SLOPES, PTR, COLS, TILES, MT,
     # DQ shares Q's strides and DO shares O's (both made contiguous like them)
     i, b, h, hk, offs_m, offs_d, offs_dv, row_ok, q, slope = _query_block(
         Q, SLOPES, sqb, sqh, sqm, sqd, H, G, Tq, D, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_ALIBI)
-    do = tl.load(DO + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    do = _rows(DO, b * sob + h * soh, offs_m, row_ok, som, offs_dv, sod, DV)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     start, end = _live_range(PTR, i, NBLK, HAS_MASK)
     for t in range(start, end):
         p, keep, k, offs_n, col_ok = _tile_probs(
             q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d, skb, skh, skn, skd, stp, stb, sth, stm, stn,
             Tk, D, scale, offset, shift, slope, BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        v = _rows(V, b * svb + hk * svh, offs_n, col_ok, svn, offs_dv, svd, DV)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = tl.where(keep, p * (1.0 - p) * dp, 0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -160,10 +163,8 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV_, SLOPES, PTR, ROWS, TILES, MT,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < Tk
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k = _rows(K, b * skb + hk * skh, offs_n, col_ok, skn, offs_d, skd, D)
+    v = _rows(V, b * svb + hk * svh, offs_n, col_ok, svn, offs_dv, svd, DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     start, end = _live_range(PTR, j, NBLK, HAS_MASK)
@@ -179,10 +180,8 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV_, SLOPES, PTR, ROWS, TILES, MT,
                 i = t
             offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = offs_m < Tq
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(DO + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
-                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            q = _rows(Q, b * sqb + h * sqh, offs_m, row_ok, sqm, offs_d, sqd, D)
+            do = _rows(DO, b * sob + h * soh, offs_m, row_ok, som, offs_dv, sod, DV)
             st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale + offset
             if HAS_ALIBI:
                 st += slope * (offs_n[:, None] - offs_m[None, :] - shift).to(tl.float32)

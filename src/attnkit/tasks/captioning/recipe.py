@@ -197,11 +197,7 @@ def rebuild(checkpoint) -> tuple[ShowAttendTell, Vocab, dict[str, Any]]:
     """Model (weights loaded) and vocabulary of a captioning checkpoint."""
     from ...checkpoint import load_weights
 
-    c = checkpoint.config
-    for key in ("model_config", "vocab", "attention"):
-        if key not in c:
-            raise ValueError(f"checkpoint {str(checkpoint.path)!r}: config.json has no {key!r} "
-                             "(not a captioning checkpoint?)")
+    c = checkpoint.require(("model_config", "vocab", "attention"), "captioning")
     vocab = Vocab.from_json(c["vocab"])
     model = ShowAttendTell(len(vocab), bos_id=vocab.bos_id, eos_id=vocab.eos_id, pad_id=vocab.pad_id,
                            attention=c["attention"], **c["model_config"])

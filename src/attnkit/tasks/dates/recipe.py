@@ -130,10 +130,7 @@ TRAIN_DEFAULTS = dict(batch_size=128, lr=3e-3, epochs=10, warmup=100, grad_clip=
 
 def rebuild(checkpoint: Checkpoint) -> tuple[Seq2Seq, Vocab, Vocab, dict[str, Any]]:
     """Model (weights loaded) and vocabularies from a dates checkpoint."""
-    c = checkpoint.config
-    for key in ("model", "model_config", "src_vocab", "tgt_vocab"):
-        if key not in c:
-            raise ValueError(f"checkpoint {str(checkpoint.path)!r}: config.json has no {key!r} (not a dates checkpoint?)")
+    c = checkpoint.require(("model", "model_config", "src_vocab", "tgt_vocab"), "dates")
     model = models.get(c["model"])(**c["model_config"])
     load_weights(model, checkpoint)
     return model, Vocab.from_json(c["src_vocab"]), Vocab.from_json(c["tgt_vocab"]), c

@@ -194,10 +194,7 @@ def _check_model_name(args: argparse.Namespace) -> str:
 
 
 def rebuild(ckpt: Checkpoint):
-    cfg = ckpt.config
-    for key in ("model", "model_config", "src_tokenizer"):
-        if key not in cfg:
-            raise ValueError(f"checkpoint {str(ckpt.path)!r}: config.json has no {key!r} (not a translation checkpoint)")
+    cfg = ckpt.require(("model", "model_config", "src_tokenizer"), "translation")
     model = models.get(cfg["model"])(**cfg["model_config"])
     load_weights(model, ckpt)
     src_tok = from_config(cfg["src_tokenizer"])

@@ -360,10 +360,7 @@ def rebuild(checkpoint) -> tuple[ListenAttendSpell, Vocab, dict[str, Any]]:
     """Model (weights loaded) and vocabulary of a speech checkpoint."""
     from ...checkpoint import load_weights
 
-    c = checkpoint.config
-    for key in ("model_config", "vocab", "n_mels"):
-        if key not in c:
-            raise ValueError(f"checkpoint {str(checkpoint.path)!r}: config.json has no {key!r} (not a speech checkpoint?)")
+    c = checkpoint.require(("model_config", "vocab", "n_mels"), "speech")
     vocab = Vocab.from_json(c["vocab"])
     model = build_model(vocab, c["n_mels"], c["model_config"])
     load_weights(model, checkpoint)

@@ -264,10 +264,7 @@ def rebuild(checkpoint) -> tuple[VqaModel, Vocab, list[str], dict[str, Any]]:
     """Model (weights loaded), question vocabulary and answers of a VQA checkpoint."""
     from ...checkpoint import load_weights
 
-    c = checkpoint.config
-    for key in ("model_config", "vocab", "answers", "model_name"):
-        if key not in c:
-            raise ValueError(f"checkpoint {str(checkpoint.path)!r}: config.json has no {key!r} (not a VQA checkpoint?)")
+    c = checkpoint.require(("model_config", "vocab", "answers", "model_name"), "VQA")
     if c["model_name"] not in MODELS:
         raise ValueError(f"checkpoint {str(checkpoint.path)!r}: unknown VQA model {c['model_name']!r}; "
                          f"expected one of {sorted(MODELS)}")
