@@ -277,3 +277,23 @@ def test_long_full_runs_are_cut_in_the_backward(calls, monkeypatch):
     assert max(widths) <= 24 and 16 in widths
     for name, a, b in zip(["out", "weights", "dq", "dk", "dv"], fast, ref):
         assert_close(a, b, name=name)
+
+
+def test_fused_plans_scale_the_queries_only_where_the_eager_body_or_a_bias_reads_them():
+    """The kernel takes the scale itself (no pass over q and dq), except where a row-separable bias
+    rides on prescaled queries (ALiBi) or the weights come from the eager tile body (which would
+    otherwise scale every tile); the results agree with the reference either way."""
+    from attnkit.spec import canonicalize
+
+    q, k, v = make_qkv(1, 2, 300, D=16, dtype=torch.float64)
+    b = TiledBackend(block_q=64, block_k=64)
+    for kw, prescaled in [({}, False), ({"return_weights": True}, True),
+                          ({"bias": positions.ALiBi(2)}, True)]:
+        spec = canonicalize(q, k, v, mask=masks.sliding_window(40), **kw)
+        qp, _, _, plan, _, _ = b.setup(q, k, v, spec)
+        assert plan.fused and plan.prescaled == prescaled
+        assert torch.equal(qp, q * spec.scale) if prescaled else qp is q
+        got = attnkit.attention(q, k, v, mask=masks.sliding_window(40), backend="tiled", **kw)
+        ref = attnkit.attention(q, k, v, mask=masks.sliding_window(40), backend="reference", **kw)
+        for a, r in zip(got if isinstance(got, tuple) else (got,), ref if isinstance(ref, tuple) else (ref,)):
+            assert_close(a, r)

@@ -199,9 +199,10 @@ class TiledBackend:
             if not spec.score_mods:  # a bias would need the gathered keys' positions
                 stacks, gathers = gather_runs(stacks, gather_keys(spec, v.shape[-1], qp.element_size()))
             # with no bias riding on the queries, the kernel takes the scale itself: no pass over q
-            # (and none over dq in the backward; 4% of a window's fwd+bwd at N=16384)
+            # (and none over dq in the backward; 4% of a window's fwd+bwd at N=16384). Weights are
+            # computed by the eager tile body, where prescaled queries save a pass over every tile
             plan = replace(plan, fused=True, stacks=stacks, gathers=gathers,
-                           prescaled=plan.prescaled and bool(spec.score_mods))
+                           prescaled=plan.prescaled and (bool(spec.score_mods) or spec.return_weights))
         if plan.prescaled:
             qp = qp * query_scale(spec)
         return qp, kp, v, plan, seed, params
