@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_targets import Target, targets_main  # noqa: E402
 
 # the memory target at N=65536 runs on its own (several minutes a run): --cases sparse_causal_fwdbwd_N65536
-EXTRA_CASES = ("sparse_causal_fwdbwd_N65536",)
+EXTRA_CASES = ("sparse_causal_fwdbwd_N65536", "profile_alibi_causal_N8192")
 CASES = ["window256_fwdbwd", "window256_fwd_", "alibi", "mha_weights", "sparse_causal_fwdbwd_N16384"]
 
 W16, W8, AL = "window256_fwdbwd_N16384", "window256_fwd_N8192", "alibi_causal_fwdbwd_N8192"
@@ -65,12 +65,24 @@ for _name in ("sparsemax", "1.5-entmax"):
     ]
 
 
+PA = "profile_alibi_causal_N8192"
+TARGETS_ALIBI_PROFILE = [
+    Target("ALiBi + causal, N=8192, fwd+bwd: time", "seconds", (PA, "attnkit tiled"), (PA, "sdpa is_causal, no bias"),
+           "ratio", "≤ 1.10×", lambda r: r <= 1.10, anchor_label="SDPA `is_causal` without the bias"),
+    Target("the tiled engine's causal plan alone (no bias): time", "seconds", (PA, "attnkit tiled, no bias"),
+           (PA, "sdpa is_causal, no bias"), "ratio", anchor_label="SDPA `is_causal`"),
+    Target("the bias's share: ALiBi + causal over causal alone, both tiled", "seconds", (PA, "attnkit tiled"),
+           (PA, "attnkit tiled, no bias"), "ratio", anchor_label="tiled, no bias"),
+]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     big = any(a.startswith("sparse_causal_fwdbwd_N65536") for a in args) or any("65k" in a for a in args)
-    return targets_main(argv, script="engine_round2.py", doc=__doc__, cases=CASES,
-                        targets=TARGETS_65K if big else TARGETS, default_json="engine_round2.json", what="target",
-                        extra_cases=EXTRA_CASES)
+    profile = any(a.startswith("profile_alibi") for a in args) or any("alibi_profile" in a for a in args)
+    targets = TARGETS_65K if big else TARGETS_ALIBI_PROFILE if profile else TARGETS
+    return targets_main(argv, script="engine_round2.py", doc=__doc__, cases=CASES, targets=targets,
+                        default_json="engine_round2.json", what="target", extra_cases=EXTRA_CASES)
 
 
 if __name__ == "__main__":

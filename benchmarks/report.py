@@ -47,6 +47,8 @@ COMMANDS = {
                                    f"window256_fwdbwd window256_fwd_ --json {RES}engine_round2_1thread.json"),
     "engine_round2_65k.json": ("python benchmarks/engine_round2.py --run --threads 2 --repeat 3 --cases "
                                f"sparse_causal_fwdbwd_N65536 --json {RES}engine_round2_65k.json"),
+    "engine_round2_alibi_profile.json": ("python benchmarks/engine_round2.py --run --threads 2 --repeat 3 --cases "
+                                         f"profile_alibi_causal_N8192 --json {RES}engine_round2_alibi_profile.json"),
     # one case of engine_2threads.json run again alone (a noisy miss checked, not replaced)
     "engine_window_scaling_recheck.json": ("python benchmarks/engine_targets.py --run --threads 2 --repeat 3 --cases "
                                            f"window256_scaling --json {RES}engine_window_scaling_recheck.json"),
@@ -56,6 +58,7 @@ EXPECT = {"engine_2threads.json": {"threads": 2, "quick": False}, "engine_1threa
           "hf_2threads.json": {"threads": 2, "quick": False}, "engine_round2.json": {"threads": 2, "quick": False},
           "engine_round2_1thread.json": {"threads": 1, "quick": False},
           "engine_round2_65k.json": {"threads": 2, "quick": False},
+          "engine_round2_alibi_profile.json": {"threads": 2, "quick": False},
           "engine_window_scaling_recheck.json": {"threads": 2, "quick": False},
           "causal_64k.json": {"threads": 2, "n": 65536},
           "demo_quality.json": {"threads": 1, "max_seconds": 150, "epochs": 10}}
@@ -775,6 +778,9 @@ def render(results: Path) -> dict[str, dict[str, str]]:
             "engine-round2-65k": engine_table(load(results, "engine_round2_65k.json"),
                                               COMMANDS["engine_round2_65k.json"], "engine_round2_65k.json",
                                               targets=engine_round2.TARGETS_65K, what="target"),
+            "engine-round2-alibi-profile": engine_table(
+                load(results, "engine_round2_alibi_profile.json"), COMMANDS["engine_round2_alibi_profile.json"],
+                "engine_round2_alibi_profile.json", targets=engine_round2.TARGETS_ALIBI_PROFILE, what="target"),
             "engine-window-recheck": engine_table(
                 load(results, "engine_window_scaling_recheck.json"), COMMANDS["engine_window_scaling_recheck.json"],
                 "engine_window_scaling_recheck.json",

@@ -369,6 +369,15 @@ def cases(quick: bool = False) -> list[Case]:
                         # triangle as the tiled engine does, without the bias
                         Variant("sdpa is_causal, no bias", _sdpa_dense(True, B, H, N, D, is_causal=True)),
                     ]))
+    # where the ALiBi target's time goes: the tiled causal plan with and without the bias, against
+    # torch's causal kernel (benchmarks/engine_round2.py --cases profile_alibi)
+    out.append(Case(f"profile_alibi_causal_N{N}", f"ALiBi + causal, N={N}, fwd+bwd: the tiled engine with and "
+                    "without the bias against torch's causal kernel",
+                    lambda N=N: attention_flops(B, H, N * (N + 1) // 2, D, True), [
+                        Variant("attnkit tiled", _attnkit("tiled", True, B, H, N, D, mask=causal, bias=alibi)),
+                        Variant("attnkit tiled, no bias", _attnkit("tiled", True, B, H, N, D, mask=causal)),
+                        Variant("sdpa is_causal, no bias", _sdpa_dense(True, B, H, N, D, is_causal=True)),
+                    ]))
     N, bs = 16384 // s, 128
     nb = N // bs
     g = torch.Generator().manual_seed(0)
