@@ -112,41 +112,50 @@ class SDPABackend:
                    f"{spec.Tq * spec.Tk} pairs is below the {self.auto_dense_limit} where a block-sparse backend wins")
         return how + (", GQA without copying K/V" if spec.groups > 1 and _HAS_GQA else "")
 
-    def prepare(self, spec: AttentionSpec):
-        """This backend's call for ``spec``, planned once (``attnkit.request_cache`` keeps it for
-        requests of the same shapes and options): a request with no mask to build (none, SDPA's
-        own ``is_causal``, or a slice of the keys) goes straight to torch's kernel; others take
-        :meth:`__call__`."""
+    def _plain(self, spec: AttentionSpec) -> tuple[tuple[int, int] | None, dict] | None:
+        """A request with no mask or bias to build (none, SDPA's own ``is_causal``, or a slice of the
+        keys): that slice (None: every key) and SDPA's keyword arguments; None for the others."""
         if spec.score_mods or (spec.mask is not None and not self.native_causal(spec)
-                               and self.key_slice(spec) is None) or (spec.groups > 1 and not _HAS_GQA):
-            return self
-        span = self.key_slice(spec) or (0, spec.Tk)
-        lo, hi = span
+                               and self.key_slice(spec) is None):
+            return None
         kw = {"scale": spec.scale / spec.normalizer.temperature, "is_causal": self.native_causal(spec),
               "dropout_p": spec.dropout_p}
-        if spec.groups > 1:
+        if spec.groups > 1 and _HAS_GQA:
             kw["enable_gqa"] = True
+        return self.key_slice(spec), kw
+
+    def prepare(self, spec: AttentionSpec):
+        """This backend's call for ``spec``, planned once (``attnkit.request_cache`` keeps it for
+        requests of the same shapes and options): a request with no mask to build goes straight to
+        torch's kernel with its arguments fixed; others take :meth:`__call__`."""
+        plain = self._plain(spec)
+        if plain is None or (spec.groups > 1 and not _HAS_GQA):
+            return self
+        span, kw = plain
         if spec.scale == 1 / math.sqrt(spec.D) and spec.normalizer.temperature == 1.0:
             del kw["scale"]  # SDPA's own default, computed as torch does: fewer arguments to parse
         for name, default in (("is_causal", False), ("dropout_p", 0.0)):
             if kw[name] == default:
                 del kw[name]
         sdpa = functools.partial(F.scaled_dot_product_attention, **kw)
-        if (lo, hi) != (0, spec.Tk):
+        if span is not None:
+            lo, hi = span
             return Prepared(lambda q, k, v: sdpa(q, k[:, :, lo:hi], v[:, :, lo:hi]))
         return Prepared(sdpa)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
+        plain = self._plain(spec)
+        if plain is not None:
+            span, kw = plain
+            if span is not None:  # a decoding step's window: its keys as a slice, nothing materialized
+                k, v = k[:, :, span[0]:span[1]], v[:, :, span[0]:span[1]]
+            if spec.groups > 1 and not _HAS_GQA:
+                k, v = expand_kv(k, spec.groups), expand_kv(v, spec.groups)
+            return F.scaled_dot_product_attention(q, k, v, **kw), None
         scale = spec.scale / spec.normalizer.temperature
-        mask, is_causal, dead = None, False, None
-        m = spec.mask
-        span = self.key_slice(spec)
-        if span is not None:  # a decoding step's window: its keys as a slice, nothing materialized
-            k, v, m = k[:, :, span[0]:span[1]], v[:, :, span[0]:span[1]], None
-        if self.native_causal(spec):
-            is_causal = True
-        elif m is not None:
-            mask = m.materialize(spec.Tq, spec.Tk, spec.B, spec.H, device=q.device)
+        mask, dead = None, None
+        if spec.mask is not None:
+            mask = spec.mask.materialize(spec.Tq, spec.Tk, spec.B, spec.H, device=q.device)
             # rows with no live key: let them read every key (no NaN from an all -inf row), zeroed
             # below; eagerly only when there are any, compiled without asking (a graph break)
             dead = ~mask.any(-1, keepdim=True)
@@ -166,8 +175,7 @@ class SDPABackend:
                 kw["enable_gqa"] = True
             else:
                 k, v = expand_kv(k, spec.groups), expand_kv(v, spec.groups)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=spec.dropout_p,
-                                             is_causal=is_causal, scale=scale, **kw)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=spec.dropout_p, scale=scale, **kw)
         if dead is not None:
             out = out.masked_fill(dead, 0.0)
         return out, None
