@@ -17,7 +17,7 @@ from torch import nn
 
 from ..kernels.dropout import draw_seed
 from ..kernels.fused import fusable, gather_keys
-from ..kernels.plan import can_prescale, causal_plan, gather_runs, make_plan, query_scale, stack_runs
+from ..kernels.plan import can_prescale, causal_plan, gather_runs, make_plan, prescales, query_scale, stack_runs
 from ..kernels.tiled import TiledAttentionFn
 from ..kernels.weights import tiled_weights, weights_pass
 from ..kernels.tile import normalizer_kind
@@ -198,11 +198,7 @@ class TiledBackend:
             stacks, gathers = stack_runs(plan), ()
             if not spec.score_mods:  # a bias would need the gathered keys' positions
                 stacks, gathers = gather_runs(stacks, gather_keys(spec, v.shape[-1], qp.element_size()))
-            # with no bias riding on the queries, the kernel takes the scale itself: no pass over q
-            # (and none over dq in the backward; 4% of a window's fwd+bwd at N=16384). Weights are
-            # computed by the eager tile body, where prescaled queries save a pass over every tile
-            plan = replace(plan, fused=True, stacks=stacks, gathers=gathers,
-                           prescaled=plan.prescaled and (bool(spec.score_mods) or spec.return_weights))
+            plan = replace(plan, fused=True, stacks=stacks, gathers=gathers, prescaled=prescales(spec, fused=True))
         if plan.prescaled:
             qp = qp * query_scale(spec)
         return qp, kp, v, plan, seed, params

@@ -248,6 +248,14 @@ def can_prescale(spec: AttentionSpec) -> bool:
         m.key_bias(zero, zero, 0, spec.Tq, spec.Tk) is not None for m in spec.score_mods)
 
 
+def prescales(spec: AttentionSpec, fused: bool) -> bool:
+    """Whether a plan's queries carry ``scale / temperature`` (:func:`can_prescale`): where the
+    eager tile body reads them (one pass over q instead of one over every tile; the weights are
+    computed there too) or a row-separable bias rides on them. Otherwise torch's fused kernel
+    takes the scale itself: no pass over q, nor over dq in the backward."""
+    return can_prescale(spec) and (not fused or bool(spec.score_mods) or spec.return_weights)
+
+
 def query_scale(spec: AttentionSpec) -> float:
     """``scale / temperature``: what a prescaled plan multiplies the queries by."""
     return spec.scale / (spec.normalizer.temperature if isinstance(spec.normalizer, Softmax) else 1.0)
