@@ -11,6 +11,14 @@ Cases (bfloat16, B=4, H=16, D=128, N=8192, forward + backward unless noted):
 * ``sigmoid_causal``: sigmoid attention (``b = -log n``), causal, through ``attnkit.attention``
   (auto -> attnkit's Triton kernel) against SDPA's flash kernel (forced) for *softmax* on the
   same shape, fwd+bwd and forward only;
+* ``entmax_causal``: 1.5-entmax, causal, through ``attnkit.attention`` (auto -> attnkit's Triton
+  entmax kernel) against SDPA's flash kernel for softmax on the same shape, fwd+bwd and forward
+  only (live work counted as softmax's: the threshold passes are extra work the ratio shows);
+* ``weights_rows``: ``return_weights`` for 2 heads and every 64th row, causal softmax (auto ->
+  the Triton weights kernel, the output by SDPA) against the tiled engine forced;
+* ``additive``: additive scores (hidden 128), softmax, B=4, one head, T=4096, fwd+bwd, through
+  ``attnkit.attention`` (auto -> attnkit's Triton additive kernel) against the plain formula that
+  builds the ``(B, T, T, hidden)`` tensor (the reference backend);
 * ``sigmoid_sweep`` (on request): the Triton kernel's tile and launch settings (forward alone,
   then forward + backward), to choose ``attnkit.backends.triton.GPU_CONFIG``.
 
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--N", type=int, default=8192)
-    p.add_argument("--cases", default="sdpa_route,flex_route,sigmoid_causal",
+    p.add_argument("--cases", default="sdpa_route,flex_route,sigmoid_causal,entmax_causal,weights_rows,additive",
                    help="comma-separated; add sigmoid_sweep to time the Triton kernel's settings")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -216,6 +224,47 @@ def main(argv: list[str] | None = None) -> int:
                                                    *x, dout, backward),
                 }, a.repeat, a.iters)}
             summarize(c, live_flops(B, H, N, D, causal_pairs, backward))
+    if "entmax_causal" in cases:
+        m = masks.causal(align="top_left")
+        routed = attnkit.explain(q, k, v, mask=m, normalizer="entmax15").backend
+        for name, backward, what in (("entmax_causal", True, "fwd+bwd"), ("entmax_causal_fwd", False, "forward only")):
+            x = (q, k, v) if backward else tuple(t.detach() for t in (q, k, v))
+            out["cases"][name] = c = {
+                "what": f"1.5-entmax vs softmax, causal, {what}", "routed": routed,
+                "variants": measure({
+                    "SDPA flash softmax": step(flash_causal, *x, dout, backward),
+                    "attnkit 1.5-entmax (auto)": step(
+                        lambda q, k, v: attnkit.attention(q, k, v, mask=m, normalizer="entmax15"), *x, dout, backward),
+                }, a.repeat, a.iters)}
+            summarize(c, live_flops(B, H, N, D, causal_pairs, backward))
+    if "weights_rows" in cases:
+        m = masks.causal(align="top_left")
+        req = attnkit.WeightsRequest(heads=[0, 7], rows=range(0, N, 64))
+        x = tuple(t.detach() for t in (q, k, v))
+
+        def weights_with(backend):
+            return lambda q, k, v: attnkit.attention(q, k, v, mask=m, return_weights=req, backend=backend)[1]
+        out["cases"]["weights_rows"] = c = {
+            "what": "weights of 2 heads x every 64th row, causal softmax, no grad",
+            "routed": attnkit.explain(*x, mask=m, return_weights=req).backend,
+            "variants": measure({"tiled engine (forced)": step(weights_with("tiled"), *x, None, False),
+                                 "attnkit auto": step(weights_with("auto"), *x, None, False)},
+                                a.repeat, a.iters)}
+        summarize(c, live_flops(B, H, N, D, (N / 64) * (N / 2) * (2 / H), False))  # the chosen rows' pairs
+    if "additive" in cases:
+        T, hidden = 4096, 128
+        sc = attnkit.scores.Additive(D, D, hidden).to("cuda", dt)
+        xa = inputs(B, 1, T, D, dt, True)
+        da = torch.randn_like(xa[0])
+
+        def additive_with(backend):
+            return lambda q, k, v: attnkit.attention(q, k, v, score=sc, backend=backend)
+        out["cases"]["additive"] = c = {
+            "what": f"additive scores (hidden {hidden}), softmax, B={B}, one head, T={T}, fwd+bwd",
+            "routed": attnkit.explain(*xa, score=sc).backend,
+            "variants": measure({"plain formula (B, T, T, hidden)": step(additive_with("reference"), *xa, da, True),
+                                 "attnkit auto": step(additive_with("auto"), *xa, da, True)}, a.repeat, a.iters)}
+        summarize(c, 2 * B * T * T * hidden * 3.5)   # the tanh sums dominate: ~2 flops per pair and unit
     if "sigmoid_sweep" in cases:
         out["cases"]["sigmoid_sweep"] = {"what": "Triton sigmoid kernel settings (block_m, block_n, warps, "
                                                  "stages); fwd: forward alone; dq/dkdv: fwd+bwd",

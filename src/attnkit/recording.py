@@ -7,9 +7,10 @@
 
 The model's outputs are bit-identical with and without capture: each call computes its output
 exactly as it would (whatever backend serves it: SDPA, flex, tiled, reference) and the weights
-are computed *beside* it, from the same q, k, v and options, by the tiled backend (exact
-weights recomputed per block, only for the requested heads and rows) or the reference when the
-request is one the tiled backend does not serve (sparsemax, local-p, ...). Captured weights are
+are computed *beside* it, from the same q, k, v and options, only for the requested heads and
+rows: on CUDA by attnkit's Triton weights kernel (:mod:`attnkit.kernels.triton.weights`) where it
+serves the request, else by the tiled backend (exact weights recomputed per block) or the
+reference when the request is one neither serves (local-p, hard normalizers, ...). Captured weights are
 detached and moved to the CPU, so memory is bounded by what was asked for.
 
 Names: a call made inside an ``nn.Module`` is named by that module's path from the outermost
@@ -294,7 +295,9 @@ def record(rec: Recorder, q: Tensor, k: Tensor, v: Tensor, spec, backend: str, g
     wspec = _replace(spec, return_weights=True, weights=WeightsRequest(heads=heads, rows=rows), dropout_p=0.0)
     with torch.no_grad():
         qd, kd, vd = q.detach(), k.detach(), v.detach()
-        for name_b in ("tiled", "reference"):
+        # on CUDA attnkit's Triton weights kernel; the tiled engine elsewhere (Triton's interpreter on
+        # CPU would be far slower), the reference for what neither serves
+        for name_b in ("triton", "tiled", "reference") if qd.is_cuda else ("tiled", "reference"):
             b = registry.REGISTRY.get(name_b)
             if b is not None and not b.not_supported_reasons(wspec):
                 _, w = b(qd, kd, vd, wspec)

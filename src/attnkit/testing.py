@@ -86,6 +86,28 @@ def assert_matches_float64_gold(q64: Tensor, k64: Tensor, v64: Tensor, backend: 
         assert_close_to_gold(f, r, g, name=name)
 
 
+def assert_matches_reference(q: Tensor, k: Tensor, v: Tensor, backend: str, *, tol: float = 1e-5, **kwargs) -> None:
+    """``attnkit.attention(..., backend=backend, **kwargs)`` and its gradients for a random output
+    gradient within ``tol`` (largest absolute difference) of the reference backend's, in the
+    inputs' dtype. ``q, k, v`` are leaves that require gradients.
+
+    Example::
+
+        >>> import torch, attnkit
+        >>> q, k, v = make_qkv(1, 2, 9, D=8, requires_grad=True)
+        >>> assert_matches_reference(q, k, v, "tiled", mask=attnkit.masks.causal())
+    """
+    import attnkit
+
+    out = attnkit.attention(q, k, v, backend=backend, **kwargs)
+    ref = attnkit.attention(q, k, v, backend="reference", **kwargs)
+    assert out.shape == ref.shape and max_err(out, ref) < tol, f"output: {max_err(out, ref)}"
+    g = torch.randn_like(out)
+    got, want = torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert a.shape == b.shape and max_err(a, b) < tol, f"{name}: {max_err(a, b)}"
+
+
 def assert_close(actual: Tensor, expected: Tensor, *, dtype: torch.dtype | None = None, scale: float = 1.0,
                  name: str = "tensor") -> None:
     """``torch.testing.assert_close`` with the dtype's tolerance floor (times ``scale``)."""

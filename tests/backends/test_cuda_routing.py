@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+import attnkit
 from attnkit import masks, normalizers, positions
 from attnkit.backends import choose
 from attnkit.kernels.triton import available as triton_available
@@ -58,7 +59,6 @@ def test_sigmoid_goes_to_triton(kw):
 
 
 @pytest.mark.parametrize("kw, why", [
-    (dict(mask=masks.causal(), return_weights=True), "weights"),
     (dict(normalizer="sigmoid", dropout_p=0.1), "dropout"),
     (dict(normalizer="sigmoid", bias=positions.bias_mod(lambda b, h, q, kv: (q - kv) * 0.1)), "score mods"),
 ])
@@ -68,14 +68,50 @@ def test_what_neither_flex_nor_triton_serves_goes_to_the_tiled_engine(kw, why):
     assert why in " ".join(c.reasons["flex"]) + " ".join(c.reasons.get("triton", []))
 
 
-def test_entmax_goes_to_the_tiled_engine_and_hard_normalizers_to_the_reference():
-    assert choose(spec_on(CUDA, normalizer="entmax15")).backend == "tiled"
+@pytest.mark.parametrize("norm", ["sparsemax", "entmax15", normalizers.Entmax(1.5), normalizers.Entmax(2.0)])
+def test_sparsemax_and_entmax15_go_to_triton(norm):
+    c = choose(spec_on(CUDA, normalizer=norm, mask=masks.causal(), bias=positions.ALiBi(4)))
+    assert c.backend == ("triton" if triton_available() else "tiled"), str(c)
+    assert choose(spec_on("cpu", normalizer=norm)).backend == "tiled"
+
+
+def test_additive_scores_under_softmax_go_to_triton():
+    from attnkit import scores
+
+    sc = scores.Additive(16, 16, 32)
+    c = choose(spec_on(CUDA, score=sc, mask=masks.causal()))
+    assert c.backend == ("triton" if triton_available() else "tiled"), str(c)
+    assert choose(spec_on("cpu", score=sc, mask=masks.causal())).backend == "tiled"
+    c = choose(spec_on(CUDA, score=sc, normalizer="sigmoid"))      # the kernel takes softmax only
+    assert c.backend == "tiled"
+    if triton_available():
+        assert "takes softmax" in " ".join(c.reasons["triton"])
+
+
+def test_other_entmax_goes_to_the_tiled_engine_and_hard_normalizers_to_the_reference():
+    c = choose(spec_on(CUDA, normalizer=normalizers.Entmax(1.3)))
+    assert c.backend == "tiled"
+    if triton_available():
+        assert "alpha = 1.3" in " ".join(c.reasons["triton"])
     assert choose(spec_on(CUDA, normalizer=normalizers.Entmax(2.5))).backend == "reference"
     assert choose(spec_on(CUDA, normalizer="hardmax")).backend == "reference"
 
 
+@pytest.mark.parametrize("kw", [dict(mask=masks.causal(), return_weights=True),
+                                dict(return_weights=attnkit.WeightsRequest(heads=[1], rows=[0, 5])),
+                                dict(normalizer="entmax15", return_weights=True)])
+def test_weights_go_to_the_triton_weights_kernel(kw):
+    c = choose(spec_on(CUDA, **kw))
+    if triton_available():
+        assert c.backend == "triton", str(c)
+        assert "weights kernel" in c.because
+    else:
+        assert c.backend == "tiled"
+    assert choose(spec_on("cpu", **kw)).backend == "tiled"
+
+
 def test_the_choice_says_why_each_backend_declined():
-    text = str(choose(spec_on(CUDA, mask=masks.causal(), return_weights=True)))
+    text = str(choose(spec_on(CUDA, mask=masks.causal(), return_weights=True, dropout_p=0.1)))
     assert text.startswith("backend: tiled")
     for name in ("sdpa", "flex", "triton", "tiled"):
         assert f"  {name}:" in text

@@ -3,7 +3,8 @@
 Without a GPU the kernels run on CPU tensors under Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before any kernel is defined); with one, on CUDA. Shapes are small and odd
 (ragged last tiles, Tq != Tk, D != Dv) and the interpreter's tiles are 16 x 16, so every mask
-family gives empty, partial and full tiles.
+family gives empty, partial and full tiles. The interpreter runs each program in Python: a few
+cases run by default, the whole matrix with ``python -m pytest -m interpreter``.
 """
 
 import dataclasses
@@ -17,7 +18,7 @@ from attnkit import masks, normalizers, positions
 from attnkit.backends import REGISTRY
 from attnkit.kernels.triton import interpreting
 from attnkit.spec import canonicalize
-from attnkit.testing import assert_matches_float64_gold, make_qkv, max_err
+from attnkit.testing import assert_matches_float64_gold, assert_matches_reference, make_qkv
 
 pytest.importorskip("triton", reason='triton is not installed (pip install -e ".[gpu]")')
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -45,6 +46,12 @@ def _mask_cases(Tq, Tk, B):
     }
 
 
+def test_causal_alibi_gqa_forward_and_backward():
+    q, k, v = make_qkv(2, 4, 37, 45, D=16, Dv=24, Hkv=2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert_matches_float64_gold(q, k, v, "triton", normalizer=SIG, mask=masks.causal(), bias=positions.ALiBi(4))
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("mask_name", list(_mask_cases(37, 45, 2)))
 @pytest.mark.parametrize("alibi", [False, True])
 def test_every_mask_family_forward_and_backward(mask_name, alibi):
@@ -57,6 +64,7 @@ def test_every_mask_family_forward_and_backward(mask_name, alibi):
     assert_matches_float64_gold(q, k, v, "triton", normalizer=SIG, mask=mask, bias=bias)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("sig", [normalizers.Sigmoid(), normalizers.Sigmoid(bias=-1.5), "sigmoid"])
 @pytest.mark.parametrize("score", ["scaled_dot", "dot", "cosine"])
 def test_sigmoid_offsets_and_dot_scores(sig, score):
@@ -80,21 +88,14 @@ def test_noncontiguous_inputs_and_their_gradients():
     k = torch.randn(2, 2, 21, 32, device=DEVICE)[..., :16]
     for x in (q, k, v):
         x.requires_grad_()
-    kw = dict(normalizer=SIG, mask=masks.causal())
-    out = attnkit.attention(q, k, v, backend="triton", **kw)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), g)
-    ref = attnkit.attention(q, k, v, backend="reference", **kw)
-    want = torch.autograd.grad(ref, (q, k, v), g)
-    assert max_err(out, ref) < 1e-5
-    for a, b in zip(got, want):
-        assert a.shape == b.shape and max_err(a, b) < 1e-5
+    assert_matches_reference(q, k, v, "triton", normalizer=SIG, mask=masks.causal())
 
 
-def test_a_row_with_no_key_gives_zero_output_and_zero_gradients():
+@pytest.mark.parametrize("norm", [SIG, "sparsemax", "entmax15"])
+def test_a_row_with_no_key_gives_zero_output_and_zero_gradients(norm):
     q, k, v = make_qkv(2, 2, 9, 18, D=16, device=DEVICE, requires_grad=True)
     mask = masks.key_padding(torch.tensor([18, 0]))   # batch 1 sees nothing
-    out = attnkit.attention(q, k, v, normalizer=SIG, mask=mask, backend="triton")
+    out = attnkit.attention(q, k, v, normalizer=norm, mask=mask, backend="triton")
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
     assert not dq[1].any() and not dk[1].any() and not dv[1].any()
@@ -115,7 +116,6 @@ def test_refusals_name_what_the_kernel_does_not_do():
     cases = {
         "softmax": dict(),
         "dropout": dict(normalizer="sigmoid", dropout_p=0.1),
-        "weights": dict(normalizer="sigmoid", return_weights=True),
         "ALiBi": dict(normalizer="sigmoid", bias=positions.ALiBi(2, symmetric=True)),
     }
     for word, kw in cases.items():
@@ -137,18 +137,13 @@ def test_cpu_without_the_interpreter_is_refused(monkeypatch):
     assert REGISTRY["triton"].not_supported_reasons(spec) == []
 
 
+@pytest.mark.interpreter
 @settings(max_examples=8, deadline=None)
 @given(Tq=st.integers(1, 40), Tk=st.integers(1, 40), left=st.integers(0, 40), right=st.integers(0, 40),
        H=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2]))
 def test_property_windows_any_size(Tq, Tk, left, right, H, groups):
     q, k, v = make_qkv(1, H * groups, Tq, Tk, D=16, Hkv=H, device=DEVICE, requires_grad=True)
-    kw = dict(normalizer=SIG, mask=masks.sliding_window(left, right))
-    out = attnkit.attention(q, k, v, backend="triton", **kw)
-    ref = attnkit.attention(q, k, v, backend="reference", **kw)
-    assert max_err(out, ref) < 1e-5
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
-        assert max_err(a, b) < 1e-5
+    assert_matches_reference(q, k, v, "triton", normalizer=SIG, mask=masks.sliding_window(left, right))
 
 
 def test_block_tables_pack_only_partial_tiles_and_are_cached():

@@ -71,14 +71,69 @@ def test_triton_sigmoid_head_dims(D):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", ["sparsemax", "entmax15"])
+@pytest.mark.parametrize("case", ["none", "causal_alibi", "window", "padding", "from_mod"])
+def test_triton_entmax(dtype, norm, case):
+    check("triton", dtype, Hkv=2, Tq=333, Tk=517, normalizer=norm, **_sigmoid_cases()[case])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["none", "causal_alibi", "padding"])
+def test_triton_additive(dtype, case):
+    kw = _sigmoid_cases()[case]
+    kw.pop("bias", None)   # the additive kernel takes no score mods
+    score = attnkit.scores.Additive(64, 64, 128).to(DEV).double()
+    q64, k64, v64 = make_qkv(2, 4, 333, 517, D=64, Hkv=2, dtype=torch.float64, device=DEV, requires_grad=True)
+    assert attnkit.explain(q64.to(dtype), k64.to(dtype), v64.to(dtype), score=score, **kw).backend == "triton"
+    dout = torch.randn(2, 4, 333, 64, dtype=torch.float64, device=DEV)
+
+    def run(x, backend):
+        sc = attnkit.scores.Additive(64, 64, 128).to(DEV)
+        sc.load_state_dict(score.state_dict())
+        sc = sc.to(torch.float64 if x == torch.float64 else torch.float32)
+        q, k, v = (t.detach().to(x).requires_grad_() for t in (q64, k64, v64))
+        out = attnkit.attention(q, k, v, score=sc, backend=backend, **kw)
+        return (out, *torch.autograd.grad(out, (q, k, v, *sc.parameters()), dout.to(out.dtype)))
+
+    for name, f, r, g in zip(["out", "dq", "dk", "dv", "dW_q", "dW_k", "dbias", "dw"], run(dtype, "auto"),
+                             run(dtype, "reference"), run(torch.float64, "reference")):
+        assert_close_to_gold(f, r, g, name=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", ["softmax", "sigmoid", "entmax15"])
+def test_triton_weights(dtype, norm):
+    q, k, v = make_qkv(1, 4, 1100, D=64, dtype=dtype, device=DEV)   # past the reference's small sizes
+    kw = dict(normalizer=norm, mask=masks.causal(), bias=positions.ALiBi(4))
+    for request in (True, attnkit.WeightsRequest(heads=[3, 0], rows=[1099, 0, 500]),
+                    attnkit.WeightsRequest(average=True)):
+        c = attnkit.explain(q, k, v, return_weights=request, **kw)
+        assert c.backend == "triton", str(c)
+        out, w = attnkit.attention(q, k, v, return_weights=request, **kw)
+        ref, wr = attnkit.attention(q, k, v, return_weights=request, backend="reference", **kw)
+        tol = 2e-2 if dtype != torch.float32 else 1e-5
+        assert (out.float() - ref.float()).abs().max() < tol and (w.float() - wr.float()).abs().max() < tol
+
+
+def test_capture_uses_the_triton_weights_kernel():
+    q, k, v = make_qkv(1, 4, 1100, D=64, dtype=torch.bfloat16, device=DEV)
+    with attnkit.capture(heads=[1], rows=[0, 1099]) as rec:
+        attnkit.attention(q, k, v, mask=masks.causal())
+    _, wr = attnkit.attention(q, k, v, mask=masks.causal(), backend="reference",
+                              return_weights=attnkit.WeightsRequest(heads=[1], rows=[0, 1099]))
+    assert (rec[0].weights - wr.float().cpu()).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_tiled_takes_what_the_others_cannot(dtype):
     q, k, v = make_qkv(1, 4, 1100, D=64, dtype=dtype, device=DEV)   # past the reference's small sizes
-    c = attnkit.explain(q, k, v, mask=masks.causal(), return_weights=True)
+    kw = dict(normalizer=normalizers.Entmax(1.3), mask=masks.causal())
+    c = attnkit.explain(q, k, v, **kw)
     assert c.backend == "tiled", str(c)
-    out, w = attnkit.attention(q, k, v, mask=masks.causal(), return_weights=True)
-    ref, wr = attnkit.attention(q, k, v, mask=masks.causal(), return_weights=True, backend="reference")
+    out = attnkit.attention(q, k, v, **kw)
+    ref = attnkit.attention(q, k, v, backend="reference", **kw)
     tol = 2e-2 if dtype != torch.float32 else 1e-5
-    assert (out.float() - ref.float()).abs().max() < tol and (w.float() - wr.float()).abs().max() < tol
+    assert (out.float() - ref.float()).abs().max() < tol
 
 
 def test_flex_block_masks_are_reused():

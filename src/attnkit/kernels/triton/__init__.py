@@ -1,6 +1,8 @@
 """attnkit's Triton kernels (``pip install -e ".[gpu]"``): variants that no fused GPU kernel
-offers. Today: the sigmoid normalizer (:mod:`.sigmoid`), forward and backward, under any mask
-(:mod:`.blocks`) and ALiBi, with GQA, in float16, bfloat16 and float32.
+offers: the sigmoid normalizer (:mod:`.sigmoid`), sparsemax / 1.5-entmax (:mod:`.entmax`) and
+additive (Bahdanau) scores (:mod:`.additive`), forward and backward, under any mask (:mod:`.blocks`) and ALiBi, with GQA, in float16, bfloat16
+and float32; and the weights of chosen heads and rows for ``return_weights`` and
+:func:`attnkit.capture` (:mod:`.weights`). :mod:`.common` holds what they share.
 
 They run on CUDA tensors, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``
 set before the kernels are imported), which is how the tests check them without a GPU. This

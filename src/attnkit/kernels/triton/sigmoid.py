@@ -29,48 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .blocks import BlockTables
+from .common import (_head_slope, _key_block, _key_tile_scores, _live_range, _query_block, _rows, _store_key_grads,
+                     _tile_scores, dense, launch_kwargs, pad, table_args, tile_strides)
 
 Tensor = torch.Tensor
-
-
-@triton.jit
-def _live_range(PTR, i, NBLK, HAS_MASK: tl.constexpr):
-    """The live tiles ``[start, end)`` of block ``i`` in a compressed-rows table (every block when
-    there is no mask)."""
-    if HAS_MASK:
-        start = tl.load(PTR + i)
-        end = tl.load(PTR + i + 1)
-    else:
-        start = 0
-        end = NBLK
-    return start, end
-
-
-@triton.jit
-def _rows(X, base, offs, ok, s_row, offs_d, s_d, D):
-    """Rows ``offs`` of a ``(rows, D)`` slice of ``X`` starting at ``base`` (row stride ``s_row``,
-    feature stride ``s_d``), zero where ``ok`` is false or past ``D``: a tile of q, k, v or dout."""
-    return tl.load(X + base + offs[:, None] * s_row + offs_d[None, :] * s_d,
-                   mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
-
-
-@triton.jit
-def _query_block(Q, SLOPES, sqb, sqh, sqm, sqd, H, G, Tq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_DV: tl.constexpr, HAS_ALIBI: tl.constexpr):
-    """A query-major program's block: its indices, offsets, queries and ALiBi slope."""
-    i = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < Tq
-    q = _rows(Q, b * sqb + h * sqh, offs_m, row_ok, sqm, offs_d, sqd, D)
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + h)
-    return i, b, h, h // G, offs_m, offs_d, tl.arange(0, BLOCK_DV), row_ok, q, slope
 
 
 @triton.jit
@@ -78,25 +40,10 @@ def _tile_probs(q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d,
                 skb, skh, skn, skd, stp, stb, sth, stm, stn, Tk, D, scale, offset, shift, slope,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 PREC: tl.constexpr):
-    """Query-major live tile ``t`` of a query block: its key offsets, keys, ``σ(s)`` and which pairs
-    are live (in range and allowed by the mask)."""
-    if HAS_MASK:
-        j = tl.load(COLS + t)
-    else:
-        j = t
-    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < Tk
-    k = _rows(K, b * skb + hk * skh, offs_n, col_ok, skn, offs_d, skd, D)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + offset
-    if HAS_ALIBI:
-        s += slope * (offs_n[None, :] - offs_m[:, None] - shift).to(tl.float32)
-    keep = row_ok[:, None] & col_ok[None, :]
-    if HAS_MASK:
-        tile = tl.load(TILES + t)
-        if tile >= 0:
-            mt = tl.load(MT + tile * stp + b * stb + h * sth + tl.arange(0, BLOCK_M)[:, None] * stm
-                         + tl.arange(0, BLOCK_N)[None, :] * stn)
-            keep = keep & (mt != 0)
+    """Query-major live tile ``t``: ``σ(s)``, which pairs are live, its keys and key offsets."""
+    s, keep, k, offs_n, col_ok = _tile_scores(
+        q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d, skb, skh, skn, skd, stp, stb, sth, stm, stn,
+        Tk, D, scale, offset, shift, slope, BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
     return tl.sigmoid(s), keep, k, offs_n, col_ok
 
 
@@ -155,96 +102,26 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV_, SLOPES, PTR, ROWS, TILES, MT,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, PREC: tl.constexpr):
     # DK shares K's strides, DV_ V's; transposed tiles: rows are keys, columns queries
-    j = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hkv
-    hk = bh % Hkv
-    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    col_ok = offs_n < Tk
-    k = _rows(K, b * skb + hk * skh, offs_n, col_ok, skn, offs_d, skd, D)
-    v = _rows(V, b * svb + hk * svh, offs_n, col_ok, svn, offs_dv, svd, DV)
+    j, b, hk, offs_n, offs_d, offs_dv, col_ok, k, v = _key_block(
+        K, V, skb, skh, skn, skd, svb, svh, svn, svd, Hkv, Tk, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     start, end = _live_range(PTR, j, NBLK, HAS_MASK)
     for g in range(0, G):
-        h = hk * G + g
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(SLOPES + h)
+        h, slope = _head_slope(SLOPES, hk, G, g, HAS_ALIBI)
         for t in range(start, end):
-            if HAS_MASK:
-                i = tl.load(ROWS + t)
-            else:
-                i = t
-            offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < Tq
-            q = _rows(Q, b * sqb + h * sqh, offs_m, row_ok, sqm, offs_d, sqd, D)
-            do = _rows(DO, b * sob + h * soh, offs_m, row_ok, som, offs_dv, sod, DV)
-            st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale + offset
-            if HAS_ALIBI:
-                st += slope * (offs_n[:, None] - offs_m[None, :] - shift).to(tl.float32)
+            st, keep, q, do, offs_m, row_ok = _key_tile_scores(
+                k, Q, DO, ROWS, TILES, MT, t, b, h, offs_n, col_ok, offs_d, offs_dv, sqb, sqh, sqm, sqd,
+                sob, soh, som, sod, stp, stb, sth, stm, stn, Tq, D, DV, scale, offset, shift, slope,
+                BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
             pt = tl.sigmoid(st)
-            keep = col_ok[:, None] & row_ok[None, :]
-            if HAS_MASK:
-                tile = tl.load(TILES + t)
-                if tile >= 0:
-                    mt = tl.load(MT + tile * stp + b * stb + h * sth + tl.arange(0, BLOCK_M)[None, :] * stm
-                                 + tl.arange(0, BLOCK_N)[:, None] * stn)
-                    keep = keep & (mt != 0)
             pt = tl.where(keep, pt, 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
             dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
             dst = pt * (1.0 - pt) * dpt
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
-    tl.store(DK + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-             (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_ + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-             dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
-
-
-def _dense(x: Tensor) -> Tensor:
-    """``x`` itself when its gradient, allocated with ``empty_like``, has its strides (a
-    permutation of a contiguous tensor: heads-major views of (B, T, H, D) stay as they are), else a
-    contiguous copy: the backward's gradients share the inputs' strides."""
-    if x.stride(-1) == 1 and torch.empty_like(x, device="meta").stride() == x.stride():
-        return x
-    return x.contiguous()
-
-
-def _pad(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
-def _tile_strides(tab: BlockTables | None) -> tuple[int, ...]:
-    if tab is None:
-        return (0, 0, 0, 0, 0)
-    p = tab.partial
-    st = list(p.stride())
-    if p.shape[1] == 1:
-        st[1] = 0
-    if p.shape[2] == 1:
-        st[2] = 0
-    return tuple(st)
-
-
-def _table_args(tab: BlockTables | None, major: str, dummy: Tensor):
-    if tab is None:
-        return dummy, dummy, dummy, dummy
-    if major == "q":
-        return tab.q_ptr, tab.q_cols, tab.q_tile, tab.partial
-    return tab.k_ptr, tab.k_rows, tab.k_tile, tab.partial
-
-
-def _launch_kwargs(cfg: dict, x: Tensor) -> dict:
-    # float32: IEEE products in the interpreter; on CUDA three TF32 products per product
-    # ("tf32x3", float32 accuracy on tensor cores: triton 3.6 fails to compile the IEEE FMA path
-    # of these kernels on Hopper); half types ignore it
-    out = {"PREC": ("tf32x3" if x.is_cuda else "ieee") if x.dtype == torch.float32 else None}
-    if x.is_cuda:
-        out.update(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
-    return out
+    _store_key_grads(DK, DV_, dk, dv, b, hk, offs_n, offs_d, offs_dv, col_ok, skb, skh, skn, skd,
+                     svb, svh, svn, svd, D, DV, scale)
 
 
 class SigmoidAttentionFn(torch.autograd.Function):
@@ -253,20 +130,20 @@ class SigmoidAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, offset: float, slopes: Tensor | None,
                 tables: dict, config: dict):
-        q, k, v = (_dense(x) for x in (q, k, v))
+        q, k, v = (dense(x) for x in (q, k, v))
         B, H, Tq, D = q.shape
         Hkv, Tk, DV = k.shape[1], k.shape[2], v.shape[-1]
         out = torch.empty(B, H, Tq, DV, dtype=q.dtype, device=q.device)
         dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
         tab = tables.get("fwd")
         bm, bn = config["fwd"]["block"]
-        ptr, cols, tiles, mt = _table_args(tab, "q", dummy)
+        ptr, cols, tiles, mt = table_args(tab, "q", dummy)
         grid = (triton.cdiv(Tq, bm), B * H)
         _fwd[grid](q, k, v, out, slopes if slopes is not None else dummy, ptr, cols, tiles, mt,
-                   *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_tile_strides(tab),
+                   *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tile_strides(tab),
                    H, H // Hkv, Tq, Tk, D, DV, scale, offset, Tk - Tq, triton.cdiv(Tk, bn),
-                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pad(D), BLOCK_DV=_pad(DV),
-                   HAS_MASK=tab is not None, HAS_ALIBI=slopes is not None, **_launch_kwargs(config["fwd"], q))
+                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=pad(D), BLOCK_DV=pad(DV),
+                   HAS_MASK=tab is not None, HAS_ALIBI=slopes is not None, **launch_kwargs(config["fwd"], q))
         ctx.save_for_backward(q, k, v, slopes)
         ctx.args = (scale, offset, tables, config)
         return out
@@ -286,15 +163,15 @@ class SigmoidAttentionFn(torch.autograd.Function):
         tab = tables.get("dq")
         bm, bn = config["dq"]["block"]
         _bwd_dq[(triton.cdiv(Tq, bm), B * H)](
-            q, k, v, dout, dq, sl, *_table_args(tab, "q", dummy),
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *_tile_strides(tab), H, *common, triton.cdiv(Tk, bn),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pad(D), BLOCK_DV=_pad(DV),
-            HAS_MASK=tab is not None, HAS_ALIBI=slopes is not None, **_launch_kwargs(config["dq"], q))
+            q, k, v, dout, dq, sl, *table_args(tab, "q", dummy),
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *tile_strides(tab), H, *common, triton.cdiv(Tk, bn),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=pad(D), BLOCK_DV=pad(DV),
+            HAS_MASK=tab is not None, HAS_ALIBI=slopes is not None, **launch_kwargs(config["dq"], q))
         tab = tables.get("dkdv")
         bm, bn = config["dkdv"]["block"]
         _bwd_dkdv[(triton.cdiv(Tk, bn), B * Hkv)](
-            q, k, v, dout, dk, dv, sl, *_table_args(tab, "k", dummy),
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *_tile_strides(tab), Hkv, *common, triton.cdiv(Tq, bm),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pad(D), BLOCK_DV=_pad(DV),
-            HAS_MASK=tab is not None, HAS_ALIBI=slopes is not None, **_launch_kwargs(config["dkdv"], q))
+            q, k, v, dout, dk, dv, sl, *table_args(tab, "k", dummy),
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *tile_strides(tab), Hkv, *common, triton.cdiv(Tq, bm),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=pad(D), BLOCK_DV=pad(DV),
+            HAS_MASK=tab is not None, HAS_ALIBI=slopes is not None, **launch_kwargs(config["dkdv"], q))
         return dq, dk, dv, None, None, None, None, None

@@ -1,0 +1,74 @@
+"""attnkit's Triton weights kernel (attnkit.kernels.triton.weights): ``return_weights`` and
+:func:`attnkit.capture`'s chosen heads and rows, for softmax (its log-sum-exp computed in the
+kernel), sigmoid, sparsemax and 1.5-entmax, against the float64 reference.
+
+Without a GPU the kernel runs under Triton's interpreter (tests/conftest.py); a few cases run by
+default, the whole matrix with ``python -m pytest -m interpreter``.
+"""
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import masks, normalizers, positions
+from attnkit.kernels.triton import interpreting
+from attnkit.testing import make_qkv, max_err
+
+pytest.importorskip("triton", reason='triton is not installed (pip install -e ".[gpu]")')
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not interpreting():
+    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+
+from tests.backends.test_triton import _mask_cases  # noqa: E402
+
+REQUESTS = {
+    "all": True,
+    "subset": attnkit.WeightsRequest(heads=(3, 1), rows=(36, 0, 7)),
+    "average": attnkit.WeightsRequest(heads=(0, 2, 3), average=True),
+}
+NORMS = {"softmax": "softmax", "softmax_T": normalizers.Softmax(0.5), "sigmoid": normalizers.Sigmoid(bias="log_n"),
+         "sparsemax": "sparsemax", "entmax15": "entmax15"}
+
+
+def _check(norm, mask, bias, request, tol=1e-5):
+    q, k, v = make_qkv(2, 4, 37, 45, D=16, Dv=24, Hkv=2, device=DEVICE, requires_grad=True)
+    kw = dict(normalizer=norm, mask=mask, bias=bias, return_weights=request)
+    out, w = attnkit.attention(q, k, v, backend="triton", **kw)
+    ref_out, ref_w = attnkit.attention(q.double(), k.double(), v.double(), backend="reference", **kw)
+    assert w.shape == ref_w.shape and w.dtype == q.dtype and not w.requires_grad
+    assert max_err(w, ref_w) < tol, max_err(w, ref_w)
+    assert max_err(out, ref_out.nan_to_num()) < tol
+    return out, q
+
+
+@pytest.mark.parametrize("request_name", list(REQUESTS))
+def test_softmax_weights_of_chosen_heads_and_rows(request_name):
+    """Softmax: the kernel finds each chosen row's log-sum-exp in a first pass; GQA, ALiBi, causal."""
+    _check("softmax", masks.causal(), positions.ALiBi(4), REQUESTS[request_name])
+
+
+@pytest.mark.parametrize("norm", ["sigmoid", "entmax15"])
+def test_kernel_outputs_keep_their_gradients_with_weights(norm):
+    out, q = _check(NORMS[norm], masks.sliding_window(6), None, REQUESTS["subset"])
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    assert torch.isfinite(dq).all() and dq.abs().sum() > 0
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("norm", list(NORMS))
+@pytest.mark.parametrize("mask_name", list(_mask_cases(37, 45, 2)))
+@pytest.mark.parametrize("request_name", list(REQUESTS))
+def test_every_normalizer_mask_and_request(norm, mask_name, request_name):
+    _check(NORMS[norm], _mask_cases(37, 45, 2)[mask_name], positions.ALiBi(4), REQUESTS[request_name])
+
+
+def test_rows_with_no_key_have_zero_weights():
+    _check("softmax", masks.key_padding(torch.tensor([45, 0])), None, True)
+
+
+def test_the_backend_says_what_it_does_with_softmax():
+    q, k, v = make_qkv(1, 2, 8, D=16, device=DEVICE)
+    with pytest.raises(ValueError, match="only for its weights"):
+        attnkit.attention(q, k, v, backend="triton")
+    choice = attnkit.explain(q, k, v, return_weights=True, backend="triton")
+    assert "weights kernel" in str(choice)
