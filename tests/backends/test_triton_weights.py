@@ -66,6 +66,15 @@ def test_rows_with_no_key_have_zero_weights():
     _check("softmax", masks.key_padding(torch.tensor([45, 0])), None, True)
 
 
+def test_softmax_weights_inside_use_backend_triton():
+    """The output of a softmax request comes from auto's own choice, even when triton is forced."""
+    q, k, v = make_qkv(1, 2, 20, D=16, device=DEVICE)
+    with attnkit.use_backend("triton"):
+        out, w = attnkit.attention(q, k, v, mask=masks.causal(), return_weights=True)
+    ref, wr = attnkit.attention(q, k, v, mask=masks.causal(), return_weights=True, backend="reference")
+    assert max_err(out, ref) < 1e-5 and max_err(w, wr) < 1e-5
+
+
 def test_the_backend_says_what_it_does_with_softmax():
     q, k, v = make_qkv(1, 2, 8, D=16, device=DEVICE)
     with pytest.raises(ValueError, match="only for its weights"):

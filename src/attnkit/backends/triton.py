@@ -152,7 +152,9 @@ class TritonBackend:
             from . import registry
 
             plain = replace(spec, return_weights=False, weights=None)
-            out = registry.REGISTRY[registry.choose(plain).backend](q, k, v, plain)[0]
+            with registry.use_backend("auto"):   # auto's own order, also inside use_backend("triton")
+                name = registry.choose(plain).backend
+            out = registry.REGISTRY[name](q, k, v, plain)[0]
         elif kind == "additive":
             from ..kernels.triton.additive import AdditiveAttentionFn
 
