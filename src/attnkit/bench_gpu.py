@@ -225,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
                 }, a.repeat, a.iters)}
             summarize(c, live_flops(B, H, N, D, causal_pairs, backward))
     if "entmax_causal" in cases:
+        from attnkit.backends.triton import GPU_CONFIG, TritonBackend
+        from attnkit.spec import canonicalize
+
         m = masks.causal(align="top_left")
+        passes_only = TritonBackend(config={**GPU_CONFIG, "candidates": 0})
         routed = attnkit.explain(q, k, v, mask=m, normalizer="entmax15").backend
         for name, backward, what in (("entmax_causal", True, "fwd+bwd"), ("entmax_causal_fwd", False, "forward only")):
             x = (q, k, v) if backward else tuple(t.detach() for t in (q, k, v))
@@ -235,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
                     "SDPA flash softmax": step(flash_causal, *x, dout, backward),
                     "attnkit 1.5-entmax (auto)": step(
                         lambda q, k, v: attnkit.attention(q, k, v, mask=m, normalizer="entmax15"), *x, dout, backward),
+                    "attnkit 1.5-entmax, threshold passes only (candidates 0)": step(
+                        lambda q, k, v: passes_only(q, k, v, canonicalize(q, k, v, mask=m, normalizer="entmax15"))[0],
+                        *x, dout, backward),
                 }, a.repeat, a.iters)}
             summarize(c, live_flops(B, H, N, D, causal_pairs, backward))
     if "weights_rows" in cases:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.interpreter
 #: constexpr is an int32, except the floats below
 POINTERS = {"Q": "io", "K": "io", "V": "io", "O": "io", "W": "io", "DO": "io", "DQ": "io", "DK": "io", "DV_": "io",
             "A": "io", "Bp": "io", "DA": "io", "DB": "io", "DW": "fp32", "LSE": "fp32", "DR": "fp32",
-            "OG": "fp32", "TAU": "fp32", "R": "fp32", "SLOPES": "fp32", "STAT": "fp32", "PTR": "i32",
+            "OG": "fp32", "TAU": "fp32", "CAND": "fp32", "R": "fp32", "SLOPES": "fp32", "STAT": "fp32", "PTR": "i32",
             "COLS": "i32", "ROWS": "i32", "TILES": "i32", "STEPS": "i32", "HEADS": "i64", "MT": "i8", "MASK": "i8"}
 FLOATS = {"scale", "offset", "xscale", "inv_heads"}
 BLOCKS = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, BLOCK_DV=128, HAS_MASK=True, HAS_ALIBI=True)
@@ -27,8 +27,10 @@ CASES = {
     "sigmoid_fwd": ("sigmoid._fwd", BLOCKS),
     "sigmoid_dq": ("sigmoid._bwd_dq", BLOCKS),
     "sigmoid_dkdv": ("sigmoid._bwd_dkdv", dict(BLOCKS, BLOCK_M=64)),
-    "sparsemax_fwd": ("entmax._fwd", dict(BLOCKS, ALPHA2=True)),
-    "entmax15_fwd": ("entmax._fwd", dict(BLOCKS, ALPHA2=False)),
+    "sparsemax_fwd": ("entmax._fwd", dict(BLOCKS, ALPHA2=True, CAND_C=0)),
+    "entmax15_fwd": ("entmax._fwd", dict(BLOCKS, ALPHA2=False, CAND_C=0)),
+    "sparsemax_fwd_candidates": ("entmax._fwd", dict(BLOCKS, ALPHA2=True, CAND_C=128)),
+    "entmax15_fwd_candidates": ("entmax._fwd", dict(BLOCKS, ALPHA2=False, CAND_C=128)),
     "entmax15_dq": ("entmax._bwd_dq", dict(BLOCKS, ALPHA2=False)),
     "sparsemax_dkdv": ("entmax._bwd_dkdv", dict(BLOCKS, BLOCK_M=64, ALPHA2=True)),
     "additive_fwd": ("additive._fwd", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_H=128, BLOCK_DV=128, HAS_MASK=True)),

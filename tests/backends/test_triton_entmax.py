@@ -65,21 +65,65 @@ def test_matches_the_entmax_package(norm):
     assert max_err(out, p @ v) < 2e-5
 
 
-def test_thresholds_take_few_passes_and_are_exact():
-    """The threshold passes stop early (support unchanged / bracket closed): a handful per block on
-    scores of three spreads, and the thresholds give weights summing to 1 on every row."""
+def _sums_to_one(q, k, tau, alpha):
+    x = (alpha - 1.0) * (q @ k.transpose(-2, -1)).double() * q.shape[-1] ** -0.5
+    d = (x - tau.double().unsqueeze(-1)).clamp_min(0)
+    total = (d if alpha == 2.0 else d * d).sum(-1)
+    return torch.allclose(total, torch.ones_like(total), atol=2e-5)
+
+
+def test_threshold_passes_over_the_keys_are_few():
+    """Without candidates every threshold step is a pass over the keys: they stop early (support
+    unchanged / bracket closed), a handful per block on scores of three spreads, and the thresholds
+    give weights summing to 1 on every row."""
     g = torch.Generator().manual_seed(3)
     for spread in (0.1, 1.0, 5.0):
         q = (torch.randn(1, 1, 16, 32, generator=g) * spread).to(DEVICE)
         k = torch.randn(1, 1, 256, 32, generator=g).to(DEVICE)
         v = torch.randn(1, 1, 256, 8, generator=g).to(DEVICE)
         for alpha in (2.0, 1.5):
-            _, tau, _, steps = entmax_forward(q, k, v, 32 ** -0.5, alpha, None, None, {"fwd": {"block": (16, 64)}})
-            assert int(steps.max()) <= 12, (spread, alpha, steps)
-            x = (alpha - 1.0) * (q @ k.transpose(-2, -1)).double() * 32 ** -0.5
-            d = (x - tau.double().unsqueeze(-1)).clamp_min(0)
-            total = (d if alpha == 2.0 else d * d).sum(-1)
-            assert torch.allclose(total, torch.ones_like(total), atol=2e-5), (spread, alpha, total)
+            _, tau, _, steps = entmax_forward(q, k, v, 32 ** -0.5, alpha, None, None,
+                                              {"fwd": {"block": (16, 64)}, "candidates": 0})
+            assert 1 <= int(steps.max()) <= 12, (spread, alpha, steps)
+            assert _sums_to_one(q, k, tau, alpha), (spread, alpha)
+
+
+@pytest.mark.parametrize("candidates", [4, 16, 64])
+def test_candidates_kept_in_the_first_pass_give_the_exact_threshold(candidates):
+    """The keys kept while finding the maxima (compacted when full) give each row's threshold with
+    no pass over the keys when they fit; rows that overflow fall back to passes; exact either way
+    against the dense reference, for flat (wide supports) and peaked scores."""
+    g = torch.Generator().manual_seed(5)
+    fallback = False
+    for spread in (0.2, 1.0, 4.0):
+        q = (torch.randn(1, 2, 16, 32, generator=g) * spread).to(DEVICE)
+        k, v = torch.randn(1, 2, 300, 32, generator=g).to(DEVICE), torch.randn(1, 2, 300, 8, generator=g).to(DEVICE)
+        for alpha, norm in ((2.0, "sparsemax"), (1.5, "entmax15")):
+            out, tau, _, steps = entmax_forward(q, k, v, 32 ** -0.5, alpha, None, None,
+                                                {"fwd": {"block": (16, 64)}, "candidates": candidates})
+            ref = attnkit.attention(q.double(), k.double(), v.double(), normalizer=norm, backend="reference")
+            assert max_err(out, ref) < 2e-5 and _sums_to_one(q, k, tau, alpha), (candidates, spread, alpha)
+            x = (alpha - 1.0) * (q @ k.transpose(-2, -1)) * 32 ** -0.5
+            widest = int((x > x.amax(-1, keepdim=True) - 1).sum(-1).max())   # keys above max - 1
+            if widest <= candidates:
+                assert int(steps.max()) == 0, (candidates, spread, alpha, widest, steps)
+            fallback |= int(steps.max()) > 0
+    # the flat scores overflow 4 candidates: the exact thresholds above came from the fallback passes
+    assert fallback or candidates > 4
+
+
+@pytest.mark.interpreter
+def test_random_scores_at_8192_keys_fit_in_128_candidates():
+    """The figure the module docstring quotes: D=128, N=8,192 random scores (two spreads), both α:
+    no pass over the keys for the threshold."""
+    g = torch.Generator().manual_seed(0)
+    for spread in (1.0, 3.0):
+        q = (torch.randn(1, 2, 16, 128, generator=g) * spread).to(DEVICE)
+        k, v = torch.randn(1, 2, 8192, 128, generator=g).to(DEVICE), torch.randn(1, 2, 8192, 8, generator=g).to(DEVICE)
+        for alpha in (2.0, 1.5):
+            _, tau, _, steps = entmax_forward(q, k, v, 128 ** -0.5, alpha, None, None,
+                                              {"fwd": {"block": (16, 128)}, "candidates": 128})
+            assert int(steps.max()) == 0 and _sums_to_one(q, k, tau, alpha), (spread, alpha, steps)
 
 
 @pytest.mark.interpreter

@@ -7,20 +7,31 @@ are recomputed, tile by tile, on each pass over its live key tiles.
 
 **Forward** (``_fwd``, one program per (query block, batch · head)):
 
-1. one pass for each row's maximum ``m``: a weight is at most 1, so ``τ >= m - 1``;
-2. passes that raise that lower bound to ``τ``: each sums, over the keys above the current ``τ``,
-   their count ``c``, ``s1 = Σ (x - τ)`` and ``s2 = Σ (x - τ)²``, and takes Newton's step on
-   ``f(τ) = Σ_j [x_j - τ]_+^(1/(α-1)) - 1`` (convex and decreasing for α <= 2, so Newton from the
-   left climbs to the root without overshooting). For sparsemax the step is the closed form on the
-   support ``{x > τ}`` (Michelot's ``τ = (Σ_S x - 1) / |S|``), exact as soon as a pass finds the
-   support unchanged. For 1.5-entmax the closed form on the same support (the smaller root of
-   ``Σ_S (x - τ)² = 1``) is an upper bound, and exact when that support is the row's: the passes
-   stop when the bracket (Newton's lower bound, the closed form's upper) closes to float32
-   resolution, and take the closed form;
+1. one pass over the live key tiles for each row's maximum ``m``. A weight is at most 1, so
+   ``τ >= m - 1``: only keys above ``m - 1`` can be in the support. With ``candidates = C > 0``
+   (the default) the pass also keeps, per row, every key above ``max(m - 1, lb)`` with the
+   running maximum (a superset of the support) in a ``(rows, C)`` float32 workspace. When a row's
+   keys would not fit, the threshold of the keys held (a subset's threshold is at most the
+   row's) becomes the lower bound ``lb`` and the held keys at or below it are dropped. Rows whose
+   candidates still do not fit are marked;
+2. the threshold of each row's held keys, in registers (no pass over the keys): the row's own
+   when they all fit, since every key left out is at or below a lower bound of ``τ``. Rows that
+   did not fit (or ``C = 0``) raise their lower bound by passes over the live tiles: each sums, over
+   the keys above the current ``τ``, their count ``c``, ``s1 = Σ (x - τ)`` and ``s2 = Σ (x - τ)²``
+   and takes Newton's step on ``f(τ) = Σ_j [x_j - τ]_+^(1/(α-1)) - 1`` (convex and decreasing
+   for α <= 2, so Newton from the left climbs to the root without overshooting). Both searches
+   take the same steps: for sparsemax the step is the closed form on the support ``{x > τ}``
+   (Michelot's ``τ = (Σ_S x - 1) / |S|``), exact as soon as the support is found unchanged; for
+   1.5-entmax the closed form on the same support (the smaller root of ``Σ_S (x - τ)² = 1``) is an
+   upper bound, exact when that support is the row's, and the search stops when the bracket
+   (Newton's lower bound, the closed form's upper) closes to float32 resolution. Bisection from
+   ``[m - 1, m]`` would take about 24 steps to reach float32 resolution; these take a handful;
 3. one pass for the output, ``out = Σ_j p_ij v_j``, and ``out_g = Σ_j g_ij v_j / Σ_j g_ij`` with
    ``g = p^(2-α)`` (the support's indicator for sparsemax, ``[x - τ]_+`` for 1.5-entmax).
 
-Each program stops its passes when all of its rows have converged (at most ``max_steps``).
+So the forward computes ``q·k`` twice where the candidates fit (random scores at N = 8,192,
+D = 128 fit in C = 128 for both α: ``tests/backends/test_triton_entmax.py``), the workspace is
+``O(Tq · C)``, and the passes of step 2 count in the ``steps`` :func:`entmax_forward` returns.
 
 **Backward**: ``dL/ds_ij = g_ij (dP_ij - r_i)`` with ``dP = dO Vᵀ`` and ``r_i = Σ_j g_ij dP_ij /
 Σ_j g_ij = dO_i · out_g_i``, so it is the softmax backward's shape with ``g`` for ``p``: ``_bwd_dq``
@@ -43,8 +54,9 @@ from .common import (_head_slope, _key_block, _key_tile_scores, _live_range, _qu
                      _tile_scores, dense, launch_kwargs, pad, table_args, tile_strides)
 
 Tensor = torch.Tensor
-#: at most this many threshold passes per query block (sparsemax's support and 1.5-entmax's
-#: bracket settle in far fewer on every input tried; the tests count them)
+#: at most this many threshold steps per query block, in registers or as passes over the keys
+#: (sparsemax's support and 1.5-entmax's bracket settle in far fewer on every input tried; the
+#: tests count them)
 MAX_STEPS = 64
 
 
@@ -58,32 +70,125 @@ def _gates(d, ALPHA2: tl.constexpr):
 
 
 @triton.jit
-def _fwd(Q, K, V, O, OG, TAU, STEPS, SLOPES, PTR, COLS, TILES, MT,
+def _sums(d):
+    """Per row of ``d = [x - τ]_+``: the support's size, ``Σ d`` and ``Σ d²``."""
+    return tl.sum(tl.where(d > 0, 1.0, 0.0), 1), tl.sum(d, 1), tl.sum(d * d, 1)
+
+
+@triton.jit
+def _raise(tau, hi, prev, last, done, c, s1, s2, ALPHA2: tl.constexpr):
+    """One step of the threshold search from ``τ`` (a lower bound) given the sums over ``{x > τ}``
+    (:func:`_sums`): the new ``τ``, upper bound, support size, step and which rows are done."""
+    cc = tl.maximum(c, 1.0)
+    tol = 4.0 * 1.1920928955078125e-07 * (1.0 + tl.abs(tau))
+    if ALPHA2:
+        new = tl.maximum(tau + (s1 - 1.0) / cc, tau)    # the closed form on {x > τ}
+        exact = c == prev                                # τ's support is the last one's: τ is exact
+        final = tau
+    else:
+        new = tl.maximum(tau + (s2 - 1.0) / tl.maximum(2.0 * s1, 1e-30), tau)   # Newton
+        disc = s1 * s1 - c * (s2 - 1.0)
+        up = tau + (s1 - tl.sqrt(tl.maximum(disc, 0.0))) / cc                     # the closed form
+        hi = tl.where(disc >= 0.0, tl.minimum(hi, tl.maximum(up, new)), hi)
+        exact = hi - new <= tol
+        final = hi
+    step = new - tau
+    # Newton stalled at the rounding floor: a step not halving the last one, both tiny
+    stalled = (step <= tol) | ((step >= 0.5 * last) & (step <= 1e3 * tol))
+    tau = tl.where(done, tau, tl.where(exact, final, new))
+    return tau, hi, c, step, done | exact | stalled
+
+
+@triton.jit
+def _solve(xb, tau, hi, done, max_steps, ALPHA2: tl.constexpr):
+    """The thresholds of the values ``xb (rows, C)`` held in registers (``-inf``: none), from the
+    lower bounds ``τ``: no pass over the keys."""
+    prev = tl.full(tau.shape, -1.0, tl.float32)
+    last = tl.full(tau.shape, float("inf"), tl.float32)
+    it = 0
+    left = tl.sum((~done).to(tl.int32), 0)
+    while (left > 0) & (it < max_steps):
+        c, s1, s2 = _sums(tl.maximum(xb - tau[:, None], 0.0))
+        tau, hi, prev, last, done = _raise(tau, hi, prev, last, done, c, s1, s2, ALPHA2)
+        it += 1
+        left = tl.sum((~done).to(tl.int32), 0)
+    return tau, hi, done
+
+
+@triton.jit
+def _held(CAND, cbase, cnt, row_ok, CAND_C: tl.constexpr):
+    """The candidates held for each row, ``(rows, CAND_C)``, ``-inf`` past each row's count."""
+    offs_c = tl.arange(0, CAND_C)
+    return tl.load(CAND + cbase[:, None] + offs_c[None, :], mask=(offs_c[None, :] < cnt[:, None]) & row_ok[:, None],
+                   other=float("-inf"))
+
+
+@triton.jit
+def _fwd(Q, K, V, O, OG, TAU, STEPS, CAND, SLOPES, PTR, COLS, TILES, MT,
          sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
          stp, stb, sth, stm, stn,
          H, G, Tq, Tk, D, DV, xscale, shift, NBLK, max_steps,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-         HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, ALPHA2: tl.constexpr, PREC: tl.constexpr):
-    # O and OG (float32) share strides; TAU is contiguous (B, H, Tq)
+         CAND_C: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, ALPHA2: tl.constexpr,
+         PREC: tl.constexpr):
+    # O and OG (float32) share strides; TAU is contiguous (B, H, Tq); CAND (B·H·Tq, CAND_C) float32
     i, b, h, hk, offs_m, offs_d, offs_dv, row_ok, q, slope = _query_block(
         Q, SLOPES, sqb, sqh, sqm, sqd, H, G, Tq, D, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_ALIBI)
     start, end = _live_range(PTR, i, NBLK, HAS_MASK)
-    # 1. each row's maximum
+    cbase = ((b * H + h) * Tq + offs_m).to(tl.int64) * CAND_C
+    # 1. each row's maximum; with candidates, every key that may be in the support is kept
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    lb = tl.full([BLOCK_M], float("-inf"), tl.float32)    # a lower bound of τ from the held keys
+    cnt = tl.zeros([BLOCK_M], tl.int32)
+    ovf = tl.zeros([BLOCK_M], tl.int32)                     # 1: a row's candidates did not fit
     for t in range(start, end):
         x, keep, k, offs_n, col_ok = _tile_scores(
             q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d, skb, skh, skn, skd, stp, stb, sth, stm, stn,
             Tk, D, xscale, 0.0, shift, slope, BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
-        m = tl.maximum(m, tl.max(tl.where(keep, x, float("-inf")), 1))
+        x = tl.where(keep, x, float("-inf"))
+        m = tl.maximum(m, tl.max(x, 1))
+        if CAND_C > 0:
+            floor = tl.maximum(m - 1.0, lb)     # no key at or below it is in the support
+            cand = x > floor[:, None]
+            n_new = tl.sum(cand.to(tl.int32), 1)
+            if tl.max(tl.where(ovf == 0, cnt + n_new, 0), 0) > CAND_C:   # rows that overflowed: sweeps
+                # full: raise the lower bound to the threshold of the held keys (a subset's is at
+                # most the row's) and drop the held keys at or below it
+                tl.debug_barrier()
+                xb = _held(CAND, cbase, cnt, row_ok, CAND_C)
+                nothing = m == float("-inf")
+                tb, _, _ = _solve(xb, tl.where(nothing, 0.0, floor), tl.where(nothing, 0.0, m), nothing,
+                                  max_steps, ALPHA2)
+                lb = tl.where(nothing, lb, tl.maximum(lb, tb))
+                floor = tl.maximum(m - 1.0, lb)
+                kept = xb > floor[:, None]
+                tl.debug_barrier()
+                tl.store(CAND + cbase[:, None] + tl.cumsum(kept.to(tl.int32), 1) - 1, xb, mask=kept)
+                cnt = tl.sum(kept.to(tl.int32), 1)
+                cand = x > floor[:, None]
+                n_new = tl.sum(cand.to(tl.int32), 1)
+            pos = cnt[:, None] + tl.cumsum(cand.to(tl.int32), 1) - 1
+            tl.store(CAND + cbase[:, None] + pos, x, mask=cand & (pos < CAND_C))
+            ovf = tl.maximum(ovf, (cnt + n_new > CAND_C).to(tl.int32))
+            cnt = tl.minimum(cnt + n_new, CAND_C)
     dead = m == float("-inf")
-    tau = tl.where(dead, 0.0, m - 1.0)      # a lower bound: no weight exceeds 1
     hi = tl.where(dead, 0.0, m)             # an upper bound (the closed form's, once it applies)
+    if CAND_C > 0:
+        # 2a. the threshold of the held keys: the row's own when they all fit, else a lower bound
+        tl.debug_barrier()
+        xb = _held(CAND, cbase, cnt, row_ok, CAND_C)
+        tau, hi, done = _solve(xb, tl.where(dead, 0.0, tl.maximum(m - 1.0, lb)), hi, dead, max_steps, ALPHA2)
+        done = dead | (done & (ovf == 0))
+        hi = tl.where(ovf != 0, tl.where(dead, 0.0, m), hi)
+    else:
+        tau = tl.where(dead, 0.0, m - 1.0)  # a lower bound: no weight exceeds 1
+        done = dead
+    # 2b. rows whose candidates did not fit (or no candidates kept): raise τ to the root, a pass
+    # over the live tiles per step
     prev = tl.full([BLOCK_M], -1.0, tl.float32)
     last = tl.full([BLOCK_M], float("inf"), tl.float32)
-    done = dead
     steps = 0
     left = tl.sum((~done).to(tl.int32), 0)
-    # 2. raise τ to the root, a pass over the live tiles per step
     while (left > 0) & (steps < max_steps):
         c = tl.zeros([BLOCK_M], tl.float32)
         s1 = tl.zeros([BLOCK_M], tl.float32)
@@ -92,30 +197,11 @@ def _fwd(Q, K, V, O, OG, TAU, STEPS, SLOPES, PTR, COLS, TILES, MT,
             x, keep, k, offs_n, col_ok = _tile_scores(
                 q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d, skb, skh, skn, skd, stp, stb, sth, stm,
                 stn, Tk, D, xscale, 0.0, shift, slope, BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
-            d = tl.maximum(tl.where(keep, x - tau[:, None], 0.0), 0.0)
-            c += tl.sum(tl.where(d > 0, 1.0, 0.0), 1)
-            s1 += tl.sum(d, 1)
-            s2 += tl.sum(d * d, 1)
-        cc = tl.maximum(c, 1.0)
-        tol = 4.0 * 1.1920928955078125e-07 * (1.0 + tl.abs(tau))
-        if ALPHA2:
-            new = tl.maximum(tau + (s1 - 1.0) / cc, tau)    # the closed form on {x > τ}
-            exact = c == prev                                # τ's support is the last one's: τ is exact
-            final = tau
-        else:
-            new = tl.maximum(tau + (s2 - 1.0) / tl.maximum(2.0 * s1, 1e-30), tau)   # Newton
-            disc = s1 * s1 - c * (s2 - 1.0)
-            up = tau + (s1 - tl.sqrt(tl.maximum(disc, 0.0))) / cc                     # the closed form
-            hi = tl.where(disc >= 0.0, tl.minimum(hi, tl.maximum(up, new)), hi)
-            exact = hi - new <= tol
-            final = hi
-        step = new - tau
-        # Newton stalled at the rounding floor: a step not halving the last one, both tiny
-        stalled = (step <= tol) | ((step >= 0.5 * last) & (step <= 1e3 * tol))
-        tau = tl.where(done, tau, tl.where(exact, final, new))
-        done = done | exact | stalled
-        prev = c
-        last = step
+            ct, s1t, s2t = _sums(tl.maximum(tl.where(keep, x - tau[:, None], 0.0), 0.0))
+            c += ct
+            s1 += s1t
+            s2 += s2t
+        tau, hi, prev, last, done = _raise(tau, hi, prev, last, done, c, s1, s2, ALPHA2)
         steps += 1
         left = tl.sum((~done).to(tl.int32), 0)
     # 3. the output and the backward's row term
@@ -202,7 +288,8 @@ def entmax_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, alpha: float, 
                    tab: BlockTables | None, config: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward kernel's results: ``out (B, H, Tq, Dv)`` in ``q``'s dtype, ``τ (B, H, Tq)``
     (``+inf`` for rows with no key), ``out_g (B, H, Tq, Dv)`` (float32) and the number of
-    threshold passes each program took (``(B · H, query blocks)``). ``q (B, H, Tq, D)``,
+    threshold passes over the keys each program took (``(B · H, query blocks)``; 0 when every
+    row's candidates fit in ``config["candidates"]``). ``q (B, H, Tq, D)``,
     ``k (B, Hkv, Tk, D)``, ``v (B, Hkv, Tk, Dv)`` with the layout :func:`.common.dense` gives;
     ``tab`` the mask's block tables at ``config["fwd"]["block"]`` (None: no mask)."""
     if alpha not in (1.5, 2.0):
@@ -216,12 +303,14 @@ def entmax_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, alpha: float, 
     grid = (triton.cdiv(Tq, bm), B * H)
     steps = torch.empty(B * H, grid[0], dtype=torch.int32, device=q.device)
     dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    cand_c = config.get("candidates", 0)
+    cand = torch.empty(B * H * Tq, cand_c, dtype=torch.float32, device=q.device) if cand_c else dummy
     _fwd[grid](
-        q, k, v, out, out_g, tau, steps, slopes * (alpha - 1.0) if slopes is not None else dummy,
+        q, k, v, out, out_g, tau, steps, cand, slopes * (alpha - 1.0) if slopes is not None else dummy,
         *table_args(tab, "q", dummy), *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tile_strides(tab),
         H, H // Hkv, Tq, Tk, D, DV, (alpha - 1.0) * scale, Tk - Tq, triton.cdiv(Tk, bn),
         config.get("max_steps", MAX_STEPS),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=pad(D), BLOCK_DV=pad(DV), HAS_MASK=tab is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=pad(D), BLOCK_DV=pad(DV), CAND_C=cand_c, HAS_MASK=tab is not None,
         HAS_ALIBI=slopes is not None, ALPHA2=alpha == 2.0, **launch_kwargs(config["fwd"], q))
     return out, tau, out_g, steps
 
