@@ -81,3 +81,15 @@ def test_the_backend_says_what_it_does_with_softmax():
         attnkit.attention(q, k, v, backend="triton")
     choice = attnkit.explain(q, k, v, return_weights=True, backend="triton")
     assert "weights kernel" in str(choice)
+
+
+def test_blocks_with_no_live_pair_are_listed_for_skipping():
+    """The kernel skips (row block, key block) pairs the mask hides entirely: a causal mask's upper
+    blocks; what it skips stays zero in the result (the matrix tests above)."""
+    from attnkit.kernels.triton.weights import _live_blocks, _mask_rows
+
+    rows = torch.arange(40)
+    mt = _mask_rows(masks.causal(), 1, torch.arange(2), rows, 40, 40)
+    live = _live_blocks(mt, 16, 16)
+    assert live.shape == (1, 1, 3, 3)
+    assert live[0, 0].tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]

@@ -52,14 +52,24 @@ def _scores(q, K, b, hk, rows, r_ok, j0, skb, skh, skn, skd, MASK, mrow, smn, Tk
 
 
 @triton.jit
-def _weights(Q, K, W, STAT, HEADS, ROWS, SLOPES, MASK,
+def _live(LIVE, b, hs, i, j0, slb, slh, slr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Whether row block ``i`` has a live pair among keys ``[j0, j0 + BLOCK_N)`` (always without a mask)."""
+    live = 1
+    if HAS_MASK:
+        live = tl.load(LIVE + b * slb + hs * slh + i * slr + j0 // BLOCK_N).to(tl.int32)
+    return live != 0
+
+
+@triton.jit
+def _weights(Q, K, W, STAT, HEADS, ROWS, SLOPES, MASK, LIVE,
              sqb, sqh, sqm, sqd, skb, skh, skn, skd, swb, swh, swm, swn, ssb, ssh, ssm,
-             smb, smh, smm, smn,
+             smb, smh, smm, smn, slb, slh, slr,
              NH, G, R, Tk, D, scale, offset, shift, inv_heads,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_STAT: tl.constexpr, KIND: tl.constexpr,
              AVERAGE: tl.constexpr, PREC: tl.constexpr):
-    # W is (B, NH or 1, R, Tk); STAT (B, NH, R) float32; MASK (B', H', R, Tk) int8 over the chosen heads
+    # W is (B, NH or 1, R, Tk), zero where the mask hides a key; STAT (B, NH, R) float32; MASK (B', H', R, Tk)
+    # int8 over the chosen heads, LIVE (B', H', row blocks, key blocks) int8: whether a block has a live pair
     i = tl.program_id(0)
     bh = tl.program_id(1)
     if AVERAGE:
@@ -90,36 +100,38 @@ def _weights(Q, K, W, STAT, HEADS, ROWS, SLOPES, MASK,
             m = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_sum = tl.zeros([BLOCK_M], tl.float32)
             for j0 in range(0, Tk, BLOCK_N):
+                if _live(LIVE, b, hs, i, j0, slb, slh, slr, BLOCK_N, HAS_MASK):
+                    s, keep, offs_n, col_ok = _scores(
+                        q, K, b, hk, rows, r_ok, j0, skb, skh, skn, skd, MASK, mrow, smn, Tk, D, scale, shift,
+                        slope, offs_d, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
+                    s = tl.where(keep, s, float("-inf"))
+                    m_new = tl.maximum(m, tl.max(s, 1))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    l_sum = l_sum * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+                    m = m_new
+            stat = tl.where(m == float("-inf"), float("inf"), m + tl.log(tl.where(l_sum == 0.0, 1.0, l_sum)))
+        for j0 in range(0, Tk, BLOCK_N):
+            if _live(LIVE, b, hs, i, j0, slb, slh, slr, BLOCK_N, HAS_MASK):   # else zeros already
                 s, keep, offs_n, col_ok = _scores(
                     q, K, b, hk, rows, r_ok, j0, skb, skh, skn, skd, MASK, mrow, smn, Tk, D, scale, shift,
                     slope, offs_d, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
-                s = tl.where(keep, s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_sum = l_sum * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
-                m = m_new
-            stat = tl.where(m == float("-inf"), float("inf"), m + tl.log(tl.where(l_sum == 0.0, 1.0, l_sum)))
-        for j0 in range(0, Tk, BLOCK_N):
-            s, keep, offs_n, col_ok = _scores(
-                q, K, b, hk, rows, r_ok, j0, skb, skh, skn, skd, MASK, mrow, smn, Tk, D, scale, shift,
-                slope, offs_d, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
-            if KIND == 0:
-                p = tl.exp(s - stat[:, None])        # dead rows: stat = +inf, p = 0
-            elif KIND == 1:
-                p = tl.sigmoid(s + offset)
-            elif KIND == 2:
-                p = tl.maximum(s - stat[:, None], 0.0)
-            else:
-                d = tl.maximum(s - stat[:, None], 0.0)
-                p = d * d
-            p = tl.where(keep, p, 0.0)
-            at = W + b * swb + offs_r[:, None] * swm + offs_n[None, :] * swn
-            ok = r_ok[:, None] & col_ok[None, :]
-            if AVERAGE:
-                prev = tl.load(at, mask=ok, other=0.0).to(tl.float32)
-                tl.store(at, (prev + p * inv_heads).to(W.dtype.element_ty), mask=ok)
-            else:
-                tl.store(at + hs * swh, p.to(W.dtype.element_ty), mask=ok)
+                if KIND == 0:
+                    p = tl.exp(s - stat[:, None])        # dead rows: stat = +inf, p = 0
+                elif KIND == 1:
+                    p = tl.sigmoid(s + offset)
+                elif KIND == 2:
+                    p = tl.maximum(s - stat[:, None], 0.0)
+                else:
+                    d = tl.maximum(s - stat[:, None], 0.0)
+                    p = d * d
+                p = tl.where(keep, p, 0.0)
+                at = W + b * swb + offs_r[:, None] * swm + offs_n[None, :] * swn
+                ok = r_ok[:, None] & col_ok[None, :]
+                if AVERAGE:
+                    prev = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+                    tl.store(at, (prev + p * inv_heads).to(W.dtype.element_ty), mask=ok)
+                else:
+                    tl.store(at + hs * swh, p.to(W.dtype.element_ty), mask=ok)
 
 
 def _mask_rows(mask: Mask, B: int, heads: Tensor, rows: Tensor, Tq: int, Tk: int) -> Tensor:
@@ -132,6 +144,14 @@ def _mask_rows(mask: Mask, B: int, heads: Tensor, rows: Tensor, Tq: int, Tk: int
     while m.dim() < 4:
         m = m.unsqueeze(0)
     return m.expand(m.shape[0], m.shape[1], len(rows), Tk).to(torch.int8).contiguous()
+
+
+def _live_blocks(mt: Tensor, bm: int, bn: int) -> Tensor:
+    """Whether each ``(bm, bn)`` block of the mask rows ``mt (B', H', R, Tk)`` has a live pair:
+    int8 ``(B', H', ⌈R / bm⌉, ⌈Tk / bn⌉)``."""
+    R, Tk = mt.shape[-2:]
+    padded = torch.nn.functional.pad(mt, (0, -Tk % bn, 0, -R % bm))
+    return padded.unflatten(-1, (-1, bn)).unflatten(-3, (-1, bm)).amax((-3, -1)).contiguous()
 
 
 def triton_weights(q: Tensor, k: Tensor, kind: str, *, scale: float, heads: tuple[int, ...] | None = None,
@@ -164,8 +184,8 @@ def triton_weights(q: Tensor, k: Tensor, kind: str, *, scale: float, heads: tupl
     NH, R = len(heads_t), len(rows_t)
     if average:
         w = torch.zeros(B, 1, R, Tk, dtype=q.dtype, device=dev)
-    else:
-        w = torch.empty(B, NH, R, Tk, dtype=q.dtype, device=dev)
+    else:   # zeros under a mask: the kernel skips blocks with no live pair
+        w = (torch.empty if mask is None else torch.zeros)(B, NH, R, Tk, dtype=q.dtype, device=dev)
     if NH == 0 or R == 0 or Tk == 0:
         return w
     dummy = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -175,11 +195,14 @@ def triton_weights(q: Tensor, k: Tensor, kind: str, *, scale: float, heads: tupl
     mstrides = [0, 0, 0, 0] if mt is None else [0 if mt.shape[i] == 1 else mt.stride(i) for i in range(4)]
     cfg = config or {"block": (16, 16)}
     bm, bn = cfg["block"]
+    live = _live_blocks(mt, bm, bn) if mt is not None else None
+    lstrides = [0, 0, 0] if live is None else [0 if live.shape[i] == 1 else live.stride(i) for i in range(3)]
     grid = (triton.cdiv(R, bm), B * (1 if average else NH))
     _weights[grid](
         q, k, w, st if st is not None else dummy, heads_t, rows_t,
         slopes.float().contiguous() if slopes is not None else dummy, mt if mt is not None else dummy,
-        *q.stride(), *k.stride(), *w.stride(), *(st.stride() if st is not None else (0, 0, 0)), *mstrides,
+        live if live is not None else dummy,
+        *q.stride(), *k.stride(), *w.stride(), *(st.stride() if st is not None else (0, 0, 0)), *mstrides, *lstrides,
         NH, H // Hkv, R, Tk, D, scale, offset, Tk - Tq, 1.0 / NH,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=pad(D), HAS_MASK=mt is not None, HAS_ALIBI=slopes is not None,
         HAS_STAT=st is not None, KIND=KINDS[kind], AVERAGE=average, **launch_kwargs(cfg, q))
