@@ -154,15 +154,17 @@ def compare(name: str, fast: torch.Tensor, ref: torch.Tensor, gold: torch.Tensor
                              f"reference's {e_ref:.3e} + {atol:.1e} ({dtype})")
 
 
-def check(r: Request) -> dict[str, str]:
-    """Run ``r`` everywhere; returns what each backend did ("served" or the refusal)."""
+def check(r: Request, backends: dict | None = None) -> dict[str, str]:
+    """Run ``r`` on every backend of ``backends`` (default :data:`BACKENDS`); returns what each
+    did ("served" or the refusal)."""
+    backends = BACKENDS if backends is None else backends
     built = build(r)
     dout = torch.randn(r.B, r.H, r.Tq, r.Dv, generator=torch.Generator().manual_seed(r.seed + 1), dtype=torch.float64)
     outcome: dict[str, str] = {}
     try:
         gold = run(built, "reference", torch.float64, dout)
     except (ValueError, TypeError) as e:  # an invalid request: everyone must say so
-        for name, (entry, obj) in BACKENDS.items():
+        for name, (entry, obj) in backends.items():
             with _installed(entry, obj), eager_flex():
                 try:
                     run(built, entry, r.dtype, dout)
@@ -179,7 +181,7 @@ def check(r: Request) -> dict[str, str]:
     ref = gold if r.dtype == torch.float64 else run(built, "reference", r.dtype, dout)
     compare_all("reference", ref, ref, gold, r.dtype)
     outcome["reference"] = "served"
-    for name, (entry, obj) in BACKENDS.items():
+    for name, (entry, obj) in backends.items():
         with _installed(entry, obj), eager_flex():
             try:
                 fast = run(built, entry, r.dtype, dout)

@@ -126,37 +126,58 @@ def bias_items(H: int):
 
 
 @st.composite
-def requests(draw, *, max_len: int = 300) -> Request:
-    """Any valid request (and a few that a backend must refuse)."""
+def requests(draw, *, max_len: int = 300, triton: bool = False) -> Request:
+    """Any valid request (and a few that a backend must refuse). With ``triton``, requests that
+    attnkit's Triton kernels serve (float32; sigmoid, sparsemax, 1.5-entmax, or softmax with its
+    weights, over dot-product scores with ALiBi or none; additive scores under softmax) and, now
+    and then, one they refuse."""
     Hkv = draw(st.sampled_from([1, 1, 2, 3]))
     H = Hkv * draw(st.sampled_from([1, 1, 2, 4]))
     B = draw(st.integers(1, 3))
     small = draw(st.integers(1, 24))
     Tq = draw(st.one_of(st.integers(1, 40), st.integers(1, max_len), st.just(small)))
     Tk = draw(st.one_of(st.just(1), st.integers(1, 40), st.integers(1, max_len), st.just(Tq)))
-    dtype = draw(st.sampled_from(DTYPES))
+    dtype = torch.float32 if triton else draw(st.sampled_from(DTYPES))
     # half the requests are plain softmax over dot products, which every backend may serve
     # (SDPA, flex, both tile bodies); the other half range over the whole grammar
     focus = draw(st.booleans())
-    score = draw(st.tuples(st.sampled_from(["dot", "scaled_dot", "scaled_dot", "cosine"])) if focus else SCORES)
+    if triton:
+        score = draw(st.sampled_from([("dot",), ("scaled_dot",), ("cosine",), ("cosine_tau", 0.5),
+                                      ("general", False, True)]) | st.tuples(st.just("additive"), st.integers(1, 8),
+                                                                               st.booleans()))
+    else:
+        score = draw(st.tuples(st.sampled_from(["dot", "scaled_dot", "scaled_dot", "cosine"])) if focus else SCORES)
     D = draw(st.sampled_from([1, 3, 5, 8, 16, 33]))
     if score[0].startswith("cosine") and D == 1:
         D = 3  # with one feature cos(q, k) = ±1: its exact gradient is 0 and any dtype's rounding is all noise
     Dv = draw(st.sampled_from([D, D, 1, 4, 7]))
     normalizer = ("normalize",) if score[0] == "kernel" else draw(
         st.sampled_from([("softmax",), ("softmax",), ("softmax_t", 0.5)]) if focus else NORMALIZERS)
+    if triton:
+        normalizer = draw(st.sampled_from(
+            [("softmax",), ("softmax_t", 0.5)] if score[0] == "additive" else
+            [("softmax",), ("softmax_t", 0.5), ("sigmoid",), ("sigmoid_b", "log_n"), ("sigmoid_b", -1.0),
+             ("sparsemax",), ("entmax15",), ("entmax_a", 1.5), ("entmax_a", 2.0)]))
     if score[0] == "location":
         Tk = min(Tk, 64)
     # bound the reference's (B, H, Tq, Tk[, hidden]) tensors: a few MB, milliseconds per backend
     budget = PAIRS_BUDGET // (8 if score[0] == "additive" else 1)
     while B * H * Tq * Tk > budget:
         Tq, Tk = (max(1, Tq // 2), Tk) if Tq >= Tk else (Tq, max(1, Tk // 2))
-    mask = draw(st.one_of(st.none(), mask_trees(B, H, Tq, Tk, local_p=not focus),
+    mask = draw(st.one_of(st.none(), mask_trees(B, H, Tq, Tk, local_p=not focus and not triton),
                           mask_trees(B, H, Tq, Tk, local_p=False)))
-    biases = () if score[0] == "kernel" else tuple(draw(st.lists(bias_items(H), max_size=2)))
+    if triton:   # ALiBi or nothing (and, one request in eight, a mod the kernels refuse)
+        biases = draw(st.sampled_from([(), (), ("alibi",)] if score[0] != "additive" else [()]))
+        biases = (("alibi", False),) if biases else ()
+        if draw(st.integers(0, 7)) == 0:
+            biases = biases + (draw(bias_items(H)),)
+    else:
+        biases = () if score[0] == "kernel" else tuple(draw(st.lists(bias_items(H), max_size=2)))
     scale = draw(st.none() | st.sampled_from([0.05, 0.3, 1.0]))
-    dropout = 0.0 if focus else draw(st.sampled_from([0.0, 0.0, 0.0, 0.25]))
+    dropout = 0.0 if focus or triton else draw(st.sampled_from([0.0, 0.0, 0.0, 0.25]))
     weights = draw(st.sampled_from([False, False, False, True, "request"] if focus else [False, True, "request"]))
+    if triton and normalizer[0].startswith("softmax") and score[0] != "additive":
+        weights = draw(st.sampled_from([True, "request"]))   # the kernels serve softmax for its weights
     if weights == "request":  # a subset of heads and rows (or all of either), averaged over the heads or not
         heads = draw(st.none() | st.lists(st.integers(0, H - 1), min_size=1, max_size=3).map(tuple))
         rows = draw(st.none() | st.lists(st.integers(0, Tq - 1), min_size=1, max_size=4).map(tuple))
