@@ -68,8 +68,9 @@ def test_what_neither_flex_nor_triton_serves_goes_to_the_tiled_engine(kw, why):
     assert why in " ".join(c.reasons["flex"]) + " ".join(c.reasons.get("triton", []))
 
 
-@pytest.mark.parametrize("norm", ["sparsemax", "entmax15", normalizers.Entmax(1.5), normalizers.Entmax(2.0)])
-def test_sparsemax_and_entmax15_go_to_triton(norm):
+@pytest.mark.parametrize("norm", ["sparsemax", "entmax15", normalizers.Entmax(1.5), normalizers.Entmax(2.0),
+                                  normalizers.Entmax(1.25)])
+def test_sparsemax_and_entmax_go_to_triton(norm):
     c = choose(spec_on(CUDA, normalizer=norm, mask=masks.causal(), bias=positions.ALiBi(4)))
     assert c.backend == ("triton" if triton_available() else "tiled"), str(c)
     assert choose(spec_on("cpu", normalizer=norm)).backend == "tiled"
@@ -88,12 +89,13 @@ def test_additive_scores_under_softmax_go_to_triton():
         assert "takes softmax" in " ".join(c.reasons["triton"])
 
 
-def test_other_entmax_goes_to_the_tiled_engine_and_hard_normalizers_to_the_reference():
+def test_any_entmax_up_to_two_goes_to_triton_and_hard_normalizers_to_the_reference():
     c = choose(spec_on(CUDA, normalizer=normalizers.Entmax(1.3)))
-    assert c.backend == "tiled"
+    assert c.backend == ("triton" if triton_available() else "tiled"), str(c)
+    c = choose(spec_on(CUDA, normalizer=normalizers.Entmax(2.5)))
+    assert c.backend == "reference"
     if triton_available():
-        assert "alpha = 1.3" in " ".join(c.reasons["triton"])
-    assert choose(spec_on(CUDA, normalizer=normalizers.Entmax(2.5))).backend == "reference"
+        assert "alpha = 2.5" in " ".join(c.reasons["triton"])
     assert choose(spec_on(CUDA, normalizer="hardmax")).backend == "reference"
 
 

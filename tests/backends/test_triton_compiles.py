@@ -20,19 +20,21 @@ pytestmark = pytest.mark.interpreter
 POINTERS = {"Q": "io", "K": "io", "V": "io", "O": "io", "W": "io", "DO": "io", "DQ": "io", "DK": "io", "DV_": "io",
             "A": "io", "Bp": "io", "DA": "io", "DB": "io", "DW": "fp32", "LSE": "fp32", "DR": "fp32",
             "OG": "fp32", "TAU": "fp32", "CAND": "fp32", "R": "fp32", "SLOPES": "fp32", "STAT": "fp32", "PTR": "i32",
-            "COLS": "i32", "ROWS": "i32", "TILES": "i32", "STEPS": "i32", "HEADS": "i64", "MT": "i8", "MASK": "i8"}
-FLOATS = {"scale", "offset", "xscale", "inv_heads"}
+            "COLS": "i32", "ROWS": "i32", "TILES": "i32", "STEPS": "i32", "HEADS": "i64", "MT": "i8", "MASK": "i8", "LIVE": "i8"}
+FLOATS = {"scale", "offset", "xscale", "inv_heads", "inv"}
 BLOCKS = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, BLOCK_DV=128, HAS_MASK=True, HAS_ALIBI=True)
 CASES = {
     "sigmoid_fwd": ("sigmoid._fwd", BLOCKS),
     "sigmoid_dq": ("sigmoid._bwd_dq", BLOCKS),
     "sigmoid_dkdv": ("sigmoid._bwd_dkdv", dict(BLOCKS, BLOCK_M=64)),
-    "sparsemax_fwd": ("entmax._fwd", dict(BLOCKS, ALPHA2=True, CAND_C=0)),
-    "entmax15_fwd": ("entmax._fwd", dict(BLOCKS, ALPHA2=False, CAND_C=0)),
-    "sparsemax_fwd_candidates": ("entmax._fwd", dict(BLOCKS, ALPHA2=True, CAND_C=128)),
-    "entmax15_fwd_candidates": ("entmax._fwd", dict(BLOCKS, ALPHA2=False, CAND_C=128)),
-    "entmax15_dq": ("entmax._bwd_dq", dict(BLOCKS, ALPHA2=False)),
-    "sparsemax_dkdv": ("entmax._bwd_dkdv", dict(BLOCKS, BLOCK_M=64, ALPHA2=True)),
+    "sparsemax_fwd": ("entmax._fwd", dict(BLOCKS, MODE=1, CAND_C=0)),
+    "entmax15_fwd": ("entmax._fwd", dict(BLOCKS, MODE=0, CAND_C=0)),
+    "sparsemax_fwd_candidates": ("entmax._fwd", dict(BLOCKS, MODE=1, CAND_C=128)),
+    "entmax_alpha_fwd_candidates": ("entmax._fwd", dict(BLOCKS, MODE=2, CAND_C=128)),
+    "entmax_alpha_dkdv": ("entmax._bwd_dkdv", dict(BLOCKS, BLOCK_M=64, MODE=2)),
+    "entmax15_fwd_candidates": ("entmax._fwd", dict(BLOCKS, MODE=0, CAND_C=128)),
+    "entmax15_dq": ("entmax._bwd_dq", dict(BLOCKS, MODE=0)),
+    "sparsemax_dkdv": ("entmax._bwd_dkdv", dict(BLOCKS, BLOCK_M=64, MODE=1)),
     "additive_fwd": ("additive._fwd", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_H=128, BLOCK_DV=128, HAS_MASK=True)),
     "additive_da": ("additive._bwd_da", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_H=128, BLOCK_DV=128, HAS_MASK=True)),
     "additive_dbdv": ("additive._bwd_dbdv", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_H=128, BLOCK_DV=128, HAS_MASK=False)),
@@ -40,6 +42,8 @@ CASES = {
                                                          HAS_ALIBI=True, HAS_STAT=False, KIND=0, AVERAGE=True)),
     "weights_entmax15": ("weights._weights", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, HAS_MASK=False,
                                                   HAS_ALIBI=False, HAS_STAT=True, KIND=3, AVERAGE=False)),
+    "weights_entmax_alpha": ("weights._weights", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, HAS_MASK=True,
+                                                      HAS_ALIBI=True, HAS_STAT=True, KIND=4, AVERAGE=False)),
 }
 PRECISIONS = {"bf16": None, "fp32": "tf32x3"}
 

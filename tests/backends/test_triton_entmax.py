@@ -25,24 +25,26 @@ from attnkit.kernels.triton.entmax import entmax_forward  # noqa: E402  (after t
 from tests.backends.test_triton import _mask_cases  # noqa: E402  (the same mask families as sigmoid)
 
 SPARSE = {"sparsemax": "sparsemax", "entmax15": "entmax15", "Entmax(2)": normalizers.Entmax(2.0),
-          "Entmax(1.5)": normalizers.Entmax(1.5)}
+          "Entmax(1.5)": normalizers.Entmax(1.5), "Entmax(1.25)": normalizers.Entmax(1.25, n_iter=80),
+          "Entmax(1.8)": normalizers.Entmax(1.8, n_iter=80)}
 
 
-@pytest.mark.parametrize("norm", ["sparsemax", "entmax15"])
+@pytest.mark.parametrize("norm", ["sparsemax", "entmax15", "Entmax(1.25)"])
 def test_causal_alibi_gqa_forward_and_backward(norm):
     """float32, GQA (4 query heads on 2), ALiBi, Tq=37, Tk=45, D=16, Dv=24: output and all three
     gradients within 2x the reference's own float32 error of the float64 gold."""
     q, k, v = make_qkv(2, 4, 37, 45, D=16, Dv=24, Hkv=2, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    assert_matches_float64_gold(q, k, v, "triton", normalizer=norm, mask=masks.causal(), bias=positions.ALiBi(4))
+    assert_matches_float64_gold(q, k, v, "triton", normalizer=SPARSE[norm], mask=masks.causal(),
+                                bias=positions.ALiBi(4))
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("norm", ["sparsemax", "entmax15"])
+@pytest.mark.parametrize("norm", ["sparsemax", "entmax15", "Entmax(1.25)"])
 @pytest.mark.parametrize("mask_name", list(_mask_cases(37, 45, 2)))
 @pytest.mark.parametrize("alibi", [False, True])
 def test_every_mask_family_forward_and_backward(norm, mask_name, alibi):
     q, k, v = make_qkv(2, 4, 37, 45, D=16, Dv=24, Hkv=2, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    assert_matches_float64_gold(q, k, v, "triton", normalizer=norm, mask=_mask_cases(37, 45, 2)[mask_name],
+    assert_matches_float64_gold(q, k, v, "triton", normalizer=SPARSE[norm], mask=_mask_cases(37, 45, 2)[mask_name],
                                 bias=positions.ALiBi(4) if alibi else None)
 
 
@@ -68,7 +70,7 @@ def test_matches_the_entmax_package(norm):
 def _sums_to_one(q, k, tau, alpha):
     x = (alpha - 1.0) * (q @ k.transpose(-2, -1)).double() * q.shape[-1] ** -0.5
     d = (x - tau.double().unsqueeze(-1)).clamp_min(0)
-    total = (d if alpha == 2.0 else d * d).sum(-1)
+    total = d.pow(1.0 / (alpha - 1.0)).sum(-1)
     return torch.allclose(total, torch.ones_like(total), atol=2e-5)
 
 
@@ -98,7 +100,7 @@ def test_candidates_kept_in_the_first_pass_give_the_exact_threshold(candidates):
     for spread in (0.2, 1.0, 4.0):
         q = (torch.randn(1, 2, 16, 32, generator=g) * spread).to(DEVICE)
         k, v = torch.randn(1, 2, 300, 32, generator=g).to(DEVICE), torch.randn(1, 2, 300, 8, generator=g).to(DEVICE)
-        for alpha, norm in ((2.0, "sparsemax"), (1.5, "entmax15")):
+        for alpha, norm in ((2.0, "sparsemax"), (1.5, "entmax15"), (1.25, normalizers.Entmax(1.25, n_iter=80))):
             out, tau, _, steps = entmax_forward(q, k, v, 32 ** -0.5, alpha, None, None,
                                                 {"fwd": {"block": (16, 64)}, "candidates": candidates})
             ref = attnkit.attention(q.double(), k.double(), v.double(), normalizer=norm, backend="reference")

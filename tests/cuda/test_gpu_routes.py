@@ -71,7 +71,7 @@ def test_triton_sigmoid_head_dims(D):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("norm", ["sparsemax", "entmax15"])
+@pytest.mark.parametrize("norm", ["sparsemax", "entmax15", normalizers.Entmax(1.25)])
 @pytest.mark.parametrize("case", ["none", "causal_alibi", "window", "padding", "from_mod"])
 def test_triton_entmax(dtype, norm, case):
     check("triton", dtype, Hkv=2, Tq=333, Tk=517, normalizer=norm, **_sigmoid_cases()[case])
@@ -145,7 +145,7 @@ def test_capture_uses_the_triton_weights_kernel():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tiled_takes_what_the_others_cannot(dtype):
     q, k, v = make_qkv(1, 4, 1100, D=64, dtype=dtype, device=DEV)   # past the reference's small sizes
-    kw = dict(normalizer=normalizers.Entmax(1.3), mask=masks.causal())
+    kw = dict(normalizer="sigmoid", mask=masks.causal(), bias=positions.bias_mod(lambda b, h, q, kv: (q - kv) * 0.01))
     c = attnkit.explain(q, k, v, **kw)
     assert c.backend == "tiled", str(c)
     out = attnkit.attention(q, k, v, **kw)

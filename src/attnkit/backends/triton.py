@@ -2,9 +2,10 @@
 express (:mod:`attnkit.kernels.triton`).
 
 Serves the sigmoid normalizer (``b`` a number or ``-log Tk``; :mod:`~attnkit.kernels.triton.sigmoid`)
-and sparsemax and 1.5-entmax (:mod:`~attnkit.kernels.triton.entmax`) over dot-product scores,
+and sparsemax, 1.5-entmax and α-entmax with 1 < α <= 2 (:mod:`~attnkit.kernels.triton.entmax`) over
+dot-product scores,
 additive (Bahdanau) scores under softmax (:mod:`~attnkit.kernels.triton.additive`), and the weights
-of softmax, sigmoid, sparsemax and 1.5-entmax for ``return_weights`` and :func:`attnkit.capture`
+of softmax, sigmoid and entmax for ``return_weights`` and :func:`attnkit.capture`
 (:mod:`~attnkit.kernels.triton.weights`; the output of softmax then comes from the backend ``auto``
 picks without weights). Dot-product scores: dot, scaled dot, cosine, bilinear after
 ``prepare``. Any mask without a weight factor (live tiles from the analytic classification,
@@ -30,6 +31,7 @@ import torch
 
 from ..kernels import triton as _kt
 from ..normalizers.base import Sigmoid, Softmax
+from ..kernels.tile import entmax_alpha
 from ..normalizers.sparse import Entmax, Entmax15, Sparsemax
 from ..scores import Additive
 from ..positions.alibi import ALiBi
@@ -86,7 +88,7 @@ class TritonBackend:
                        "kernel takes softmax")
         elif kind is None:
             why.append(f"normalizer {_describe(spec.normalizer)}: attnkit's Triton kernels serve sigmoid, "
-                       "sparsemax and 1.5-entmax (and softmax's weights)")
+                       "sparsemax and α-entmax with α <= 2 (and softmax's weights)")
         elif kind == "softmax" and not spec.return_weights:
             why.append("normalizer 'softmax' without weights: SDPA and flex compute it; the Triton kernels "
                        "serve softmax only for its weights (return_weights, capture)")
@@ -171,30 +173,29 @@ class TritonBackend:
         else:
             from ..kernels.triton.entmax import EntmaxAttentionFn
 
-            out, stat = EntmaxAttentionFn.apply(qp, kp, v, spec.scale, _ALPHA[kind], slopes, tables, cfg)
+            out, stat = EntmaxAttentionFn.apply(qp, kp, v, spec.scale, entmax_alpha(spec), slopes, tables, cfg)
         if not spec.return_weights:
             return out, None
         from ..kernels.triton.weights import triton_weights
 
         # the weights carry no gradient (as the tiled backend's); the statistic's scale is the kernel's
-        factor = 1.0 / spec.normalizer.temperature if kind == "softmax" else _ALPHA.get(kind, 2.0) - 1.0
+        factor = (1.0 / spec.normalizer.temperature if kind == "softmax" else
+                  entmax_alpha(spec) - 1.0 if stat is not None else 1.0)
         with torch.no_grad():
             w = triton_weights(qp.detach(), kp.detach(), kind, scale=spec.scale * factor,
                                heads=spec.weights.heads, rows=spec.weights.rows, stat=stat,
                                offset=spec.normalizer.offset(spec.Tk) if kind == "sigmoid" else 0.0,
                                slopes=None if slopes is None else slopes * factor, mask=spec.mask,
-                               average=spec.weights.average, config=cfg.get("weights"))
+                               average=spec.weights.average, config=cfg.get("weights"),
+                               alpha=entmax_alpha(spec) if stat is not None else 1.5)
         return out, w
-
-
-#: α of the sparse kernels
-_ALPHA = {"sparsemax": 2.0, "entmax15": 1.5}
 
 
 def kernel_for(spec: AttentionSpec) -> str | None:
     """Which of attnkit's Triton kernels computes ``spec``: ``"additive"`` (additive scores under
     softmax), ``"sigmoid"``, ``"sparsemax"`` (also ``Entmax(alpha=2)``), ``"entmax15"`` (also
-    ``Entmax(alpha=1.5)``), ``"softmax"`` (its weights only), or None."""
+    ``Entmax(alpha=1.5)``), ``"entmax"`` (``Entmax(alpha)``, 1 < α < 2), ``"softmax"`` (its
+    weights only), or None."""
     n = spec.normalizer
     if type(spec.score) is Additive:
         return "additive" if type(n) is Softmax else None
@@ -206,6 +207,8 @@ def kernel_for(spec: AttentionSpec) -> str | None:
         return "sparsemax"
     if type(n) is Entmax15 or type(n) is Entmax and n.alpha == 1.5:
         return "entmax15"
+    if type(n) is Entmax and 1.0 < n.alpha < 2.0:
+        return "entmax"
     return None
 
 

@@ -1,5 +1,5 @@
 """attnkit's Triton kernels (``pip install -e ".[gpu]"``): variants that no fused GPU kernel
-offers: the sigmoid normalizer (:mod:`.sigmoid`), sparsemax / 1.5-entmax (:mod:`.entmax`) and
+offers: the sigmoid normalizer (:mod:`.sigmoid`), sparsemax / α-entmax with α <= 2 (:mod:`.entmax`) and
 additive (Bahdanau) scores (:mod:`.additive`), forward and backward, under any mask (:mod:`.blocks`) and ALiBi, with GQA, in float16, bfloat16
 and float32; and the weights of chosen heads and rows for ``return_weights`` and
 :func:`attnkit.capture` (:mod:`.weights`). :mod:`.common` holds what they share.

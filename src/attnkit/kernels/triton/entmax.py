@@ -1,8 +1,10 @@
-"""Sparsemax and 1.5-entmax attention in Triton, forward and backward, under any mask, ALiBi and GQA.
+"""Sparsemax, 1.5-entmax and α-entmax (1 < α <= 2) attention in Triton, forward and backward, under
+any mask, ALiBi and GQA.
 
 ``p_ij = [x_ij - τ_i]_+^(1/(α-1))`` with ``x = (α - 1) s`` over the keys the mask allows and each
 row's threshold ``τ_i`` such that ``Σ_j p_ij = 1`` (Peters, Niculae & Martins 2019; sparsemax is
-α = 2, 1.5-entmax α = 1.5). Nothing ``(Tq, Tk)``-sized is stored: the scores of a query block
+α = 2, 1.5-entmax α = 1.5; other α take Newton's steps alone, with powers, where these two have
+closed forms). Nothing ``(Tq, Tk)``-sized is stored: the scores of a query block
 are recomputed, tile by tile, on each pass over its live key tiles.
 
 **Forward** (``_fwd``, one program per (query block, batch · head)):
@@ -61,29 +63,43 @@ MAX_STEPS = 64
 
 
 @triton.jit
-def _gates(d, ALPHA2: tl.constexpr):
-    """From ``d = [x - τ]_+``: the weights ``p`` and the Jacobian's ``g = p^(2-α)``."""
-    if ALPHA2:
+def _gates(d, MODE: tl.constexpr, inv):
+    """From ``d = [x - τ]_+``: the weights ``p = d^(1/(α-1))`` and the Jacobian's ``g = p^(2-α)``
+    (``MODE``: 0 1.5-entmax, 1 sparsemax, 2 any other α, with ``inv = 1/(α-1)``)."""
+    if MODE == 1:
         return d, tl.where(d > 0, 1.0, 0.0)
-    else:
+    elif MODE == 0:
         return d * d, d
+    else:
+        ld = tl.log(tl.maximum(d, 1e-38))
+        return tl.where(d > 0, tl.exp(inv * ld), 0.0), tl.where(d > 0, tl.exp((inv - 1.0) * ld), 0.0)
 
 
 @triton.jit
-def _sums(d):
-    """Per row of ``d = [x - τ]_+``: the support's size, ``Σ d`` and ``Σ d²``."""
-    return tl.sum(tl.where(d > 0, 1.0, 0.0), 1), tl.sum(d, 1), tl.sum(d * d, 1)
+def _sums(d, MODE: tl.constexpr, inv):
+    """Per row of ``d = [x - τ]_+``: the support's size ``c`` and ``s1 = Σ d``, ``s2 = Σ d²``
+    (``MODE`` 0, 1); for any other α, ``s1 = Σ d^(1/(α-1) - 1)`` and ``s2 = Σ d^(1/(α-1))``."""
+    c = tl.sum(tl.where(d > 0, 1.0, 0.0), 1)
+    if MODE == 2:
+        p, g = _gates(d, MODE, inv)
+        return c, tl.sum(g, 1), tl.sum(p, 1)
+    else:
+        return c, tl.sum(d, 1), tl.sum(d * d, 1)
 
 
 @triton.jit
-def _raise(tau, hi, prev, last, done, c, s1, s2, ALPHA2: tl.constexpr):
+def _raise(tau, hi, prev, last, done, c, s1, s2, MODE: tl.constexpr, inv):
     """One step of the threshold search from ``τ`` (a lower bound) given the sums over ``{x > τ}``
     (:func:`_sums`): the new ``τ``, upper bound, support size, step and which rows are done."""
     cc = tl.maximum(c, 1.0)
     tol = 4.0 * 1.1920928955078125e-07 * (1.0 + tl.abs(tau))
-    if ALPHA2:
+    if MODE == 1:
         new = tl.maximum(tau + (s1 - 1.0) / cc, tau)    # the closed form on {x > τ}
         exact = c == prev                                # τ's support is the last one's: τ is exact
+        final = tau
+    elif MODE == 2:
+        new = tl.maximum(tau + (s2 - 1.0) / tl.maximum(inv * s1, 1e-30), tau)   # Newton, no closed form
+        exact = c < 0.0
         final = tau
     else:
         new = tl.maximum(tau + (s2 - 1.0) / tl.maximum(2.0 * s1, 1e-30), tau)   # Newton
@@ -100,7 +116,7 @@ def _raise(tau, hi, prev, last, done, c, s1, s2, ALPHA2: tl.constexpr):
 
 
 @triton.jit
-def _solve(xb, tau, hi, done, max_steps, ALPHA2: tl.constexpr):
+def _solve(xb, tau, hi, done, max_steps, MODE: tl.constexpr, inv):
     """The thresholds of the values ``xb (rows, C)`` held in registers (``-inf``: none), from the
     lower bounds ``τ``: no pass over the keys."""
     prev = tl.full(tau.shape, -1.0, tl.float32)
@@ -108,8 +124,8 @@ def _solve(xb, tau, hi, done, max_steps, ALPHA2: tl.constexpr):
     it = 0
     left = tl.sum((~done).to(tl.int32), 0)
     while (left > 0) & (it < max_steps):
-        c, s1, s2 = _sums(tl.maximum(xb - tau[:, None], 0.0))
-        tau, hi, prev, last, done = _raise(tau, hi, prev, last, done, c, s1, s2, ALPHA2)
+        c, s1, s2 = _sums(tl.maximum(xb - tau[:, None], 0.0), MODE, inv)
+        tau, hi, prev, last, done = _raise(tau, hi, prev, last, done, c, s1, s2, MODE, inv)
         it += 1
         left = tl.sum((~done).to(tl.int32), 0)
     return tau, hi, done
@@ -127,9 +143,9 @@ def _held(CAND, cbase, cnt, row_ok, CAND_C: tl.constexpr):
 def _fwd(Q, K, V, O, OG, TAU, STEPS, CAND, SLOPES, PTR, COLS, TILES, MT,
          sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
          stp, stb, sth, stm, stn,
-         H, G, Tq, Tk, D, DV, xscale, shift, NBLK, max_steps,
+         H, G, Tq, Tk, D, DV, xscale, inv, shift, NBLK, max_steps,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-         CAND_C: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, ALPHA2: tl.constexpr,
+         CAND_C: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, MODE: tl.constexpr,
          PREC: tl.constexpr):
     # O and OG (float32) share strides; TAU is contiguous (B, H, Tq); CAND (B·H·Tq, CAND_C) float32
     i, b, h, hk, offs_m, offs_d, offs_dv, row_ok, q, slope = _query_block(
@@ -158,7 +174,7 @@ def _fwd(Q, K, V, O, OG, TAU, STEPS, CAND, SLOPES, PTR, COLS, TILES, MT,
                 xb = _held(CAND, cbase, cnt, row_ok, CAND_C)
                 nothing = m == float("-inf")
                 tb, _, _ = _solve(xb, tl.where(nothing, 0.0, floor), tl.where(nothing, 0.0, m), nothing,
-                                  max_steps, ALPHA2)
+                                  max_steps, MODE, inv)
                 lb = tl.where(nothing, lb, tl.maximum(lb, tb))
                 floor = tl.maximum(m - 1.0, lb)
                 kept = xb > floor[:, None]
@@ -177,7 +193,7 @@ def _fwd(Q, K, V, O, OG, TAU, STEPS, CAND, SLOPES, PTR, COLS, TILES, MT,
         # 2a. the threshold of the held keys: the row's own when they all fit, else a lower bound
         tl.debug_barrier()
         xb = _held(CAND, cbase, cnt, row_ok, CAND_C)
-        tau, hi, done = _solve(xb, tl.where(dead, 0.0, tl.maximum(m - 1.0, lb)), hi, dead, max_steps, ALPHA2)
+        tau, hi, done = _solve(xb, tl.where(dead, 0.0, tl.maximum(m - 1.0, lb)), hi, dead, max_steps, MODE, inv)
         done = dead | (done & (ovf == 0))
         hi = tl.where(ovf != 0, tl.where(dead, 0.0, m), hi)
     else:
@@ -197,11 +213,11 @@ def _fwd(Q, K, V, O, OG, TAU, STEPS, CAND, SLOPES, PTR, COLS, TILES, MT,
             x, keep, k, offs_n, col_ok = _tile_scores(
                 q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d, skb, skh, skn, skd, stp, stb, sth, stm,
                 stn, Tk, D, xscale, 0.0, shift, slope, BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
-            ct, s1t, s2t = _sums(tl.maximum(tl.where(keep, x - tau[:, None], 0.0), 0.0))
+            ct, s1t, s2t = _sums(tl.maximum(tl.where(keep, x - tau[:, None], 0.0), 0.0), MODE, inv)
             c += ct
             s1 += s1t
             s2 += s2t
-        tau, hi, prev, last, done = _raise(tau, hi, prev, last, done, c, s1, s2, ALPHA2)
+        tau, hi, prev, last, done = _raise(tau, hi, prev, last, done, c, s1, s2, MODE, inv)
         steps += 1
         left = tl.sum((~done).to(tl.int32), 0)
     # 3. the output and the backward's row term
@@ -212,7 +228,7 @@ def _fwd(Q, K, V, O, OG, TAU, STEPS, CAND, SLOPES, PTR, COLS, TILES, MT,
         x, keep, k, offs_n, col_ok = _tile_scores(
             q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d, skb, skh, skn, skd, stp, stb, sth, stm, stn,
             Tk, D, xscale, 0.0, shift, slope, BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
-        p, g = _gates(tl.maximum(tl.where(keep, x - tau[:, None], 0.0), 0.0), ALPHA2)
+        p, g = _gates(tl.maximum(tl.where(keep, x - tau[:, None], 0.0), 0.0), MODE, inv)
         v = _rows(V, b * svb + hk * svh, offs_n, col_ok, svn, offs_dv, svd, DV)
         acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
         acc_g += tl.dot(g.to(v.dtype), v, input_precision=PREC)
@@ -229,9 +245,9 @@ def _fwd(Q, K, V, O, OG, TAU, STEPS, CAND, SLOPES, PTR, COLS, TILES, MT,
 def _bwd_dq(Q, K, V, DO, DQ, TAU, R, SLOPES, PTR, COLS, TILES, MT,
             sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
             stp, stb, sth, stm, stn,
-            H, G, Tq, Tk, D, DV, xscale, scale, shift, NBLK,
+            H, G, Tq, Tk, D, DV, xscale, scale, inv, shift, NBLK,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-            HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, ALPHA2: tl.constexpr, PREC: tl.constexpr):
+            HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
     # DQ shares Q's strides and DO shares O's; TAU and R are contiguous (B, H, Tq)
     i, b, h, hk, offs_m, offs_d, offs_dv, row_ok, q, slope = _query_block(
         Q, SLOPES, sqb, sqh, sqm, sqd, H, G, Tq, D, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_ALIBI)
@@ -244,7 +260,7 @@ def _bwd_dq(Q, K, V, DO, DQ, TAU, R, SLOPES, PTR, COLS, TILES, MT,
         x, keep, k, offs_n, col_ok = _tile_scores(
             q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d, skb, skh, skn, skd, stp, stb, sth, stm, stn,
             Tk, D, xscale, 0.0, shift, slope, BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
-        p, g = _gates(tl.maximum(tl.where(keep, x - tau[:, None], 0.0), 0.0), ALPHA2)
+        p, g = _gates(tl.maximum(tl.where(keep, x - tau[:, None], 0.0), 0.0), MODE, inv)
         v = _rows(V, b * svb + hk * svh, offs_n, col_ok, svn, offs_dv, svd, DV)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = g * (dp - r[:, None])
@@ -257,9 +273,9 @@ def _bwd_dq(Q, K, V, DO, DQ, TAU, R, SLOPES, PTR, COLS, TILES, MT,
 def _bwd_dkdv(Q, K, V, DO, DK, DV_, TAU, R, SLOPES, PTR, ROWS, TILES, MT,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
               stp, stb, sth, stm, stn,
-              H, Hkv, G, Tq, Tk, D, DV, xscale, scale, shift, NBLK,
+              H, Hkv, G, Tq, Tk, D, DV, xscale, scale, inv, shift, NBLK,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-              HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, ALPHA2: tl.constexpr, PREC: tl.constexpr):
+              HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
     # DK shares K's strides, DV_ V's; transposed tiles: rows are keys, columns queries
     j, b, hk, offs_n, offs_d, offs_dv, col_ok, k, v = _key_block(
         K, V, skb, skh, skn, skd, svb, svh, svn, svd, Hkv, Tk, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
@@ -275,13 +291,18 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV_, TAU, R, SLOPES, PTR, ROWS, TILES, MT,
                 BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
             tau = tl.load(TAU + (b * H + h) * Tq + offs_m, mask=row_ok, other=float("inf"))
             r = tl.load(R + (b * H + h) * Tq + offs_m, mask=row_ok, other=0.0)
-            pt, gt = _gates(tl.maximum(tl.where(keep, xt - tau[None, :], 0.0), 0.0), ALPHA2)
+            pt, gt = _gates(tl.maximum(tl.where(keep, xt - tau[None, :], 0.0), 0.0), MODE, inv)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
             dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
             dst = gt * (dpt - r[None, :])
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
     _store_key_grads(DK, DV_, dk, dv, b, hk, offs_n, offs_d, offs_dv, col_ok, skb, skh, skn, skd,
                      svb, svh, svn, svd, D, DV, scale)
+
+
+def mode(alpha: float) -> int:
+    """The kernels' ``MODE`` for ``alpha``: 0 1.5-entmax, 1 sparsemax, 2 any other α in (1, 2)."""
+    return 1 if alpha == 2.0 else 0 if alpha == 1.5 else 2
 
 
 def entmax_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, alpha: float, slopes: Tensor | None,
@@ -292,8 +313,8 @@ def entmax_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, alpha: float, 
     row's candidates fit in ``config["candidates"]``). ``q (B, H, Tq, D)``,
     ``k (B, Hkv, Tk, D)``, ``v (B, Hkv, Tk, Dv)`` with the layout :func:`.common.dense` gives;
     ``tab`` the mask's block tables at ``config["fwd"]["block"]`` (None: no mask)."""
-    if alpha not in (1.5, 2.0):
-        raise ValueError(f"alpha must be 1.5 (1.5-entmax) or 2 (sparsemax); got {alpha}")
+    if not 1.0 < alpha <= 2.0:
+        raise ValueError(f"alpha must be in (1, 2] (1.5: 1.5-entmax, 2: sparsemax); got {alpha}")
     B, H, Tq, D = q.shape
     Hkv, Tk, DV = k.shape[1], k.shape[2], v.shape[-1]
     out = torch.empty(B, H, Tq, DV, dtype=q.dtype, device=q.device)
@@ -308,15 +329,16 @@ def entmax_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, alpha: float, 
     _fwd[grid](
         q, k, v, out, out_g, tau, steps, cand, slopes * (alpha - 1.0) if slopes is not None else dummy,
         *table_args(tab, "q", dummy), *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tile_strides(tab),
-        H, H // Hkv, Tq, Tk, D, DV, (alpha - 1.0) * scale, Tk - Tq, triton.cdiv(Tk, bn),
+        H, H // Hkv, Tq, Tk, D, DV, (alpha - 1.0) * scale, 1.0 / (alpha - 1.0), Tk - Tq, triton.cdiv(Tk, bn),
         config.get("max_steps", MAX_STEPS),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=pad(D), BLOCK_DV=pad(DV), CAND_C=cand_c, HAS_MASK=tab is not None,
-        HAS_ALIBI=slopes is not None, ALPHA2=alpha == 2.0, **launch_kwargs(config["fwd"], q))
+        HAS_ALIBI=slopes is not None, MODE=mode(alpha), **launch_kwargs(config["fwd"], q))
     return out, tau, out_g, steps
 
 
 class EntmaxAttentionFn(torch.autograd.Function):
-    """``(q, k, v) -> (out, τ)`` for sparsemax (``alpha = 2``) or 1.5-entmax (``alpha = 1.5``);
+    """``(q, k, v) -> (out, τ)`` for α-entmax, ``1 < alpha <= 2`` (sparsemax ``alpha = 2``,
+    1.5-entmax ``alpha = 1.5``, both in closed form; other α by Newton's steps alone);
     the backward returns ``dq, dk, dv`` (``τ (B, H, Tq)``, float32, carries no gradient: it is for
     the weights, :func:`.weights.triton_weights`). ``slopes`` are ALiBi's per query head (or None).
     See the module docstring."""
@@ -343,8 +365,8 @@ class EntmaxAttentionFn(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
         sl = xslopes if xslopes is not None else dummy
-        common = (H // Hkv, Tq, Tk, D, DV, (alpha - 1.0) * scale, scale, Tk - Tq)
-        flags = dict(BLOCK_D=pad(D), BLOCK_DV=pad(DV), HAS_ALIBI=xslopes is not None, ALPHA2=alpha == 2.0)
+        common = (H // Hkv, Tq, Tk, D, DV, (alpha - 1.0) * scale, scale, 1.0 / (alpha - 1.0), Tk - Tq)
+        flags = dict(BLOCK_D=pad(D), BLOCK_DV=pad(DV), HAS_ALIBI=xslopes is not None, MODE=mode(alpha))
         tab = tables.get("dq")
         bm, bn = config["dq"]["block"]
         _bwd_dq[(triton.cdiv(Tq, bm), B * H)](

@@ -7,7 +7,8 @@ all ``Tk`` keys (0 where the mask hides a key), with ``s = scale · q·k (+ ALiB
 * softmax: ``p = e^(s - lse_i)``; ``lse`` is given (a forward saved it) or computed here in a first
   pass over the keys (running maximum and sum, as a flash forward does);
 * sigmoid: ``p = σ(s + offset)`` (no statistic);
-* sparsemax / 1.5-entmax: ``p = [(α - 1) s - τ_i]_+^(1/(α-1))`` from the forward's thresholds ``τ``.
+* sparsemax / 1.5-entmax / α-entmax: ``p = [(α - 1) s - τ_i]_+^(1/(α-1))`` from the forward's
+  thresholds ``τ``.
 
 One program per (block of chosen rows, batch · chosen head), or per (block, batch) when the heads
 are averaged (``nn.MultiheadAttention``'s ``average_attn_weights``): the program then adds each
@@ -29,7 +30,7 @@ from .common import launch_kwargs, pad
 Tensor = torch.Tensor
 
 #: the normalizer a statistic belongs to (the kernel's ``KIND``)
-KINDS = {"softmax": 0, "sigmoid": 1, "sparsemax": 2, "entmax15": 3}
+KINDS = {"softmax": 0, "sigmoid": 1, "sparsemax": 2, "entmax15": 3, "entmax": 4}
 
 
 @triton.jit
@@ -64,7 +65,7 @@ def _live(LIVE, b, hs, i, j0, slb, slh, slr, BLOCK_N: tl.constexpr, HAS_MASK: tl
 def _weights(Q, K, W, STAT, HEADS, ROWS, SLOPES, MASK, LIVE,
              sqb, sqh, sqm, sqd, skb, skh, skn, skd, swb, swh, swm, swn, ssb, ssh, ssm,
              smb, smh, smm, smn, slb, slh, slr,
-             NH, G, R, Tk, D, scale, offset, shift, inv_heads,
+             NH, G, R, Tk, D, scale, offset, shift, inv_heads, inv,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_STAT: tl.constexpr, KIND: tl.constexpr,
              AVERAGE: tl.constexpr, PREC: tl.constexpr):
@@ -121,9 +122,12 @@ def _weights(Q, K, W, STAT, HEADS, ROWS, SLOPES, MASK, LIVE,
                     p = tl.sigmoid(s + offset)
                 elif KIND == 2:
                     p = tl.maximum(s - stat[:, None], 0.0)
-                else:
+                elif KIND == 3:
                     d = tl.maximum(s - stat[:, None], 0.0)
                     p = d * d
+                else:   # α-entmax: d^(1/(α-1))
+                    d = tl.maximum(s - stat[:, None], 0.0)
+                    p = tl.where(d > 0, tl.exp(inv * tl.log(tl.maximum(d, 1e-38))), 0.0)
                 p = tl.where(keep, p, 0.0)
                 at = W + b * swb + offs_r[:, None] * swm + offs_n[None, :] * swn
                 ok = r_ok[:, None] & col_ok[None, :]
@@ -157,13 +161,13 @@ def _live_blocks(mt: Tensor, bm: int, bn: int) -> Tensor:
 def triton_weights(q: Tensor, k: Tensor, kind: str, *, scale: float, heads: tuple[int, ...] | None = None,
                    rows: tuple[int, ...] | None = None, stat: Tensor | None = None, offset: float = 0.0,
                    slopes: Tensor | None = None, mask: Mask | None = None, average: bool = False,
-                   config: dict | None = None) -> Tensor:
+                   config: dict | None = None, alpha: float = 1.5) -> Tensor:
     """Weights ``(B, len(heads), len(rows), Tk)`` (all heads / rows when None; ``(B, 1, ...)`` their
     mean with ``average``) of ``q (B, H, Tq, D)`` against ``k (B, Hkv, Tk, D)`` in ``q``'s dtype.
 
     ``kind``: ``"softmax"`` (``stat`` the rows' log-sum-exp ``(B, H, Tq)``, or None to compute it),
-    ``"sigmoid"`` (``p = σ(s + offset)``), ``"sparsemax"`` / ``"entmax15"`` (``stat`` the
-    thresholds ``τ (B, H, Tq)``, ``+inf`` for rows with no key); ``scale`` multiplies ``q·k``
+    ``"sigmoid"`` (``p = σ(s + offset)``), ``"sparsemax"`` / ``"entmax15"`` / ``"entmax"`` (with
+    ``alpha``) (``stat`` the thresholds ``τ (B, H, Tq)``, ``+inf`` for rows with no key); ``scale`` multiplies ``q·k``
     (for entmax, ``(α - 1)`` times the score's scale; for softmax with a temperature, divided by
     it); ``slopes`` ALiBi's per query head, already so multiplied; ``mask`` an attnkit mask.
 
@@ -174,7 +178,7 @@ def triton_weights(q: Tensor, k: Tensor, kind: str, *, scale: float, heads: tupl
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}; got {kind!r}")
-    if kind in ("sparsemax", "entmax15") and stat is None:
+    if kind in ("sparsemax", "entmax15", "entmax") and stat is None:
         raise ValueError(f"kind {kind!r} needs stat: the thresholds the forward found")
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -203,7 +207,7 @@ def triton_weights(q: Tensor, k: Tensor, kind: str, *, scale: float, heads: tupl
         slopes.float().contiguous() if slopes is not None else dummy, mt if mt is not None else dummy,
         live if live is not None else dummy,
         *q.stride(), *k.stride(), *w.stride(), *(st.stride() if st is not None else (0, 0, 0)), *mstrides, *lstrides,
-        NH, H // Hkv, R, Tk, D, scale, offset, Tk - Tq, 1.0 / NH,
+        NH, H // Hkv, R, Tk, D, scale, offset, Tk - Tq, 1.0 / NH, 1.0 / (alpha - 1.0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=pad(D), HAS_MASK=mt is not None, HAS_ALIBI=slopes is not None,
         HAS_STAT=st is not None, KIND=KINDS[kind], AVERAGE=average, **launch_kwargs(cfg, q))
     return w
