@@ -140,6 +140,27 @@ def _held(CAND, cbase, cnt, row_ok, CAND_C: tl.constexpr):
 
 
 @triton.jit
+def _tile_gates(q, K, V, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d, offs_dv, tau,
+                skb, skh, skn, skd, svb, svh, svn, svd, stp, stb, sth, stm, stn, Tk, D, DV, xscale, inv, shift, slope,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                MODE: tl.constexpr, PREC: tl.constexpr):
+    """Query-major live tile ``t`` given the rows' thresholds: its weights ``p``, the Jacobian's
+    ``g``, its keys and its values."""
+    x, keep, k, offs_n, col_ok = _tile_scores(
+        q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d, skb, skh, skn, skd, stp, stb, sth, stm, stn,
+        Tk, D, xscale, 0.0, shift, slope, BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
+    p, g = _gates(tl.maximum(tl.where(keep, x - tau[:, None], 0.0), 0.0), MODE, inv)
+    return p, g, k, _rows(V, b * svb + hk * svh, offs_n, col_ok, svn, offs_dv, svd, DV)
+
+
+@triton.jit
+def _row_stats(TAU, R, b, h, H, Tq, offs_m, row_ok):
+    """The thresholds ``τ`` (``+inf`` past the rows) and the backward's row terms ``r`` of rows ``offs_m``."""
+    at = (b * H + h) * Tq + offs_m
+    return tl.load(TAU + at, mask=row_ok, other=float("inf")), tl.load(R + at, mask=row_ok, other=0.0)
+
+
+@triton.jit
 def _fwd(Q, K, V, O, OG, TAU, STEPS, CAND, SLOPES, PTR, COLS, TILES, MT,
          sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
          stp, stb, sth, stm, stn,
@@ -225,11 +246,10 @@ def _fwd(Q, K, V, O, OG, TAU, STEPS, CAND, SLOPES, PTR, COLS, TILES, MT,
     acc_g = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     g_sum = tl.zeros([BLOCK_M], tl.float32)
     for t in range(start, end):
-        x, keep, k, offs_n, col_ok = _tile_scores(
-            q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d, skb, skh, skn, skd, stp, stb, sth, stm, stn,
-            Tk, D, xscale, 0.0, shift, slope, BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
-        p, g = _gates(tl.maximum(tl.where(keep, x - tau[:, None], 0.0), 0.0), MODE, inv)
-        v = _rows(V, b * svb + hk * svh, offs_n, col_ok, svn, offs_dv, svd, DV)
+        p, g, k, v = _tile_gates(
+            q, K, V, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d, offs_dv, tau, skb, skh, skn, skd,
+            svb, svh, svn, svd, stp, stb, sth, stm, stn, Tk, D, DV, xscale, inv, shift, slope,
+            BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, MODE, PREC)
         acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
         acc_g += tl.dot(g.to(v.dtype), v, input_precision=PREC)
         g_sum += tl.sum(g, 1)
@@ -252,16 +272,14 @@ def _bwd_dq(Q, K, V, DO, DQ, TAU, R, SLOPES, PTR, COLS, TILES, MT,
     i, b, h, hk, offs_m, offs_d, offs_dv, row_ok, q, slope = _query_block(
         Q, SLOPES, sqb, sqh, sqm, sqd, H, G, Tq, D, BLOCK_M, BLOCK_D, BLOCK_DV, HAS_ALIBI)
     do = _rows(DO, b * sob + h * soh, offs_m, row_ok, som, offs_dv, sod, DV)
-    tau = tl.load(TAU + (b * H + h) * Tq + offs_m, mask=row_ok, other=float("inf"))
-    r = tl.load(R + (b * H + h) * Tq + offs_m, mask=row_ok, other=0.0)
+    tau, r = _row_stats(TAU, R, b, h, H, Tq, offs_m, row_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     start, end = _live_range(PTR, i, NBLK, HAS_MASK)
     for t in range(start, end):
-        x, keep, k, offs_n, col_ok = _tile_scores(
-            q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d, skb, skh, skn, skd, stp, stb, sth, stm, stn,
-            Tk, D, xscale, 0.0, shift, slope, BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
-        p, g = _gates(tl.maximum(tl.where(keep, x - tau[:, None], 0.0), 0.0), MODE, inv)
-        v = _rows(V, b * svb + hk * svh, offs_n, col_ok, svn, offs_dv, svd, DV)
+        p, g, k, v = _tile_gates(
+            q, K, V, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d, offs_dv, tau, skb, skh, skn, skd,
+            svb, svh, svn, svd, stp, stb, sth, stm, stn, Tk, D, DV, xscale, inv, shift, slope,
+            BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, MODE, PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = g * (dp - r[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -289,8 +307,7 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV_, TAU, R, SLOPES, PTR, ROWS, TILES, MT,
                 k, Q, DO, ROWS, TILES, MT, t, b, h, offs_n, col_ok, offs_d, offs_dv, sqb, sqh, sqm, sqd,
                 sob, soh, som, sod, stp, stb, sth, stm, stn, Tq, D, DV, xscale, 0.0, shift, slope,
                 BLOCK_M, BLOCK_N, HAS_MASK, HAS_ALIBI, PREC)
-            tau = tl.load(TAU + (b * H + h) * Tq + offs_m, mask=row_ok, other=float("inf"))
-            r = tl.load(R + (b * H + h) * Tq + offs_m, mask=row_ok, other=0.0)
+            tau, r = _row_stats(TAU, R, b, h, H, Tq, offs_m, row_ok)
             pt, gt = _gates(tl.maximum(tl.where(keep, xt - tau[None, :], 0.0), 0.0), MODE, inv)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
             dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
