@@ -701,8 +701,9 @@ GPU_TARGETS = [
 def gpu_block(results: Path) -> str:
     """attnkit on a GPU against the kernels it routes to (benchmarks/gpu.py), same run."""
     d = load(results, "gpu.json")
-    if d is None:
-        return "Not yet measured — run on a machine with a GPU: `python benchmarks/gpu.py --json benchmarks/results/gpu.json`"
+    if d is None or d.get("smoke"):
+        return ("Not yet measured — run on a machine with a GPU: `python benchmarks/gpu.py --json "
+                "benchmarks/results/gpu.json` (or `bash benchmarks/gpu_session.sh`: the CUDA tests, then the benchmark)")
     s = d["shape"]
     lines = [f"Command: `{d['command']}` → `{RES}gpu.json`; run {d['date']} on one {d['machine']}, torch {d['torch']}, "
              f"triton {d.get('triton', '—')}. {s['dtype']}, B={s['B']}, H={s['H']}, N={s['N']:,}, D={s['D']}; "
@@ -714,16 +715,21 @@ def gpu_block(results: Path) -> str:
         c = d["cases"].get(case)
         if c is None:
             continue
+        if "error" in c:
+            lines.append(f"| {what} | failed: {c['error'].splitlines()[0][:200]} | | | | | {target} | |")
+            continue
         names = list(c["variants"])
         base, ours = c["variants"][names[0]], c["variants"][names[1]]
-        r = (ours["median_s"] / base["median_s"] if kind == "time" else ours["peak_mib"] / base["peak_mib"]
-             if kind == "peak" else ours["tflops"] / base["tflops"])
-        verdict = "" if ok is None else ("met" if ok(r) else "**missed**")
+        r = (ours["median_s"] / base["median_s"] if kind == "time" else
+             None if kind == "peak" and None in (ours["peak_mib"], base["peak_mib"]) else
+             ours["peak_mib"] / base["peak_mib"] if kind == "peak" else ours["tflops"] / base["tflops"])
+        verdict = "" if ok is None or r is None else ("met" if ok(r) else "**missed**")
         for i, n in enumerate(names):
             v = c["variants"][n]
             t = f"{v['median_s'] * 1e3:.2f} ms ({v['spread_s'][0] * 1e3:.2f}–{v['spread_s'][1] * 1e3:.2f})"
-            row = (f"{r:.3f}×", target, verdict) if i == 1 else ("", "", "")
-            lines.append(f"| {what if i == 0 else ''} | {n} | {t} | {v['tflops']:.0f} | +{v['peak_mib']:,.0f} MiB | "
+            row = ("—" if r is None else f"{r:.3f}×", target, verdict) if i == 1 else ("", "", "")
+            peak = "—" if v["peak_mib"] is None else f"+{v['peak_mib']:,.0f} MiB"
+            lines.append(f"| {what if i == 0 else ''} | {n} | {t} | {v['tflops']:.0f} | {peak} | "
                          + " | ".join(row) + " |")
     sw = load(results, "gpu_sweep.json")
     if sw is not None:
@@ -741,26 +747,45 @@ def gpu_block(results: Path) -> str:
 
 
 def readme_gpu(results: Path) -> str:
-    """The README's GPU sentence, from benchmarks/results/gpu.json."""
+    """The README's GPU sentence, from benchmarks/results/gpu.json (the cases it holds that ran)."""
     d = load(results, "gpu.json")
-    if d is None:
+    if d is None or d.get("smoke"):
         return "Not yet measured on a GPU (`attnkit bench --device cuda`)."
-    s, c = d["shape"], d["cases"]
+    s, c = d["shape"], {name: one for name, one in d["cases"].items() if "variants" in one}
 
     def ratio(case, kind):
         v = list(c[case]["variants"].values())
         return v[1]["median_s"] / v[0]["median_s"] if kind == "time" else v[1]["tflops"] / v[0]["tflops"]
 
-    sig = list(c["sigmoid_causal"]["variants"].values())
+    parts = []
+    if "sdpa_route" in c:
+        parts.append(f"causal softmax routed to SDPA takes {ratio('sdpa_route', 'time'):.3f}× the time of calling "
+                     "SDPA directly")
+    if "flex_route" in c:
+        parts.append(f"a sliding window routed to flex {ratio('flex_route', 'time'):.3f}× that of calling compiled "
+                     "flex (the NaN check reads the inputs once)")
+    if "sigmoid_causal" in c:
+        sig = list(c["sigmoid_causal"]["variants"].values())
+        fwd = (f" ({ratio('sigmoid_causal_fwd', 'tflops'):.0%} forward only)" if "sigmoid_causal_fwd" in c else "")
+        mem = (f" with {sig[1]['peak_mib'] / sig[0]['peak_mib']:.0%} of its peak memory"
+               if None not in (sig[0]["peak_mib"], sig[1]["peak_mib"]) else "")
+        parts.append(f"causal sigmoid attention, forward and backward, runs at {ratio('sigmoid_causal', 'tflops'):.0%} "
+                     f"of SDPA-flash softmax's TFLOP/s{fwd}{mem}")
+    if "entmax_causal" in c:
+        parts.append(f"causal 1.5-entmax, forward and backward, at {ratio('entmax_causal', 'tflops'):.0%} of it")
+    if "additive" in c:
+        add = list(c["additive"]["variants"].values())
+        mem = (f" in {add[1]['peak_mib'] / add[0]['peak_mib']:.1%} of its peak memory"
+               if None not in (add[0]["peak_mib"], add[1]["peak_mib"]) and add[0]["peak_mib"] else "")
+        parts.append(f"additive scores take {ratio('additive', 'time'):.2f}× the time of the plain formula{mem}")
+    failed = [name for name, one in d["cases"].items() if "error" in one]
+    if not parts:
+        return "Not yet measured on a GPU (`attnkit bench --device cuda`)."
     return (f"On one {d['machine']} ({s['dtype']}, B={s['B']}, H={s['H']}, N={s['N']:,}, D={s['D']}; "
             f"`{d['command']}`, median of {d['repeat']} repeats; the targets in "
             "[docs/benchmarks.md](docs/benchmarks.md#on-a-gpu-the-cuda-routes-and-the-triton-sigmoid-kernel)): "
-            f"causal softmax routed to SDPA takes {ratio('sdpa_route', 'time'):.3f}× the time of calling SDPA "
-            f"directly; a sliding window routed to flex {ratio('flex_route', 'time'):.3f}× that of calling compiled "
-            f"flex (the NaN check reads the inputs once); causal sigmoid attention, forward and backward, runs at "
-            f"{ratio('sigmoid_causal', 'tflops'):.0%} of SDPA-flash softmax's TFLOP/s "
-            f"({ratio('sigmoid_causal_fwd', 'tflops'):.0%} forward only) with "
-            f"{sig[1]['peak_mib'] / sig[0]['peak_mib']:.0%} of its peak memory.")
+            + "; ".join(parts) + "."
+            + (f" Failed in that run: {', '.join(failed)} (see docs/benchmarks.md)." if failed else ""))
 
 
 def render(results: Path) -> dict[str, dict[str, str]]:

@@ -1,5 +1,6 @@
 """The benchmark harness's arithmetic and its process isolation."""
 
+import json
 import sys
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 
 from attnkit import masks
 from attnkit.bench import attention_flops, cases, live_pairs, run_variant
+
+from .test_report import report
 
 
 def test_live_pairs_counts_exactly():
@@ -85,3 +88,57 @@ def test_bench_device_cuda_without_a_gpu_says_so(capsys):
     assert "no CUDA device" in capsys.readouterr().err
     assert main(["--device=tpu"]) == 2
     assert "--device must be 'cpu' or 'cuda'" in capsys.readouterr().err
+
+
+def _smoke(tmp_path, *args):
+    from attnkit import bench_gpu
+
+    path = tmp_path / "gpu.json"
+    rc = bench_gpu.main(["--smoke", "--json", str(path), *args])
+    return rc, json.loads(path.read_text())
+
+
+@pytest.mark.interpreter
+def test_the_gpu_benchmark_runs_every_case_at_tiny_sizes(tmp_path):
+    # the script a lent GPU's short session runs: every case (the sweep too) once on tiny shapes,
+    # here on CPU with the Triton kernels under the interpreter; the figures mean nothing
+    pytest.importorskip("triton")
+    rc, d = _smoke(tmp_path)
+    assert rc == 0 and d["smoke"] is True
+    assert set(d["cases"]) == {"sdpa_route", "flex_route", "sigmoid_causal", "sigmoid_causal_fwd", "entmax_causal",
+                               "entmax_causal_fwd", "weights_rows", "additive", "sigmoid_sweep"}
+    for name, c in d["cases"].items():
+        assert "error" not in c, (name, c)
+        if name == "sigmoid_sweep":
+            assert len(c["results"]) == 12 and all("median_s" in r for r in c["results"].values())
+            continue
+        assert len(c["variants"]) >= 2 and c["ratio_time"] > 0
+        for r in c["variants"].values():
+            assert len(r["seconds"]) == d["repeat"] and r["median_s"] > 0 and r["tflops"] > 0
+    assert len(d["cases"]["entmax_causal"]["variants"]) == 3   # auto, and the Triton kernel without candidates
+    # a smoke run is never taken for GPU figures by the docs' generator
+    assert report.gpu_block(tmp_path).startswith("Not yet measured")
+    assert report.readme_gpu(tmp_path).startswith("Not yet measured")
+    # the same file as a real run renders every case with its target (no peak memory on CPU: "—")
+    (tmp_path / "gpu.json").write_text(json.dumps({**d, "smoke": False}))
+    text = report.gpu_block(tmp_path)
+    assert text.count("| attnkit 1.5-entmax (auto) |") == 2 and "| ≥ 0.35× |" in text
+    assert "| plain formula (B, T, T, hidden) |" in text and "| — | ≤ 1/20 |" in text
+    assert "1.5-entmax" in report.readme_gpu(tmp_path) and "additive scores take" in report.readme_gpu(tmp_path)
+
+
+def test_a_failing_gpu_case_is_stored_with_its_error_and_the_others_still_run(tmp_path, monkeypatch):
+    from attnkit import bench_gpu
+
+    def out_of_memory(run):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+
+    monkeypatch.setitem(bench_gpu.CASES, "additive", out_of_memory)
+    rc, d = _smoke(tmp_path, "--cases", "additive,sdpa_route")
+    assert rc == 1
+    assert d["cases"]["additive"] == {"error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 64.00 GiB"}
+    assert d["cases"]["sdpa_route"]["ratio_time"] > 0      # ran after the failure
+    (tmp_path / "gpu.json").write_text(json.dumps({**d, "smoke": False}))
+    assert "| failed: OutOfMemoryError: CUDA out of memory." in report.gpu_block(tmp_path)
+    assert "Failed in that run: additive" in report.readme_gpu(tmp_path)
+    assert bench_gpu.main(["--smoke", "--cases", "nope"]) == 2
