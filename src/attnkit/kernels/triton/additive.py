@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _key_block, _live_range, _rows, dense, launch_kwargs, pad, table_args, tile_strides
+from .common import _key_block, _live_range, _packed_tile, _rows, dense, launch_kwargs, pad, table_args, tile_strides
 
 Tensor = torch.Tensor
 
@@ -51,8 +51,7 @@ def _tile(a, kb, w, TILES, MT, t, b, h, row_ok, col_ok, stp, stb, sth, stm, stn,
     if HAS_MASK:
         tile = tl.load(TILES + t)
         if tile >= 0:
-            mt = tl.load(MT + tile * stp + b * stb + h * sth + tl.arange(0, BLOCK_M)[:, None] * stm
-                         + tl.arange(0, BLOCK_N)[None, :] * stn)
+            mt = _packed_tile(MT, tile, b, h, stp, stb, sth, stm, stn, BLOCK_M, BLOCK_N, False)
             neg = tl.where(mt != 0, neg, float("-inf"))
     return th, s + neg
 

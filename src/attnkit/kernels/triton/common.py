@@ -95,15 +95,25 @@ def _store_key_grads(DK, DV_, dk, dv, b, hk, offs_n, offs_d, offs_dv, col_ok, sk
 
 
 @triton.jit
+def _packed_tile(MT, tile, b, h, stp, stb, sth, stm, stn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 KEY_MAJOR: tl.constexpr):
+    """Partial tile ``tile``'s packed mask (int8, nonzero where allowed) for batch ``b``, head ``h``:
+    ``(BLOCK_M, BLOCK_N)``, or its transpose ``(BLOCK_N, BLOCK_M)`` when ``KEY_MAJOR``."""
+    base = MT + tile * stp + b * stb + h * sth
+    if KEY_MAJOR:
+        return tl.load(base + tl.arange(0, BLOCK_M)[None, :] * stm + tl.arange(0, BLOCK_N)[:, None] * stn)
+    return tl.load(base + tl.arange(0, BLOCK_M)[:, None] * stm + tl.arange(0, BLOCK_N)[None, :] * stn)
+
+
+@triton.jit
 def _tile_keep(keep, TILES, MT, t, b, h, stp, stb, sth, stm, stn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_MASK: tl.constexpr):
-    """``keep`` and, for a partial live tile ``t``, its packed mask (query-major ``(BLOCK_M, BLOCK_N)``)."""
+               HAS_MASK: tl.constexpr, KEY_MAJOR: tl.constexpr):
+    """``keep`` and, for a partial live tile ``t``, its packed mask (query-major ``(BLOCK_M, BLOCK_N)``,
+    or key-major, transposed)."""
     if HAS_MASK:
         tile = tl.load(TILES + t)
         if tile >= 0:
-            mt = tl.load(MT + tile * stp + b * stb + h * sth + tl.arange(0, BLOCK_M)[:, None] * stm
-                         + tl.arange(0, BLOCK_N)[None, :] * stn)
-            keep = keep & (mt != 0)
+            keep = keep & (_packed_tile(MT, tile, b, h, stp, stb, sth, stm, stn, BLOCK_M, BLOCK_N, KEY_MAJOR) != 0)
     return keep
 
 
@@ -125,7 +135,7 @@ def _tile_scores(q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d,
     if HAS_ALIBI:
         s += slope * (offs_n[None, :] - offs_m[:, None] - shift).to(tl.float32)
     keep = _tile_keep(row_ok[:, None] & col_ok[None, :], TILES, MT, t, b, h, stp, stb, sth, stm, stn,
-                      BLOCK_M, BLOCK_N, HAS_MASK)
+                      BLOCK_M, BLOCK_N, HAS_MASK, False)
     return s, keep, k, offs_n, col_ok
 
 
@@ -149,13 +159,8 @@ def _key_tile_scores(k, Q, DO, ROWS, TILES, MT, t, b, h, offs_n, col_ok, offs_d,
     st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale + offset
     if HAS_ALIBI:
         st += slope * (offs_n[:, None] - offs_m[None, :] - shift).to(tl.float32)
-    keep = col_ok[:, None] & row_ok[None, :]
-    if HAS_MASK:
-        tile = tl.load(TILES + t)
-        if tile >= 0:
-            mt = tl.load(MT + tile * stp + b * stb + h * sth + tl.arange(0, BLOCK_M)[None, :] * stm
-                         + tl.arange(0, BLOCK_N)[:, None] * stn)
-            keep = keep & (mt != 0)
+    keep = _tile_keep(col_ok[:, None] & row_ok[None, :], TILES, MT, t, b, h, stp, stb, sth, stm, stn,
+                      BLOCK_M, BLOCK_N, HAS_MASK, True)
     return st, keep, q, do, offs_m, row_ok
 
 

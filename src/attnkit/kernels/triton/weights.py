@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ...masks.base import Mask
-from .common import launch_kwargs, pad
+from .common import _rows, launch_kwargs, pad
 
 Tensor = torch.Tensor
 
@@ -40,8 +40,7 @@ def _scores(q, K, b, hk, rows, r_ok, j0, skb, skh, skn, skd, MASK, mrow, smn, Tk
     (``mrow``: the offsets of the rows' mask)."""
     offs_n = j0 + tl.arange(0, BLOCK_N)
     col_ok = offs_n < Tk
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    k = _rows(K, b * skb + hk * skh, offs_n, col_ok, skn, offs_d, skd, D)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
     if HAS_ALIBI:
         s += slope * (offs_n[None, :] - rows[:, None] - shift).to(tl.float32)
@@ -88,8 +87,7 @@ def _weights(Q, K, W, STAT, HEADS, ROWS, SLOPES, MASK, LIVE,
     for hs in range(h_lo, h_hi):
         h = tl.load(HEADS + hs)
         hk = h // G
-        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
-                    mask=r_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        q = _rows(Q, b * sqb + h * sqh, rows, r_ok, sqm, offs_d, sqd, D)
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(SLOPES + h)
