@@ -72,7 +72,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, score="scaled_dot", normalizer
     # a request with plain options is planned once per shapes (attnkit.request_cache)
     request = request_cache.key(q, k, v, score, normalizer, mask, bias, scale, dropout_p, return_weights, backend,
                                 generator)
-    planned = request_cache.get(request)
+    planned = request_cache.get(request, mask)
     if planned is None:
         spec = canonicalize(q, k, v, score=score, normalizer=normalizer, mask=mask, bias=bias, scale=scale,
                             dropout_p=dropout_p, return_weights=return_weights, generator=generator)

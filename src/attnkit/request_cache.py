@@ -62,15 +62,17 @@ def key(q, k, v, score, normalizer, mask, bias, scale, dropout_p, return_weights
             backend, registry.state())
 
 
-def get(request_key: Optional[tuple]) -> Optional[tuple[AttentionSpec, str, Callable]]:
-    """The remembered ``(spec, backend name, run)`` for this key, or None."""
+def get(request_key: Optional[tuple], mask=None) -> Optional[tuple[AttentionSpec, str, Callable]]:
+    """The remembered ``(spec, backend name, run)`` for this key (``mask``: the call's mask, whose
+    parameters the key holds), or None."""
     if request_key is None:
         return None
     hit = _PLANS.get(request_key)
     if hit is None:
         return None
     spec, name, run, mask_key = hit
-    if spec.mask is not None and spec.mask.cache_key() != mask_key:
+    # the plan's mask is read again unless it is the call's own (whose key was just taken)
+    if spec.mask is not None and spec.mask is not mask and spec.mask.cache_key() != mask_key:
         _PLANS.pop(request_key, None)  # the mask object the plan holds was changed after the call
         return None
     return spec, name, run

@@ -83,6 +83,24 @@ def test_a_mask_changed_after_the_call_is_not_served_its_old_plan():
     assert_close(out, reference(q, k, v, mask=masks.sliding_window(8)), dtype=torch.float32)
 
 
+def test_a_hit_reads_the_key_of_the_calls_own_mask_once(plans, monkeypatch):
+    # the request's key holds the mask's parameters as they are now; when the plan holds this very
+    # object there is nothing else to compare (a fresh equal mask: the plan's is read again, above)
+    q, k, v = qkv(1, 2, 4, Tk=16, D=8, seed=3)
+    m = masks.sliding_window(3)
+    expected = reference(q, k, v, mask=m)
+    plans.clear()
+    attnkit.attention(q, k, v, mask=m)
+    reads = []
+    real = type(m).cache_key
+    monkeypatch.setattr(type(m), "cache_key", lambda self: reads.append(self) or real(self))
+    out = attnkit.attention(q, k, v, mask=m)
+    assert len(plans) == 1 and reads == [m]
+    assert_close(out, expected, dtype=torch.float32)
+    attnkit.attention(q, k, v, mask=masks.sliding_window(3))
+    assert len(plans) == 1 and len(reads) == 3 and reads[2] is m    # the fresh one's key, then the plan's
+
+
 def test_masks_holding_tensors_or_callables_are_planned_every_call(plans):
     q, k, v = qkv(2, 2, 3, Tk=6, D=8, seed=3)
     lengths = torch.tensor([4, 6])
