@@ -731,19 +731,28 @@ def gpu_block(results: Path) -> str:
             peak = "—" if v["peak_mib"] is None else f"+{v['peak_mib']:,.0f} MiB"
             lines.append(f"| {what if i == 0 else ''} | {n} | {t} | {v['tflops']:.0f} | {peak} | "
                          + " | ".join(row) + " |")
+    for case, c in d["cases"].items():   # sweeps run in this file (--cases ..._sweep)
+        if case.endswith("_sweep") and "results" in c:
+            lines += ["", f"`{case}`: {c['what']}; the defaults: {c.get('defaults', '—')}.", ""]
+            lines += sweep_table(c["results"])
     sw = load(results, "gpu_sweep.json")
     if sw is not None:
         lines += ["", f"The Triton sigmoid kernel's settings (`{RES}gpu_sweep.json`, `{sw['command']}`): "
                   f"{sw['what']}."]
         for n, one in enumerate(sw["sweeps"], 1):
-            lines += ["", f"Sweep {n} ({one['date']}; the defaults then: {one['defaults']}):", "",
-                      "| kernel | block of queries, block of keys, warps, stages | time |", "|---|---|---|"]
-            for key, v in one["results"].items():
-                name, cfg = key.split(" ", 1)
-                lines.append(f"| {name} | {cfg} | " + (f"{v['median_s'] * 1e3:.2f} ms" if "median_s" in v else
-                             "does not fit in shared memory" if "shared memory" in v.get("error", "") else "fails")
-                             + " |")
+            lines += ["", f"Sweep {n} ({one['date']}; the defaults then: {one['defaults']}):", ""]
+            lines += sweep_table(one["results"])
     return "\n".join(lines)
+
+
+def sweep_table(results: dict) -> list[str]:
+    """A Triton kernel's settings and their times (``"kernel (settings)" -> {median_s | error}``)."""
+    lines = ["| kernel | block of queries, block of keys, warps, stages (or candidates) | time |", "|---|---|---|"]
+    for key, v in results.items():
+        name, cfg = key.split(" ", 1)
+        lines.append(f"| {name} | {cfg} | " + (f"{v['median_s'] * 1e3:.2f} ms" if "median_s" in v else
+                     "does not fit in shared memory" if "shared memory" in v.get("error", "") else "fails") + " |")
+    return lines
 
 
 def readme_gpu(results: Path) -> str:

@@ -106,11 +106,14 @@ def test_the_gpu_benchmark_runs_every_case_at_tiny_sizes(tmp_path):
     rc, d = _smoke(tmp_path)
     assert rc == 0 and d["smoke"] is True
     assert set(d["cases"]) == {"sdpa_route", "flex_route", "sigmoid_causal", "sigmoid_causal_fwd", "entmax_causal",
-                               "entmax_causal_fwd", "weights_rows", "additive", "sigmoid_sweep"}
+                               "entmax_causal_fwd", "weights_rows", "additive", "sigmoid_sweep", "entmax_sweep",
+                               "additive_sweep"}
+    sweeps = {"sigmoid_sweep": 13, "entmax_sweep": 16, "additive_sweep": 15}   # settings tried by each
     for name, c in d["cases"].items():
         assert "error" not in c, (name, c)
-        if name == "sigmoid_sweep":
-            assert len(c["results"]) == 12 and all("median_s" in r for r in c["results"].values())
+        if name in sweeps:
+            assert len(c["results"]) == sweeps[name], name
+            assert all("median_s" in r for r in c["results"].values()), c["results"]
             continue
         assert len(c["variants"]) >= 2 and c["ratio_time"] > 0
         for r in c["variants"].values():
@@ -124,6 +127,7 @@ def test_the_gpu_benchmark_runs_every_case_at_tiny_sizes(tmp_path):
     text = report.gpu_block(tmp_path)
     assert text.count("| attnkit 1.5-entmax (auto) |") == 2 and "| ≥ 0.35× |" in text
     assert "| plain formula (B, T, T, hidden) |" in text and "| — | ≤ 1/20 |" in text
+    assert "`entmax_sweep`: Triton 1.5-entmax kernel settings" in text and "| candidates | 256 |" in text
     assert "1.5-entmax" in report.readme_gpu(tmp_path) and "additive scores take" in report.readme_gpu(tmp_path)
 
 

@@ -19,8 +19,9 @@ Cases (bfloat16, B=4, H=16, D=128, N=8192, forward + backward unless noted):
 * ``additive``: additive scores (hidden 128), softmax, B=4, one head, T=4096, fwd+bwd, through
   ``attnkit.attention`` (auto -> attnkit's Triton additive kernel) against the plain formula that
   builds the ``(B, T, T, hidden)`` tensor (the reference backend);
-* ``sigmoid_sweep`` (on request): the Triton kernel's tile and launch settings (forward alone,
-  then forward + backward), to choose ``attnkit.backends.triton.GPU_CONFIG``.
+* ``sigmoid_sweep``, ``entmax_sweep``, ``additive_sweep`` (on request): a Triton kernel's tile and
+  launch settings (forward alone, then forward + backward; for entmax also the candidates kept per
+  row), to choose ``attnkit.backends.triton.GPU_CONFIG`` and ``GPU_CONFIG_ADDITIVE``.
 
 Each case runs on its own: one that fails (out of memory, say) is stored with its error and the
 others still run, and the JSON is written after every case, so a run cut short keeps what it
@@ -287,43 +288,81 @@ def additive(run: Run) -> dict:
     return {"additive": summarize(c, 2 * B * T * T * hidden * 3.5)}   # the tanh sums dominate: ~2 flops per pair and unit
 
 
-def sigmoid_sweep(run: Run) -> dict:
-    """The Triton sigmoid kernel's tile and launch settings: forward alone, then forward + backward."""
-    from attnkit.backends.triton import GPU_CONFIG, TritonBackend
+def _sweep(run: Run, kernel: str, request: dict, base: dict, parts: dict, x=None) -> dict:
+    """Time the ``triton`` backend on ``request`` (``canonicalize``'s options; causal) with each of
+    the settings in ``parts``: for ``"fwd"``, ``"dq"`` and ``"dkdv"``, tuples ``(block of queries,
+    block of keys, warps, stages)``; for ``"candidates"``, the entmax forward's candidates per row.
+    ``fwd`` and ``candidates`` are timed forward alone, ``dq`` and ``dkdv`` forward + backward, the
+    other settings at ``base`` (the first option of each list is the default). ``x``: ``(q, k, v,
+    dout)``, default the run's inputs."""
+    from attnkit.backends.triton import TritonBackend
     from attnkit.spec import canonicalize
 
-    m = masks.causal(align="top_left")
-    # (block of queries, block of keys, warps, stages); the first of each list is the default
-    fwd_opts = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)]
-    dq_opts = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
-    kv_opts = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 4, 2)]
-    sweep = {}
-    for name, opts, backward in (("fwd", fwd_opts, False), ("dq", dq_opts, True), ("dkdv", kv_opts, True)):
+    q, k, v, dout = x if x is not None else (run.q, run.k, run.v, run.dout)
+    results = {}
+    for part, opts in parts.items():
+        backward = part in ("dq", "dkdv")
         for o in opts:
-            key = f"{name} {o}"
-            cfg = {n: (dict(c) if isinstance(c, dict) else c) for n, c in GPU_CONFIG.items()}
-            cfg[name] = {"block": (o[0], o[1]), "num_warps": o[2], "num_stages": o[3]}
+            key = f"{part} {o}"
+            cfg = {n: (dict(c) if isinstance(c, dict) else c) for n, c in base.items()}
+            cfg[part] = o if part == "candidates" else {"block": (o[0], o[1]), "num_warps": o[2], "num_stages": o[3]}
             b = TritonBackend(config=cfg)
 
             def f(q, k, v, b=b):
-                return b(q, k, v, canonicalize(q, k, v, mask=m, normalizer="sigmoid"))[0]
+                return b(q, k, v, canonicalize(q, k, v, **request))[0]
             try:
-                fn = step(f, *_x(run, backward), run.dout, backward)
+                fn = step(f, *((q, k, v) if backward else (q.detach(), k.detach(), v.detach())), dout, backward)
                 fn()
                 if run.cuda:
                     torch.cuda.synchronize()
                 ts = sorted(timed(fn, run.iters, run.device) for _ in range(3))
-                sweep[key] = {"median_s": ts[1], "seconds": ts}
+                results[key] = {"median_s": ts[1], "seconds": ts}
             except Exception as e:  # out of shared memory, say
-                sweep[key] = {"error": repr(e)[:300]}
-            print(key, sweep[key].get("median_s", sweep[key].get("error")), flush=True)
-    return {"sigmoid_sweep": {"what": "Triton sigmoid kernel settings (block_m, block_n, warps, stages); fwd: forward "
-                                      "alone; dq/dkdv: fwd+bwd", "results": sweep}}
+                results[key] = {"error": repr(e)[:300]}
+            print(kernel, key, results[key].get("median_s", results[key].get("error")), flush=True)
+    return {"what": f"Triton {kernel} kernel settings (block_m, block_n, warps, stages; candidates per row): "
+                    "fwd and candidates: forward alone; dq/dkdv: fwd+bwd; the median of 3 timings",
+            "defaults": {n: c for n, c in base.items()}, "results": results}
 
 
-#: the cases by name, in the order they run; ``sigmoid_sweep`` runs only when asked for
+#: (block of queries, block of keys, warps, stages) for the dot-product kernels' sweeps
+_DOT_OPTIONS = {"fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3)],
+                "dq": [(128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+                "dkdv": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 4, 2)]}
+
+
+def sigmoid_sweep(run: Run) -> dict:
+    """The Triton sigmoid kernel's tile and launch settings, causal."""
+    from attnkit.backends.triton import GPU_CONFIG
+
+    request = dict(mask=masks.causal(align="top_left"), normalizer="sigmoid")
+    return {"sigmoid_sweep": _sweep(run, "sigmoid", request, GPU_CONFIG, _DOT_OPTIONS)}
+
+
+def entmax_sweep(run: Run) -> dict:
+    """The Triton entmax kernels' settings for 1.5-entmax, causal, and the candidates kept per row."""
+    from attnkit.backends.triton import GPU_CONFIG
+
+    request = dict(mask=masks.causal(align="top_left"), normalizer="entmax15")
+    return {"entmax_sweep": _sweep(run, "1.5-entmax", request, GPU_CONFIG,
+                                   {"candidates": [128, 64, 256], **_DOT_OPTIONS})}
+
+
+def additive_sweep(run: Run) -> dict:
+    """The Triton additive kernel's settings (its ``(block, block, hidden)`` tile of tanh)."""
+    from attnkit.backends.triton import GPU_CONFIG_ADDITIVE
+
+    sc = attnkit.scores.Additive(run.D, run.D, run.hidden).to(run.device, run.dtype)
+    q, k, v = inputs(run.B, 1, run.T, run.D, run.dtype, True, run.device)
+    opts = [(16, 16, 4, 1), (16, 16, 8, 1), (32, 16, 8, 1), (16, 32, 8, 1), (32, 32, 8, 1)]
+    return {"additive_sweep": _sweep(run, "additive", dict(score=sc), GPU_CONFIG_ADDITIVE,
+                                     {"fwd": opts, "dq": opts, "dkdv": opts}, x=(q, k, v, torch.randn_like(q)))}
+
+
+#: the cases by name, in the order they run; the sweeps run only when asked for
 CASES: dict[str, Callable[[Run], dict]] = {f.__name__: f for f in (
-    sdpa_route, flex_route, sigmoid_causal, entmax_causal, weights_rows, additive, sigmoid_sweep)}
+    sdpa_route, flex_route, sigmoid_causal, entmax_causal, weights_rows, additive, sigmoid_sweep, entmax_sweep,
+    additive_sweep)}
 DEFAULT_CASES = "sdpa_route,flex_route,sigmoid_causal,entmax_causal,weights_rows,additive"
 
 
@@ -349,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--N", type=int, default=8192)
     p.add_argument("--cases", default=DEFAULT_CASES,
-                   help="comma-separated, of: " + ", ".join(CASES) + " (sigmoid_sweep times the Triton kernel's "
+                   help="comma-separated, of: " + ", ".join(CASES) + " (the sweeps time a Triton kernel's "
                         "settings)")
     p.add_argument("--smoke", action="store_true",
                    help="every case (the sweep too) once on tiny shapes, on CPU under Triton's interpreter where "

@@ -42,13 +42,15 @@ Tensor = torch.Tensor
 #: tile sizes and launch settings per kernel: (block of queries, block of keys), warps, stages;
 #: "candidates": the keys per query row the entmax forward keeps while it finds the row maxima
 #: (:mod:`attnkit.kernels.triton.entmax`; 0: threshold passes over the keys only).
-#: GPU values: the fastest of the settings swept on an H200 at bfloat16, D=128, causal N=8,192
-#: (docs/benchmarks.md, GPU section; benchmarks/results/gpu_sweep.json); the interpreter uses small tiles.
+#: GPU values: the fastest of the sigmoid kernel's settings swept on an H200 at bfloat16, D=128, causal
+#: N=8,192 (docs/benchmarks.md, GPU section; benchmarks/results/gpu_sweep.json); the interpreter uses small
+#: tiles. The entmax, weights and additive settings are not swept yet: ``python benchmarks/gpu.py --cases
+#: entmax_sweep,additive_sweep`` times them on a GPU.
 GPU_CONFIG = {
     "fwd": {"block": (128, 64), "num_warps": 8, "num_stages": 3},
     "dq": {"block": (128, 128), "num_warps": 8, "num_stages": 2},
     "dkdv": {"block": (64, 64), "num_warps": 4, "num_stages": 2},
-    "weights": {"block": (64, 64), "num_warps": 4, "num_stages": 2},   # not swept yet
+    "weights": {"block": (64, 64), "num_warps": 4, "num_stages": 2},
     "candidates": 128,
 }
 GPU_CONFIG_FP32 = {
@@ -58,7 +60,7 @@ GPU_CONFIG_FP32 = {
     "weights": {"block": (64, 64), "num_warps": 4, "num_stages": 1},
     "candidates": 128,
 }
-#: the additive kernel holds a (block_m, block_n, hidden) tile of tanh: small tiles (not swept yet)
+#: the additive kernel holds a (block_m, block_n, hidden) tile of tanh: small tiles
 GPU_CONFIG_ADDITIVE = {name: {"block": (16, 16), "num_warps": 4, "num_stages": 1} for name in ("fwd", "dq", "dkdv")}
 INTERPRETER_CONFIG = {**{name: {"block": (16, 16)} for name in ("fwd", "dq", "dkdv", "weights")}, "candidates": 16}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
