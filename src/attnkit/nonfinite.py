@@ -161,12 +161,20 @@ def pending_check(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
     caller can queue the attention kernels first (no idle GPU while the host waits). Returns a
     function that waits for the check alone (not for the kernels queued after it) and says whether
     every input is finite; None where the caller should use :func:`quarantine` directly (CPU,
-    inside torch.compile, bias tensors, dropout: a rerun would draw another mask)."""
+    inside torch.compile, bias tensors, dropout: a rerun would draw another mask). As on CPU, only
+    the inputs not known finite are summed, and keys and values found clean are remembered: a
+    decoding step against a KV cache sums its query alone."""
     if (q.device.type != "cuda" or torch.compiler.is_compiling() or spec.dropout_p > 0
             or any(isinstance(m, TensorBias) for m in spec.score_mods)):
         return None
+    todo = unchecked(q, k, v)
+    if not todo:   # keys and values of a KV cache, say, and a query known clean: no sum, no wait
+        return _finite
     with torch.no_grad():
-        flag = torch.isfinite(q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32) + v.sum(dtype=torch.float32))
+        total = todo[0].sum(dtype=torch.float32)
+        for x in todo[1:]:
+            total = total + x.sum(dtype=torch.float32)
+        flag = torch.isfinite(total)
     host = torch.empty((), dtype=torch.bool, pin_memory=True)
     host.copy_(flag, non_blocking=True)
     done = torch.cuda.Event()
@@ -174,9 +182,16 @@ def pending_check(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec):
 
     def finite() -> bool:
         done.synchronize()
-        return bool(host)
+        fine = bool(host)
+        if fine:
+            remember(todo, q)
+        return fine
 
     return finite
+
+
+def _finite() -> bool:
+    return True
 
 
 #: tensors found finite: id -> (weak reference, version counter when found)
@@ -220,24 +235,36 @@ def _sum(xs) -> float:
     return total.item()  # one number: no kernel call needed to test it
 
 
-def inputs_finite(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether ``q``, ``k`` and ``v`` hold only finite values, in one sum of those not known finite
-    already (a NaN or inf makes it non-finite; a finite sum proves all of them clean). Keys and
-    values found clean are remembered (:func:`known_finite`)."""
+def unchecked(q: Tensor, k: Tensor, v: Tensor) -> list[Tensor]:
+    """Those of ``q``, ``k`` and ``v`` not known finite (:func:`known_finite`), in that order."""
     todo = []
     for x in (q, k, v):  # known_finite, inlined: this runs on every call
         seen = _FINITE.get(id(x))
         if seen is None or seen[0]() is not x or seen[1] != x._version:
             todo.append(x)
+    return todo
+
+
+def remember(checked: list[Tensor], q: Tensor) -> None:
+    """Mark the tensors of ``checked`` found finite, except the query ``q`` (a fresh one each
+    call: the keys and values are what a later call reads again)."""
+    for x in checked:
+        if x is not q:
+            mark_finite(x)
+
+
+def inputs_finite(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether ``q``, ``k`` and ``v`` hold only finite values, in one sum of those not known finite
+    already (a NaN or inf makes it non-finite; a finite sum proves all of them clean). Keys and
+    values found clean are remembered (:func:`known_finite`)."""
+    todo = unchecked(q, k, v)
     if not todo:
         return True
     if len(todo) == 1 and todo[0] is q and not q.requires_grad:
         return math.isfinite(q.sum().item())  # a decoding step against known keys: the query alone
     fine = sum_finite(*todo)
     if fine:
-        for x in todo:
-            if x is not q:
-                mark_finite(x)
+        remember(todo, q)
     return fine
 
 

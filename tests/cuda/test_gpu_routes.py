@@ -177,3 +177,26 @@ def test_nan_policy_on_cuda_matches_cpu():
     assert torch.equal(torch.isnan(got.cpu()), torch.isnan(want))
     ok = ~torch.isnan(want)
     assert (got.cpu()[ok] - want[ok]).abs().max() < 1e-4
+
+
+def test_keys_and_values_found_clean_are_not_summed_again_on_cuda(monkeypatch):
+    """The CUDA check sums only what is not known finite (attnkit.nonfinite.known_finite): a KV
+    cache's keys and values once, then the query alone; a NaN written into known keys later is
+    still caught (the version counter moves)."""
+    from attnkit import nonfinite
+    from attnkit.spec import canonicalize
+
+    q, k, v = make_qkv(1, 2, 1, 256, D=64, device=DEV)
+    summed = []
+    real = nonfinite.unchecked
+    monkeypatch.setattr(nonfinite, "unchecked", lambda *x: summed.append(real(*x)) or summed[-1])
+    attnkit.attention(q, k, v)
+    attnkit.attention(q, k, v)
+    assert [len(t) for t in summed] == [3, 1] and summed[1][0] is q
+    check = nonfinite.pending_check(q, k, v, canonicalize(q, k, v))
+    nonfinite.mark_finite(q)
+    assert nonfinite.pending_check(q, k, v, canonicalize(q, k, v)) is nonfinite._finite
+    assert check() is True
+    k[0, 0, 7, 0] = float("nan")
+    out = attnkit.attention(q, k, v)
+    assert torch.isnan(out[0, 0]).all() and not torch.isnan(out[0, 1]).any()   # head 0 reads key 7
