@@ -124,9 +124,12 @@ def inputs(B, H, N, D, dtype, grad, device="cuda"):
 
 
 def step(f, q, k, v, dout, backward: bool):
-    """One call of ``f(q, k, v)``, and its backward when ``backward``."""
+    """One call of ``f(q, k, v)``, and its backward when ``backward``. Each call gets fresh views of
+    the inputs, as a training step's projections are fresh tensors (attnkit's NaN check remembers
+    the keys and values it found clean, :func:`attnkit.nonfinite.known_finite`: the same tensors
+    again would be a decoding step's KV cache)."""
     def run():
-        out = f(q, k, v)
+        out = f(q.view_as(q), k.view_as(k), v.view_as(v))
         if backward:
             q.grad = k.grad = v.grad = None
             out.backward(dout)
