@@ -75,6 +75,9 @@ def compile_all() -> None:
                                    options={"num_warps": 8 if consts["BLOCK_M"] == 128 else 4,
                                             "num_stages": 1 if module == "additive" else 2})
                 ok, why = bool(k.asm.get("cubin")) and ".entry" in k.asm["ptx"], ""
+                f64 = sorted({line.split()[0] for line in k.asm["ptx"].splitlines() if ".f64" in line})
+                if f64:   # float64 arithmetic on a GPU: a literal or a mixed op promoted a value
+                    ok, why = False, "float64 instructions in the PTX: " + ", ".join(f64[:10])
             except Exception as e:  # noqa: BLE001 - reported to the parent
                 ok, why = False, f"{type(e).__name__}: {e}"[:2000]
             print(json.dumps({"case": f"{case}-{io}", "ok": ok, "why": why}), flush=True)

@@ -71,7 +71,9 @@ def _gates(d, MODE: tl.constexpr, inv):
     elif MODE == 0:
         return d * d, d
     else:
-        ld = tl.log(tl.maximum(d, 1e-38))
+        # 2**-126, float32's smallest normal: triton <= 3.6 types a smaller literal float64 (which
+        # would make every sum float64 and, carried through the threshold loop, fails to compile)
+        ld = tl.log(tl.maximum(d, 1.1754943508222875e-38))
         return tl.where(d > 0, tl.exp(inv * ld), 0.0), tl.where(d > 0, tl.exp((inv - 1.0) * ld), 0.0)
 
 

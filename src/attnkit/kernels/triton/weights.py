@@ -125,7 +125,8 @@ def _weights(Q, K, W, STAT, HEADS, ROWS, SLOPES, MASK, LIVE,
                     p = d * d
                 else:   # α-entmax: d^(1/(α-1))
                     d = tl.maximum(s - stat[:, None], 0.0)
-                    p = tl.where(d > 0, tl.exp(inv * tl.log(tl.maximum(d, 1e-38))), 0.0)
+                    # 2**-126: triton <= 3.6 types a smaller literal float64 (entmax._gates)
+                    p = tl.where(d > 0, tl.exp(inv * tl.log(tl.maximum(d, 1.1754943508222875e-38))), 0.0)
                 p = tl.where(keep, p, 0.0)
                 at = W + b * swb + offs_r[:, None] * swm + offs_n[None, :] * swn
                 ok = r_ok[:, None] & col_ok[None, :]
