@@ -10,7 +10,10 @@ cd "$(dirname "$0")/.."
 version="${1:-3.6.0}"
 env_dir="${TMPDIR:-/tmp}/attnkit-triton-$version"
 [ -x "$env_dir/bin/python" ] || python3 -m venv "$env_dir"
-"$env_dir/bin/pip" install -q torch==2.13.0 "triton==$version" pytest hypothesis numpy 2>&1 | grep -v "^WARNING: Location" || true
+if ! "$env_dir/bin/pip" install -q torch==2.13.0 "triton==$version" pytest hypothesis numpy >"$env_dir/pip.log" 2>&1; then
+    cat "$env_dir/pip.log" >&2
+    exit 1
+fi
 "$env_dir/bin/python" -c "import triton; assert triton.__version__ == '$version', triton.__version__"
 PYTHONPATH="$PWD/src" "$env_dir/bin/python" -m pytest -q -p no:cacheprovider -m interpreter \
     tests/backends/test_triton_compiles.py
