@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _key_block, _live_range, _packed_tile, _rows, dense, launch_kwargs, pad, table_args, tile_strides
+from .common import (_key_block, _live_range, _packed_tile, _rows, _tile_span, dense, launch_kwargs, pad, table_args,
+                     tile_strides)
 
 Tensor = torch.Tensor
 
@@ -61,12 +62,7 @@ def _key_rows(COLS, t, Bp, V, b, hk, sbb, sbh, sbn, sbd, svb, svh, svn, svd, off
               BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr):
     """A query-major program's live tile ``t``: its keys' projections (float32) and values, and which
     keys are in range."""
-    if HAS_MASK:
-        j = tl.load(COLS + t)
-    else:
-        j = t
-    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < Tk
+    offs_n, col_ok = _tile_span(COLS, t, BLOCK_N, Tk, HAS_MASK)
     kb = _rows(Bp, b * sbb + hk * sbh, offs_n, col_ok, sbn, offs_h, sbd, HID).to(tl.float32)
     v = _rows(V, b * svb + hk * svh, offs_n, col_ok, svn, offs_dv, svd, DV)
     return kb, v, col_ok
@@ -177,12 +173,7 @@ def _bwd_dbdv(A, Bp, V, W, DO, DB, DV_, LSE, DR, PTR, ROWS, TILES, MT,
     for g in range(0, G):
         h = hk * G + g
         for t in range(start, end):
-            if HAS_MASK:
-                i = tl.load(ROWS + t)
-            else:
-                i = t
-            offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < Tq
+            offs_m, row_ok = _tile_span(ROWS, t, BLOCK_M, Tq, HAS_MASK)
             a, w, do, lse, dr = _query_side(A, W, DO, LSE, DR, b, h, offs_m, row_ok, offs_h, offs_dv, sab, sah, sam,
                                             sad, sob, soh, som, sod, H, Tq, HID, DV, True)
             th, s = _tile(a, kb, w, TILES, MT, t, b, h, row_ok, col_ok, stp, stb, sth, stm, stn, scale,

@@ -118,18 +118,26 @@ def _tile_keep(keep, TILES, MT, t, b, h, stp, stb, sth, stm, stn, BLOCK_M: tl.co
 
 
 @triton.jit
+def _tile_span(IDX, t, BLOCK: tl.constexpr, T, HAS_MASK: tl.constexpr):
+    """Live tile ``t``'s positions along the walked axis and which are in range: its key block's
+    (query-major walk, ``IDX`` the table's columns) or query block's (key-major, its rows); block
+    ``t`` itself without a mask."""
+    if HAS_MASK:
+        blk = tl.load(IDX + t)
+    else:
+        blk = t
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < T
+
+
+@triton.jit
 def _tile_scores(q, K, COLS, TILES, MT, t, b, h, hk, offs_m, row_ok, offs_d,
                  skb, skh, skn, skd, stp, stb, sth, stm, stn, Tk, D, scale, offset, shift, slope,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  PREC: tl.constexpr):
     """Query-major live tile ``t`` of a query block: its scores ``(BLOCK_M, BLOCK_N)``, which pairs
     are live (in range and allowed by the mask), its keys, key offsets and which keys are in range."""
-    if HAS_MASK:
-        j = tl.load(COLS + t)
-    else:
-        j = t
-    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < Tk
+    offs_n, col_ok = _tile_span(COLS, t, BLOCK_N, Tk, HAS_MASK)
     k = _rows(K, b * skb + hk * skh, offs_n, col_ok, skn, offs_d, skd, D)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + offset
     if HAS_ALIBI:
@@ -148,12 +156,7 @@ def _key_tile_scores(k, Q, DO, ROWS, TILES, MT, t, b, h, offs_n, col_ok, offs_d,
     """Key-major live tile ``t`` of a key block (query head ``h``): the transposed scores
     ``(BLOCK_N, BLOCK_M)`` (rows are keys, columns queries), which pairs are live, the tile's
     queries and output gradients, query offsets and which queries are in range."""
-    if HAS_MASK:
-        i = tl.load(ROWS + t)
-    else:
-        i = t
-    offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < Tq
+    offs_m, row_ok = _tile_span(ROWS, t, BLOCK_M, Tq, HAS_MASK)
     q = _rows(Q, b * sqb + h * sqh, offs_m, row_ok, sqm, offs_d, sqd, D)
     do = _rows(DO, b * sob + h * soh, offs_m, row_ok, som, offs_dv, sod, DV)
     st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale + offset
